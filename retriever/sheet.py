@@ -1,0 +1,103 @@
+"""Contact sheets: the query, then one row of top-k thumbnails per measure."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+from indexer import decode_image
+from indexer.errors import ImageDecodeError
+
+from .search import Hit
+
+__all__ = ["contact_sheet"]
+
+_LABEL_HEIGHT = 30
+_NAME_WIDTH = 90
+_PAD = 6
+
+
+def _font(size: int = 11) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def _thumbnail(source, size: int) -> Image.Image:
+    tile = Image.new("RGB", (size, size), (60, 60, 60))
+    try:
+        image = source if isinstance(source, Image.Image) else decode_image(source)[0]
+    except (ImageDecodeError, OSError):
+        ImageDraw.Draw(tile).text((6, size // 2 - 6), "missing", fill=(220, 220, 220), font=_font())
+        return tile
+    image = image.convert("RGB").copy()
+    image.thumbnail((size, size))
+    tile.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
+    return tile
+
+
+def _fit(text: str, draw: ImageDraw.ImageDraw, font, width: int) -> str:
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def contact_sheet(
+    query,
+    results: Mapping[str, Sequence[Hit]],
+    out: str | os.PathLike,
+    *,
+    thumb: int = 128,
+    query_label: str = "query",
+) -> Path:
+    """Draw and save a contact sheet as PNG.
+
+    Parameters
+    ----------
+    query : str, os.PathLike or PIL.Image.Image
+        The query image (a file or an image).
+    results : mapping of measure name to hits
+        As returned by :meth:`retriever.Retriever.search_all`.
+    out : path-like
+        Output file (PNG).
+    thumb : int
+        Thumbnail side in pixels.
+    query_label : str
+        Caption under the query.
+
+    Returns
+    -------
+    Path
+        ``out``.
+    """
+    font = _font()
+    k = max((len(h) for h in results.values()), default=0)
+    cell_w, cell_h = thumb + _PAD, thumb + _LABEL_HEIGHT + _PAD
+    width = _NAME_WIDTH + max(1, k) * cell_w + _PAD
+    height = (len(results) + 1) * cell_h + _PAD
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+
+    def place(row: int, col: int, source, lines: Sequence[str]) -> None:
+        x = _NAME_WIDTH + col * cell_w
+        y = _PAD + row * cell_h
+        sheet.paste(_thumbnail(source, thumb), (x, y))
+        for i, line in enumerate(lines):
+            draw.text((x, y + thumb + 2 + 13 * i), _fit(line, draw, font, thumb), fill=(0, 0, 0), font=font)
+
+    draw.text((_PAD, _PAD + thumb // 2), "query", fill=(0, 0, 0), font=font)
+    place(0, 0, query, [query_label])
+    for r, (measure, hits) in enumerate(results.items(), start=1):
+        draw.text((_PAD, _PAD + r * cell_h + thumb // 2), measure, fill=(0, 0, 0), font=font)
+        for c, hit in enumerate(hits):
+            place(r, c, hit.path, [hit.image_id, f"{hit.score:.4f}"])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out, format="PNG")
+    return out

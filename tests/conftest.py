@@ -1,0 +1,113 @@
+"""Shared fixtures: a tiny model, synthetic image folders, indexed and random stores."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from models import build_model, get_preset
+
+    return build_model(get_preset("tiny"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_set(tmp_path_factory):
+    """32 synthetic lesion JPEGs (4 texture classes) with a metadata CSV."""
+    from indexer.synthetic import write_synthetic_set
+
+    root = tmp_path_factory.mktemp("synthetic")
+    csv = write_synthetic_set(root, per_class=8, size=160)
+    return root / "images", csv
+
+
+@pytest.fixture(scope="session")
+def indexed_store(synthetic_set, tmp_path_factory):
+    """The synthetic set indexed with the tiny preset."""
+    from indexer import index_folder
+
+    images, csv = synthetic_set
+    store = tmp_path_factory.mktemp("stores") / "tiny"
+    report = index_folder(images, store, preset="tiny", metadata=csv, progress=False,
+                          batch_size=8, commit_every=8)
+    assert report.indexed == 32
+    return store
+
+
+def make_random_store(
+    path,
+    *,
+    n: int,
+    seed: int,
+    feature_dim: int = 6,
+    channels=(2, 3, 4),
+    duplicate_rows: int = 0,
+    empty_masks: int = 0,
+    identical: bool = False,
+    mask_density: float = 0.3,
+    commit_sizes=None,
+):
+    """A store of random rows (no model) written through the real StoreWriter.
+
+    ``duplicate_rows`` rows are exact copies of earlier rows (ties), ``empty_masks`` rows have
+    empty masks, ``identical`` makes every row the same (zero maxima).
+    """
+    from models import StyleLayout, get_preset
+    from indexer import StoreWriter
+
+    rng = np.random.default_rng(seed)
+    config = get_preset("tiny").replace(feature_dim=feature_dim, image_size=32,
+                                        segmenter=get_preset("tiny").segmenter)
+    layout = StyleLayout.from_channels(channels)
+    writer = StoreWriter.create(path, model_config=config, style_layout=layout, weights_sha256=None)
+    feats = rng.normal(size=(n, feature_dim)).astype(np.float32)
+    stage_scale = np.repeat(10.0 ** rng.uniform(-4, 3, len(channels)), layout.lengths)
+    style = (rng.normal(size=(n, layout.dim)) * stage_scale).astype(np.float32)
+    masks = rng.random((n, 32, 32)) < mask_density
+    for i in range(min(duplicate_rows, n - 1)):
+        src, dst = rng.integers(0, n, 2)
+        feats[dst], style[dst], masks[dst] = feats[src], style[src], masks[src]
+    for i in rng.choice(n, size=min(empty_masks, n), replace=False):
+        masks[i] = False
+    if identical:
+        feats[:] = feats[0]
+        style[:] = style[0]
+        masks[:] = masks[0]
+    ids = [f"IMG_{seed}_{i:04d}" for i in range(n)]
+    sizes = commit_sizes or [n]
+    start = 0
+    for size in sizes:
+        stop = min(n, start + size)
+        if stop <= start:
+            break
+        records = pa.table({
+            "image_id": pa.array(ids[start:stop]),
+            "path": pa.array([f"/nonexistent/{i}.jpg" for i in ids[start:stop]]),
+            "sha256": pa.array([f"{i:064x}" for i in range(start, stop)]),
+            "width": pa.array([32] * (stop - start), pa.int32()),
+            "height": pa.array([32] * (stop - start), pa.int32()),
+        })
+        writer.append(features=feats[start:stop], style=style[start:stop], masks=masks[start:stop],
+                      records=records)
+        start = stop
+    return Path(path)
+
+
+@pytest.fixture
+def random_store(tmp_path):
+    def factory(**kwargs):
+        name = f"store_{kwargs.get('seed', 0)}_{kwargs.get('n', 0)}_{len(list(tmp_path.iterdir()))}"
+        return make_random_store(tmp_path / name, **kwargs)
+
+    return factory

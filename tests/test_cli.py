@@ -1,0 +1,96 @@
+"""Every CLI command through click's runner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from retriever.cli import main
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def test_index_search_info(runner, tmp_path, synthetic_set):
+    images, csv = synthetic_set
+    store = tmp_path / "store"
+    result = runner.invoke(main, ["index", str(images), str(store), "--metadata", str(csv),
+                                  "--id-column", "image_id", "--preset", "tiny", "--device", "cpu",
+                                  "--batch-size", "8", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "indexed 32" in result.output and "store has 32 rows" in result.output
+
+    query = images / "SYN_homogeneous_002.jpg"
+    sheet = tmp_path / "sheet.png"
+    result = runner.invoke(main, ["search", str(store), str(query), "--all", "-k", "3", "--sheet", str(sheet)])
+    assert result.exit_code == 0, result.output
+    for measure in ("euclidean", "cosine", "style", "i1_ed", "i1_cd", "i1_ecd", "i1_se", "i1_sc", "i1_sd"):
+        assert f"\n{measure}\n" in result.output
+    assert result.output.count("SYN_homogeneous_002") >= 9
+    with Image.open(sheet) as im:
+        assert im.width > 3 * 128 and im.height > 10 * 128
+
+    result = runner.invoke(main, ["search", str(store), str(query), "--measure", "style", "-k", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert list(payload["results"]) == ["style"] and len(payload["results"]["style"]) == 2
+    assert payload["results"]["style"][0]["image_id"] == "SYN_homogeneous_002"
+
+    result = runner.invoke(main, ["search", str(store), "--row", "4", "--measure", "cosine", "--json"])
+    assert result.exit_code == 0, result.output
+    assert all(h["row"] != 4 for h in json.loads(result.output)["results"]["cosine"])
+
+    result = runner.invoke(main, ["info", str(store)])
+    assert result.exit_code == 0 and "rows" in result.output and "efficientnet_b0" in result.output
+    info = json.loads(runner.invoke(main, ["info", str(store), "--json"]).output)
+    assert info["rows"] == 32 and info["faiss"] == {"features_l2": 32, "features_ip": 32}
+    assert "texture" in info["metadata_columns"]
+
+
+def test_cli_errors_are_one_line(runner, tmp_path, synthetic_set):
+    images, _ = synthetic_set
+    result = runner.invoke(main, ["info", str(tmp_path / "none")])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: no store at") and result.output.count("\n") == 1
+    assert "Traceback" not in result.output
+
+    result = runner.invoke(main, ["search", str(tmp_path), str(images / "SYN_streaks_000.jpg"), "--measure", "dice"])
+    assert result.exit_code == 2 and "dice" in result.output
+
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("isic_id,x\nA,1\nA,2\n")
+    result = runner.invoke(main, ["index", str(images), str(tmp_path / "s"), "--metadata", str(bad_csv), "--quiet"])
+    assert result.exit_code == 1 and "duplicate ids" in result.output
+
+    result = runner.invoke(main, ["search", str(tmp_path / "s")])
+    assert result.exit_code == 2 and "either IMAGE or --row" in result.output
+
+
+def test_index_json_reports_rejects(runner, tmp_path, synthetic_set):
+    images, _ = synthetic_set
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (folder / "SYN_a.jpg").write_bytes((images / "SYN_globular_001.jpg").read_bytes())
+    result = runner.invoke(main, ["index", str(folder), str(tmp_path / "store"), "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["indexed"] == 1 and report["rows"] == 1
+    assert report["rejected"][0]["path"].endswith("broken.jpg")
+
+
+def test_demo(runner, tmp_path):
+    out = tmp_path / "demo"
+    result = runner.invoke(main, ["demo", "--out", str(out), "--per-class", "3", "-k", "3"])
+    assert result.exit_code == 0, result.output
+    assert "indexed 12 synthetic images" in result.output
+    assert "i1_sd" in result.output and (out / "sheet.png").is_file()
+    again = runner.invoke(main, ["demo", "--out", str(out), "--per-class", "3", "--json"])
+    assert again.exit_code == 0
+    payload = json.loads(again.output)
+    assert set(payload["results"]) >= {"style", "i1_ecd"} and len(payload["results"]["style"]) == 5

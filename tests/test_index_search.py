@@ -1,0 +1,143 @@
+"""The whole path on real image files: index a folder, then search by rows and by images."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from reference import NAMES, brute_force, load_store, row_query
+from indexer import Store, StoreMismatchError, index_folder
+from retriever import MEASURES, QueryError, Retriever, UnknownMeasureError
+
+
+def test_index_writes_every_image_with_metadata(indexed_store, synthetic_set):
+    store = Store.open(indexed_store)
+    assert store.rows == 32
+    meta = store.metadata()
+    assert meta.column("row").to_pylist() == list(range(32))
+    assert set(meta.column_names) >= {"row", "image_id", "path", "sha256", "width", "height", "texture", "seed"}
+    textures = dict(zip(meta.column("image_id").to_pylist(), meta.column("texture").to_pylist()))
+    assert all(image_id.split("_")[1] == t for image_id, t in textures.items())
+    assert meta.column("width").to_pylist() == [160] * 32
+    assert len(store.manifest["metadata_parts"]) == 4  # commit_every=8
+
+
+def test_search_row_equals_brute_force_from_store_files(indexed_store):
+    """DESIGN's contract on an indexed folder: every measure, every row, from the files alone."""
+    data = load_store(indexed_store)
+    retriever = Retriever.open(indexed_store, device="cpu")
+    for row in range(0, 32, 3):
+        expected = brute_force(data, *row_query(data, row), exclude_row=row, k=5)
+        got = retriever.search_row_all(row, k=5)
+        for name in NAMES:
+            assert [h.row for h in got[name]] == [r for r, _ in expected[name]], (row, name)
+            np.testing.assert_allclose([h.score for h in got[name]], [s for _, s in expected[name]], rtol=1e-7)
+
+
+def test_query_with_indexed_image_returns_it_first(indexed_store, synthetic_set):
+    images, _ = synthetic_set
+    retriever = Retriever.open(indexed_store, device="cpu")
+    target = retriever.image_ids.index("SYN_reticular_003")
+    results = retriever.search_all(images / "SYN_reticular_003.jpg", k=3)
+    for measure in MEASURES:
+        top = results[measure][0]
+        assert top.row == target, measure
+    top = results["style"][0]
+    assert top.components["es"] == pytest.approx(1.0, abs=1e-5)
+    assert top.components["ss"] == pytest.approx(1.0, abs=1e-5)
+    assert top.components["dc"] == pytest.approx(1.0, abs=1e-3)
+    # the image-query scores equal brute force from the stored arrays
+    data = load_store(indexed_store)
+    q = retriever.embed(images / "SYN_reticular_003.jpg")
+    expected = brute_force(data, q.feature, q.style, np.unpackbits(q.mask).astype(bool), k=3)
+    for name in NAMES:
+        assert [h.row for h in results[name]] == [r for r, _ in expected[name]]
+
+
+def test_query_types(indexed_store, synthetic_set):
+    images, _ = synthetic_set
+    retriever = Retriever.open(indexed_store, device="cpu")
+    path = images / "SYN_streaks_001.jpg"
+    by_path = retriever.search(path, measure="cosine", k=4)
+    pil = Image.open(path)
+    by_pil = retriever.search(pil, measure="cosine", k=4)
+    by_array = retriever.search(np.asarray(pil.convert("RGB")), measure="cosine", k=4)
+    assert [h.row for h in by_path] == [h.row for h in by_pil] == [h.row for h in by_array]
+    gray = retriever.search(np.asarray(pil.convert("L")), measure="style", k=2)
+    assert len(gray) == 2
+    with pytest.raises(QueryError, match="not found"):
+        retriever.search(images / "missing.jpg")
+    with pytest.raises(QueryError, match="uint8"):
+        retriever.search(np.zeros((10, 10, 3), np.float32))
+    with pytest.raises(QueryError, match="search_row"):
+        retriever.search(3)
+    with pytest.raises(QueryError, match="out of range"):
+        retriever.search_row(32)
+    with pytest.raises(UnknownMeasureError):
+        retriever.search(path, measure="dice")
+    with pytest.raises(QueryError, match="k must be"):
+        retriever.search_row(0, k=0)
+    assert len(retriever.search_row(0, measure="euclidean", k=1000)) == 31
+
+
+def test_hits_carry_ids_paths_and_components(indexed_store):
+    retriever = Retriever.open(indexed_store, device="cpu")
+    hits = retriever.search_row(5, measure="i1_sd", k=3)
+    for hit in hits:
+        assert hit.path.endswith(f"{hit.image_id}.jpg")
+        assert set(hit.components) == {"es", "cs", "ss", "dc"}
+        assert hit.score == pytest.approx(2 / (1 / hit.components["ss"] + 1 / hit.components["dc"]))
+    euclid = retriever.search_row(5, measure="euclidean", k=3)
+    assert "ss" not in euclid[0].components  # style is not scanned when no measure needs it
+
+
+def test_bad_files_are_recorded_not_fatal(tmp_path, synthetic_set):
+    images, csv = synthetic_set
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("SYN_globular_000.jpg", "SYN_streaks_002.jpg", "SYN_reticular_001.jpg"):
+        shutil.copy(images / name, folder / name)
+    shutil.copy(images / "SYN_globular_000.jpg", folder / "copy_of_globular.jpg")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "noise.png").write_bytes(np.random.default_rng(0).bytes(500))
+    data = (images / "SYN_streaks_002.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    Image.new("L", (8, 8), 90).save(folder / "tiny_gray.png")
+    report = index_folder(folder, tmp_path / "store", metadata=csv, progress=False)
+    assert report.indexed == 4  # three lesions + the 8x8 grayscale image
+    assert [p.split("/")[-1] for p, _ in report.duplicates] == ["copy_of_globular.jpg"]
+    rejected = {p.split("/")[-1]: reason for p, reason in report.rejected}
+    assert set(rejected) == {"empty.jpg", "noise.png", "truncated.jpg"}
+    store = Store.open(tmp_path / "store")
+    recorded = {r["path"].split("/")[-1] for r in store.manifest["rejected"]}
+    assert recorded == {"empty.jpg", "noise.png", "truncated.jpg", "copy_of_globular.jpg"}
+    assert store.rows == 4
+
+
+def test_rerun_adds_only_new_images_and_refresh(tmp_path, synthetic_set):
+    images, csv = synthetic_set
+    folder = tmp_path / "images"
+    folder.mkdir()
+    names = sorted(p.name for p in images.iterdir())
+    for name in names[:5]:
+        shutil.copy(images / name, folder / name)
+    store = tmp_path / "store"
+    first = index_folder(folder, store, metadata=csv, progress=False)
+    assert first.indexed == 5
+    retriever = Retriever.open(store, device="cpu")
+    for name in names[5:9]:
+        shutil.copy(images / name, folder / name)
+    second = index_folder(folder, store, metadata=csv, progress=False)
+    assert (second.indexed, second.already_indexed, second.rows) == (4, 5, 9)
+    assert len(retriever) == 5  # the open retriever keeps its snapshot
+    assert len(retriever.search_row(0, measure="style", k=50)) == 4
+    retriever.refresh()
+    assert len(retriever) == 9 and len(retriever.search_row(0, measure="style", k=50)) == 8
+    meta = Store.open(store).metadata()
+    assert meta.column("image_id").to_pylist() == [n[:-4] for n in names[:9]]
+    assert Store.open(store).faiss_indexes()["features_l2"].ntotal == 9
+    with pytest.raises(StoreMismatchError, match="preset 'tiny', not 'lite0'"):
+        index_folder(folder, store, preset="lite0", progress=False)
