@@ -12,6 +12,7 @@ from .errors import (
     StoreError,
     StoreExistsError,
     StoreFormatError,
+    StoreLockedError,
     StoreMismatchError,
     StoreNotFoundError,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "StoreError",
     "StoreExistsError",
     "StoreFormatError",
+    "StoreLockedError",
     "StoreMismatchError",
     "StoreNotFoundError",
     "StoreWriter",

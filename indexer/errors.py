@@ -13,6 +13,7 @@ __all__ = [
     "StoreExistsError",
     "StoreFormatError",
     "StoreMismatchError",
+    "StoreLockedError",
 ]
 
 
@@ -42,3 +43,7 @@ class StoreFormatError(StoreError, ValueError):
 
 class StoreMismatchError(StoreError, ValueError):
     """The store was built by another model configuration or weights than requested."""
+
+
+class StoreLockedError(StoreError, BlockingIOError):
+    """Another process is writing to the store."""

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from models import DermrisModel, build_model, get_preset, load_model, save_model
+from models import DermrisModel, build_model, file_sha256, get_preset, load_model, read_weights_config
 
 from .embed import Embeddings, Embedder, resolve_device
 from .errors import StoreMismatchError
@@ -82,11 +82,7 @@ def _open_or_create(
                 f"{store} was built with preset {stored.name!r}, not {preset!r}; use another store path"
             )
         if weights is not None:
-            writer.check_model(load_model(weights).config, None)
-            from models import file_sha256
-
-            if file_sha256(weights) != writer.manifest["model"]["weights_sha256"]:
-                raise StoreMismatchError(f"{store} was built with other model weights than {weights}")
+            writer.check_model(read_weights_config(weights), file_sha256(weights))
         model_file = store / MODEL_FILE
         if not model_file.is_file():
             raise StoreMismatchError(f"{store} has no {MODEL_FILE}; it cannot be extended")
@@ -95,19 +91,8 @@ def _open_or_create(
         model = load_model(weights)
     else:
         model = build_model(get_preset(preset or "tiny"), backbone_weights=backbone_weights, pretrained=pretrained)
-    store.mkdir(parents=True, exist_ok=True)
-    if any(p.name != MODEL_FILE for p in store.iterdir()):
-        from .errors import StoreExistsError
-
-        raise StoreExistsError(f"{store} exists, is not empty and is not a dermris store")
-    sha = save_model(model, store / MODEL_FILE)
-    staging = store / ".create"
-    writer = StoreWriter.create(staging, model_config=model.config, style_layout=model.style_layout,
-                                weights_sha256=sha)
-    for child in staging.iterdir():
-        os.replace(child, store / child.name)
-    staging.rmdir()
-    return StoreWriter.open(store), model
+    writer = StoreWriter.create(store, model_config=model.config, style_layout=model.style_layout, model=model)
+    return writer, model
 
 
 def index_folder(
@@ -166,6 +151,13 @@ def index_folder(
     torch_device = resolve_device(device)
     writer, model = _open_or_create(Path(store), preset=preset, weights=weights,
                                     backbone_weights=backbone_weights, pretrained=pretrained)
+    try:
+        return _run(writer, model, files, table, torch_device, batch_size, commit_every, progress, started)
+    finally:
+        writer.close()
+
+
+def _run(writer, model, files, table, torch_device, batch_size, commit_every, progress, started) -> IndexReport:
     embedder = Embedder(model, device=torch_device, batch_size=batch_size)
     report = IndexReport()
     committed = writer.committed_metadata(["image_id", "sha256", "path"])

@@ -16,13 +16,15 @@ the last committed rows.
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -36,9 +38,13 @@ from models.errors import ConfigError
 from .errors import (
     StoreExistsError,
     StoreFormatError,
+    StoreLockedError,
     StoreMismatchError,
     StoreNotFoundError,
 )
+
+if TYPE_CHECKING:
+    from models import DermrisModel
 
 __all__ = [
     "FORMAT_NAME",
@@ -55,6 +61,7 @@ FORMAT_NAME = "dermris-store"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 MODEL_FILE = "model.safetensors"
+LOCK_NAME = ".writer.lock"
 ARRAYS_DIR = "arrays.zarr"
 METADATA_DIR = "metadata"
 FAISS_DIR = "faiss"
@@ -218,6 +225,12 @@ class StoreWriter:
 
     def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
         self.root = root
+        self._lock = open(root / LOCK_NAME, "a+")
+        try:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise StoreLockedError(f"another process is writing to {root}") from None
         self.manifest = manifest
         self._group = zarr.open_group(str(root / ARRAYS_DIR), mode="r+")
         self.layout = StyleLayout.from_dict(manifest["style"])
@@ -232,6 +245,18 @@ class StoreWriter:
         """Committed row count."""
         return self.manifest["rows"]
 
+    def close(self) -> None:
+        """Release the writer lock (also released when the process ends)."""
+        if not self._lock.closed:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_UN)
+            self._lock.close()
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def model_config(self) -> ModelConfig:
         """The config of the model that made the store."""
@@ -244,22 +269,65 @@ class StoreWriter:
         *,
         model_config: ModelConfig,
         style_layout: StyleLayout,
-        weights_sha256: str | None,
+        model: "DermrisModel | None" = None,
         style_dtype: str = "float16",
     ) -> "StoreWriter":
-        """Create an empty store. The caller writes ``STORE/model.safetensors`` if it has one.
+        """Create an empty store, with ``model`` saved as ``STORE/model.safetensors``.
+
+        Everything is written into ``STORE/.create`` first and moved into place with the
+        manifest last, so an interrupted creation leaves no half store (it is cleared on the
+        next try).
+
+        Parameters
+        ----------
+        root : path-like
+            The store directory: absent, empty, or holding only an interrupted creation.
+        model_config : ModelConfig
+            Recorded in the manifest.
+        style_layout : StyleLayout
+            Stage channels and weights of the style vectors.
+        model : DermrisModel, optional
+            Saved into the store; without it the store answers only stored-row queries.
+        style_dtype : str
+            ``"float16"`` (default) or ``"float32"``.
 
         Raises
         ------
         StoreExistsError
-            If ``root`` exists and is not empty.
+            If ``root`` holds anything else.
         """
         root = Path(root)
-        if root.exists() and any(root.iterdir()):
-            raise StoreExistsError(f"{root} exists and is not empty")
         if style_dtype not in ("float16", "float32"):
             raise ConfigError(f"style dtype must be float16 or float32, not {style_dtype!r}")
-        root.mkdir(parents=True, exist_ok=True)
+        staging = root / ".create"
+        if root.exists():
+            others = [p.name for p in root.iterdir() if p.name != staging.name]
+            if others:
+                raise StoreExistsError(
+                    f"{root} exists and is not empty" + (" (it is a store)" if MANIFEST_NAME in others else "")
+                )
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        weights_sha256 = None
+        if model is not None:
+            from models import save_model
+
+            weights_sha256 = save_model(model, staging / MODEL_FILE)
+        manifest = cls._initialise(staging, model_config, style_layout, weights_sha256, style_dtype)
+        for child in sorted(staging.iterdir()):
+            if child.name != MANIFEST_NAME:
+                os.replace(child, root / child.name)
+        _fsync_dir(root)
+        os.replace(staging / MANIFEST_NAME, root / MANIFEST_NAME)
+        staging.rmdir()
+        _fsync_dir(root)
+        return cls(root, manifest)
+
+    @staticmethod
+    def _initialise(
+        root: Path, model_config: ModelConfig, style_layout: StyleLayout,
+        weights_sha256: str | None, style_dtype: str,
+    ) -> dict[str, Any]:
         (root / METADATA_DIR).mkdir()
         (root / FAISS_DIR).mkdir()
         feature_dim = model_config.feature_dim
@@ -307,7 +375,7 @@ class StoreWriter:
             "rejected": [],
         }
         _ManifestIO.write(root, manifest)
-        return cls(root, manifest)
+        return manifest
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> "StoreWriter":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -22,7 +22,6 @@ from models.errors import DermrisError
 
 from .measures import (
     COMPONENTS,
-    MEASURE_COMPONENTS,
     MEASURES,
     check_measures,
     cosine_score,
@@ -60,7 +59,7 @@ class Hit:
     score : float
         The measure's score, higher is more similar, in [0, 1].
     components : dict of str to float
-        Component scores ``es``, ``cs``, ``dc``, and ``ss`` when the style score was computed.
+        All four component scores: ``es``, ``cs``, ``ss`` and ``dc``.
     """
 
     row: int
@@ -249,19 +248,18 @@ class Retriever:
             ls[start:start + len(block)] = np.einsum("ij,ij->i", diff, diff)
         return normalised_score(ls, float(ls.max(initial=0.0)))
 
-    def _components(self, q: QueryVectors, measures: Iterable[str]) -> dict[str, np.ndarray]:
-        needed = {c for m in measures for c in MEASURE_COMPONENTS[m]}
+    def _components(self, q: QueryVectors) -> dict[str, np.ndarray]:
+        """The four component scores of every committed row (the full-scan gatherer)."""
         comps: dict[str, np.ndarray] = {}
         comps["es"], comps["cs"] = self._feature_components(q)
         comps["dc"] = self._dice_component(q)
-        if "ss" in needed:
-            comps["ss"] = self._style_component(q)
+        comps["ss"] = self._style_component(q)
         return comps
 
     def _rank(self, q: QueryVectors, measures: Sequence[str], k: int, exclude_row: int | None) -> dict[str, list[Hit]]:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise QueryError(f"k must be a positive integer, got {k!r}")
-        comps = self._components(q, measures)
+        comps = self._components(q)
         rows = np.arange(self.store.rows)
         if exclude_row is not None:
             rows = rows[rows != exclude_row]

@@ -70,7 +70,7 @@ def make_random_store(
     config = get_preset("tiny").replace(feature_dim=feature_dim, image_size=32,
                                         segmenter=get_preset("tiny").segmenter)
     layout = StyleLayout.from_channels(channels)
-    writer = StoreWriter.create(path, model_config=config, style_layout=layout, weights_sha256=None)
+    writer = StoreWriter.create(path, model_config=config, style_layout=layout)
     feats = rng.normal(size=(n, feature_dim)).astype(np.float32)
     stage_scale = np.repeat(10.0 ** rng.uniform(-4, 3, len(channels)), layout.lengths)
     style = (rng.normal(size=(n, layout.dim)) * stage_scale).astype(np.float32)

@@ -91,7 +91,8 @@ def test_hits_carry_ids_paths_and_components(indexed_store):
         assert set(hit.components) == {"es", "cs", "ss", "dc"}
         assert hit.score == pytest.approx(2 / (1 / hit.components["ss"] + 1 / hit.components["dc"]))
     euclid = retriever.search_row(5, measure="euclidean", k=3)
-    assert "ss" not in euclid[0].components  # style is not scanned when no measure needs it
+    assert set(euclid[0].components) == {"es", "cs", "ss", "dc"}
+    assert euclid[0].score == euclid[0].components["es"]
 
 
 def test_bad_files_are_recorded_not_fatal(tmp_path, synthetic_set):

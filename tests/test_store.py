@@ -124,3 +124,28 @@ def test_store_without_model_rejects_image_queries(random_store):
     retriever = Retriever.open(random_store(n=3, seed=3), device="cpu")
     with pytest.raises(ModelUnavailableError, match="search_row"):
         retriever.search(np.zeros((20, 20, 3), np.uint8))
+
+
+def test_one_writer_at_a_time(random_store):
+    from indexer import StoreLockedError, StoreWriter
+
+    path = random_store(n=2, seed=4)
+    with StoreWriter.open(path):
+        with pytest.raises(StoreLockedError, match="another process"):
+            StoreWriter.open(path)
+    StoreWriter.open(path).close()  # released
+
+
+def test_interrupted_creation_is_cleared(tmp_path):
+    from indexer import StoreExistsError, StoreWriter
+    from models import StyleLayout, get_preset
+
+    root = tmp_path / "store"
+    (root / ".create" / "arrays.zarr").mkdir(parents=True)  # what a crash mid-creation leaves
+    with pytest.raises(StoreNotFoundError):
+        Store.open(root)
+    cfg = get_preset("tiny").replace(feature_dim=4, image_size=32)
+    StoreWriter.create(root, model_config=cfg, style_layout=StyleLayout.from_channels((2,))).close()
+    assert Store.open(root).rows == 0 and not (root / ".create").exists()
+    with pytest.raises(StoreExistsError, match="it is a store"):
+        StoreWriter.create(root, model_config=cfg, style_layout=StyleLayout.from_channels((2,)))
