@@ -108,6 +108,7 @@ def index_folder(
     device: str = "auto",
     batch_size: int = 16,
     commit_every: int = 256,
+    sketch_dim: int = 256,
     progress: bool = True,
 ) -> IndexReport:
     """Index every image under ``images`` into ``store`` (created if absent).
@@ -136,6 +137,8 @@ def index_folder(
         Images per forward pass.
     commit_every : int
         Rows per commit (Parquet part + manifest rewrite).
+    sketch_dim : int
+        Dimension of the style sketch the retriever bounds style losses with.
     progress : bool
         Show a progress bar on stderr.
 
@@ -152,12 +155,12 @@ def index_folder(
     writer, model = _open_or_create(Path(store), preset=preset, weights=weights,
                                     backbone_weights=backbone_weights, pretrained=pretrained)
     try:
-        return _run(writer, model, files, table, torch_device, batch_size, commit_every, progress, started)
+        return _run(writer, model, files, table, torch_device, batch_size, commit_every, sketch_dim, progress, started)
     finally:
         writer.close()
 
 
-def _run(writer, model, files, table, torch_device, batch_size, commit_every, progress, started) -> IndexReport:
+def _run(writer, model, files, table, torch_device, batch_size, commit_every, sketch_dim, progress, started) -> IndexReport:
     embedder = Embedder(model, device=torch_device, batch_size=batch_size)
     report = IndexReport()
     committed = writer.committed_metadata(["image_id", "sha256", "path"])
@@ -231,6 +234,7 @@ def _run(writer, model, files, table, torch_device, batch_size, commit_every, pr
     bar.close()
     if report.indexed or not writer.manifest.get("faiss"):
         writer.build_faiss()
+    writer.update_sketch(dim=sketch_dim)
     report.rows = writer.rows
     report.seconds = time.perf_counter() - started
     return report

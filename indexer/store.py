@@ -35,6 +35,7 @@ import zarr
 from models import ModelConfig, StyleLayout
 from models.errors import ConfigError
 
+from .sketch import MASK_GRID, StyleSketch, fit_style_basis, mask_block_counts, orthonormality_error, project_style
 from .errors import (
     StoreExistsError,
     StoreFormatError,
@@ -108,6 +109,10 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
     _fsync_dir(path.parent)
+
+
+def _unpack_masks(packed: np.ndarray, size: int) -> np.ndarray:
+    return np.unpackbits(packed, axis=1, count=size * size).astype(bool).reshape(len(packed), size, size)
 
 
 @dataclass(frozen=True)
@@ -352,6 +357,11 @@ class StoreWriter:
             "mask_area", shape=(0,), dtype="int32", chunks=(1 << 16,),
             compressors=zarr.codecs.ZstdCodec(level=3), fill_value=0,
         )
+        grid = MASK_GRID if size % MASK_GRID == 0 else 1
+        group.create_array(
+            "mask_blocks", shape=(0, grid * grid), dtype="int32", chunks=(1 << 12, grid * grid),
+            compressors=zarr.codecs.ZstdCodec(level=3), fill_value=0,
+        )
         group.attrs["dermris_format_version"] = FORMAT_VERSION
         manifest = {
             "format": FORMAT_NAME,
@@ -368,6 +378,7 @@ class StoreWriter:
                 "style": {"dim": dim, "dtype": style_dtype, "shard_rows": shard_rows},
                 "mask": {"size": size, "bytes": mask_bytes, "packing": "numpy.packbits row-major"},
                 "mask_area": {"dtype": "int32"},
+                "mask_blocks": {"dtype": "int32", "grid": grid},
             },
             "style": {**style_layout.to_dict(), "scales": None, "dtype": style_dtype, "clipped_values": 0},
             "metadata_parts": [],
@@ -431,17 +442,18 @@ class StoreWriter:
         features = np.asarray(features, np.float32)
         if features.shape[1:] != (spec["features"]["dim"],) or style.shape[1:] != (spec["style"]["dim"],):
             raise ValueError("feature or style width does not fit the store")
+        size = spec["mask"]["size"]
         if masks.dtype == bool:
-            size = spec["mask"]["size"]
             if masks.shape[1:] != (size, size):
                 raise ValueError(f"masks must be {size}x{size}")
             packed = np.packbits(masks.reshape(b, -1), axis=1)
-            areas = masks.reshape(b, -1).sum(axis=1).astype(np.int32)
         else:
             packed = np.asarray(masks, np.uint8)
             if packed.shape[1:] != (spec["mask"]["bytes"],):
                 raise ValueError("packed masks do not fit the store")
-            areas = np.bitwise_count(packed).sum(axis=1).astype(np.int32)
+            masks = _unpack_masks(packed, size)
+        areas = masks.reshape(b, -1).sum(axis=1).astype(np.int32)
+        blocks = mask_block_counts(masks, spec["mask_blocks"]["grid"]) if "mask_blocks" in spec else None
         if self.codec is None:
             self.codec = StyleCodec.fit(style, self.layout, spec["style"]["dtype"])
             self.manifest["style"]["scales"] = list(self.codec.stage_scales)
@@ -449,7 +461,10 @@ class StoreWriter:
 
         n0, n1 = self.rows, self.rows + b
         g = self._group
-        for name, data in (("features", features), ("style", encoded), ("mask", packed), ("mask_area", areas)):
+        columns = [("features", features), ("style", encoded), ("mask", packed), ("mask_area", areas)]
+        if blocks is not None:
+            columns.append(("mask_blocks", blocks))
+        for name, data in columns:
             arr = g[name]
             arr.resize((n1, *arr.shape[1:]))
             arr[n0:n1] = data
@@ -505,6 +520,82 @@ class StoreWriter:
         info = build_faiss_indexes(store.features(), self.root)
         self.manifest["faiss"] = info
         _ManifestIO.write(self.root, self.manifest)
+
+    def update_sketch(self, *, dim: int = 256, fit_rows: int = 1024, refit_growth: int = 4) -> None:
+        """Bring the style sketch up to the committed rows (derived data, crash-safe).
+
+        New rows are projected onto the current basis. The basis is (re)fitted, into a new
+        zarr group that the manifest then switches to, when there is none, when ``dim``
+        changes, or when it was fitted on fewer than ``fit_rows`` rows and the store has
+        grown ``refit_growth`` times since.
+
+        Parameters
+        ----------
+        dim : int
+            Sketch dimension ``d`` (at most the rank of the fitting sample).
+        fit_rows : int
+            Rows sampled (evenly spaced) to fit the basis.
+        refit_growth : int
+            Growth factor that triggers a refit of a basis fitted on a small sample.
+        """
+        if dim < 0 or fit_rows < 1:
+            raise ValueError("sketch dim must be >= 0 and fit_rows >= 1")
+        store = Store.open(self.root)
+        n = store.rows
+        info = self.manifest.get("sketch")
+        if info and info["rows"] == n and info["dim_requested"] == dim:
+            return
+        refit = (
+            info is None
+            or info["dim_requested"] != dim
+            or (info["fitted_rows"] < fit_rows and n >= refit_growth * max(1, info["fitted_rows"]))
+        )
+        arrays = self._group
+        if refit:
+            sample_rows = np.unique(np.linspace(0, n - 1, num=min(n, fit_rows)).round().astype(int)) if n else []
+            components, mean = fit_style_basis(store.style_rows(sample_rows), dim) if n else (
+                np.zeros((0, store.style_dim), np.float32), np.zeros(store.style_dim))
+            serial = (info or {}).get("serial", 0) + 1
+            name = f"sketch_{serial}"
+            if name in arrays:
+                del arrays[name]
+            group = arrays.create_group(name)
+            d, big_d = components.shape
+            group.create_array("components", data=components, chunks=(1, big_d), compressors=None)
+            group.create_array("mean", data=mean, chunks=(big_d,), compressors=None)
+            group.create_array("projections", shape=(0, d), dtype="float64", chunks=(1 << 14, max(d, 1)),
+                               compressors=None, fill_value=0)
+            group.create_array("residuals", shape=(0,), dtype="float64", chunks=(1 << 16,), compressors=None, fill_value=0)
+            group.create_array("sq_norms", shape=(0,), dtype="float64", chunks=(1 << 16,), compressors=None, fill_value=0)
+            start = 0
+            new_info = {"group": name, "serial": serial, "dim": d, "dim_requested": dim,
+                        "fitted_rows": len(sample_rows), "orthonormality_error": orthonormality_error(components)}
+        else:
+            group = arrays[info["group"]]
+            components = np.asarray(group["components"][:])
+            mean = np.asarray(group["mean"][:])
+            start = info["rows"]
+            new_info = dict(info)
+        for block_start, block in store.iter_style_blocks(start=start):
+            y, r, sq = project_style(block, components, mean)
+            stop = block_start + len(block)
+            for key, data in (("projections", y), ("residuals", r), ("sq_norms", sq)):
+                arr = group[key]
+                arr.resize((stop, *arr.shape[1:]))
+                arr[block_start:stop] = data
+        new_info["rows"] = n
+        self.manifest["sketch"] = new_info
+        _ManifestIO.write(self.root, self.manifest)
+        if refit and info is not None:
+            # keep the previous basis for readers that opened before this switch
+            stale = f"sketch_{info['serial'] - 1}"
+            if stale in arrays:
+                del arrays[stale]
+
+    def build_derived(self, *, sketch_dim: int = 256, sketch_fit_rows: int = 1024) -> None:
+        """Rebuild or extend everything derived from the arrays (FAISS indexes, style sketch)."""
+        self.build_faiss()
+        self.update_sketch(dim=sketch_dim, fit_rows=sketch_fit_rows)
 
 
 def _faiss_indexes_for(features: np.ndarray) -> dict[str, faiss.Index]:
@@ -633,13 +724,63 @@ class Store:
             out[i] = self.codec.decode(arr[int(row)])
         return out
 
-    def iter_style_blocks(self, *, max_bytes: int = 64 << 20) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(start, decoded_block)`` over all committed rows, blocks aligned to shards."""
+    def iter_style_blocks(self, *, start: int = 0, max_bytes: int = 64 << 20) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start, decoded_block)`` over committed rows from ``start``, shard-aligned."""
         shard = self.manifest["arrays"]["style"].get("shard_rows", 1)
         per_row = self.style_dim * 4
         block = max(shard, (max_bytes // per_row) // shard * shard)
-        for start in range(0, self.rows, block):
-            yield start, self.style_block(start, start + block)
+        first = start
+        while first < self.rows:
+            stop = min(self.rows, (first // block + 1) * block)
+            yield first, self.style_block(first, stop)
+            first = stop
+
+    def mask_rows(self, rows: Sequence[int]) -> np.ndarray:
+        """Bit-packed masks of the given rows, ``(len(rows), ceil(S*S/8))`` uint8."""
+        arr = self._arrays["mask"]
+        out = np.empty((len(rows), arr.shape[1]), np.uint8)
+        for i, row in enumerate(rows):
+            if not 0 <= row < self.rows:
+                raise IndexError(f"row {row} is not committed (store has {self.rows} rows)")
+            out[i] = arr[int(row)]
+        return out
+
+    def mask_blocks(self) -> tuple[np.ndarray, int]:
+        """Per-row lesion pixel counts on the block grid and the grid size.
+
+        Computed from the masks when the store predates the ``mask_blocks`` array.
+        """
+        spec = self.manifest["arrays"].get("mask_blocks")
+        if spec is not None and "mask_blocks" in self._group:
+            arr = self._group["mask_blocks"]
+            if arr.shape[0] >= self.rows:
+                return np.asarray(arr[: self.rows], np.int64), spec["grid"]
+        grid = MASK_GRID if self.mask_size % MASK_GRID == 0 else 1
+        out = np.zeros((self.rows, grid * grid), np.int64)
+        arr = self._arrays["mask"]
+        for a in range(0, self.rows, 4096):
+            b = min(self.rows, a + 4096)
+            out[a:b] = mask_block_counts(_unpack_masks(np.asarray(arr[a:b]), self.mask_size), grid)
+        return out, grid
+
+    def sketch(self) -> StyleSketch | None:
+        """The stored style sketch (possibly covering fewer rows than committed), or None."""
+        info = self.manifest.get("sketch")
+        if not info or info["group"] not in self._group:
+            return None
+        group = self._group[info["group"]]
+        rows = min(info["rows"], self.rows)
+        try:
+            return StyleSketch(
+                components=np.asarray(group["components"][:], np.float32),
+                mean=np.asarray(group["mean"][:], np.float64),
+                projections=np.asarray(group["projections"][:rows], np.float64),
+                residuals=np.asarray(group["residuals"][:rows], np.float64),
+                sq_norms=np.asarray(group["sq_norms"][:rows], np.float64),
+                orthonormality_error=float(info["orthonormality_error"]),
+            )
+        except (KeyError, ValueError) as exc:
+            raise StoreFormatError(f"{self.root}: style sketch is damaged ({exc})") from None
 
     # -- metadata ------------------------------------------------------------------------
     def metadata(self, columns: Sequence[str] | None = None) -> pa.Table:

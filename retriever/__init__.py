@@ -17,7 +17,7 @@ from .measures import (
     normalised_score,
     rank,
 )
-from .search import Hit, ModelUnavailableError, QueryError, QueryVectors, Retriever
+from .search import Hit, ModelUnavailableError, QueryError, QueryVectors, Retriever, SearchStats
 
 __all__ = [
     "COMPONENTS",
@@ -28,6 +28,7 @@ __all__ = [
     "QueryError",
     "QueryVectors",
     "Retriever",
+    "SearchStats",
     "UnknownMeasureError",
     "cosine_score",
     "dice_score",

@@ -1,8 +1,8 @@
-"""The :class:`Retriever`: query -> vectors -> gather candidates -> exact re-ranking.
+"""The :class:`Retriever`: query -> vectors -> bounds -> exact re-ranking of candidates.
 
 Every measure is exact: scores equal brute force over all committed rows, with ``ED_max`` and
-``LS_max`` taken over the whole store. Candidate gathering here is the full store (a scan); a
-faster gatherer only has to return a superset of the rows that can make the top k.
+``LS_max`` taken over the whole store. Features live in memory; style rows and masks are read
+from disk only for rows whose bounds leave them in contention (:mod:`retriever.bounds`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -20,21 +20,10 @@ from indexer.errors import StoreFormatError
 from models import file_sha256, load_model
 from models.errors import DermrisError
 
-from .measures import (
-    COMPONENTS,
-    MEASURES,
-    check_measures,
-    cosine_score,
-    dice_score,
-    measure_score,
-    normalised_score,
-    rank,
-)
+from .bounds import QueryBatch, QueryVectors, SearchStats, StoreIndex
+from .measures import COMPONENTS, MEASURES, check_measures
 
-__all__ = ["Hit", "QueryVectors", "QueryError", "ModelUnavailableError", "Retriever"]
-
-_BLOCK_ROWS = 8192
-
+__all__ = ["Hit", "QueryVectors", "QueryError", "ModelUnavailableError", "Retriever", "SearchStats"]
 
 class QueryError(DermrisError, ValueError):
     """A query that is not an image, an image path, an array image or a stored row."""
@@ -74,31 +63,6 @@ class Hit:
                 "score": self.score, "components": dict(self.components)}
 
 
-@dataclass(frozen=True)
-class QueryVectors:
-    """A query in the store's representation.
-
-    Attributes
-    ----------
-    feature : np.ndarray
-        ``(F,)`` float32.
-    style : np.ndarray
-        ``(D,)`` float32, as the store would hold it (float16 round trip applied).
-    mask : np.ndarray
-        ``(ceil(S*S/8),)`` uint8 bit-packed mask.
-    mask_area : int
-        Lesion pixels.
-    row : int or None
-        The stored row this query came from, if any.
-    """
-
-    feature: np.ndarray
-    style: np.ndarray
-    mask: np.ndarray
-    mask_area: int
-    row: int | None = None
-
-
 class Retriever:
     """Ranks a store's images against a query by the nine measures.
 
@@ -120,10 +84,8 @@ class Retriever:
         meta = store.metadata(columns=["image_id", "path"])
         self._image_ids: list[str] = meta.column("image_id").to_pylist()
         self._paths: list[str] = meta.column("path").to_pylist()
-        self._features = store.features()
-        self._features64_norm = np.linalg.norm(self._features.astype(np.float64), axis=1)
-        self._masks = store.masks()
-        self._areas = store.mask_areas()
+        self._index = StoreIndex(store)
+        self.last_stats: SearchStats | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, device: str = "auto") -> "Retriever":
@@ -206,78 +168,42 @@ class Retriever:
         if not 0 <= row < self.store.rows:
             raise QueryError(f"row {row} is out of range (the store has {self.store.rows} rows)")
         return QueryVectors(
-            feature=self._features[row],
+            feature=self._index.features[row],
             style=self.store.style_rows([row])[0],
-            mask=self._masks[row],
-            mask_area=int(self._areas[row]),
+            mask=self.store.mask_rows([row])[0],
+            mask_area=int(self._index.mask_areas[row]),
             row=row,
         )
 
     # -- scoring -----------------------------------------------------------------------
-    def _feature_components(self, q: QueryVectors) -> tuple[np.ndarray, np.ndarray]:
-        """ES and CS of every row."""
-        n = self.store.rows
-        q64 = q.feature.astype(np.float64)
-        q_norm = float(np.linalg.norm(q64))
-        ed = np.empty(n, np.float64)
-        dots = np.empty(n, np.float64)
-        for a in range(0, n, _BLOCK_ROWS):
-            block = self._features[a:a + _BLOCK_ROWS].astype(np.float64)
-            diff = block - q64
-            ed[a:a + len(block)] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
-            dots[a:a + len(block)] = block @ q64
-        denom = self._features64_norm * q_norm
-        cos = np.zeros(n, np.float64)
-        np.divide(dots, denom, out=cos, where=denom > 0)
-        return normalised_score(ed, float(ed.max(initial=0.0))), cosine_score(cos)
-
-    def _dice_component(self, q: QueryVectors) -> np.ndarray:
-        n = self.store.rows
-        inter = np.empty(n, np.int64)
-        for a in range(0, n, _BLOCK_ROWS):
-            block = self._masks[a:a + _BLOCK_ROWS]
-            inter[a:a + len(block)] = np.bitwise_count(block & q.mask).sum(axis=1, dtype=np.int64)
-        return dice_score(inter, self._areas, q.mask_area)
-
-    def _style_component(self, q: QueryVectors) -> np.ndarray:
-        n = self.store.rows
-        ls = np.empty(n, np.float64)
-        q64 = q.style.astype(np.float64)
-        for start, block in self.store.iter_style_blocks():
-            diff = block.astype(np.float64) - q64
-            ls[start:start + len(block)] = np.einsum("ij,ij->i", diff, diff)
-        return normalised_score(ls, float(ls.max(initial=0.0)))
-
-    def _components(self, q: QueryVectors) -> dict[str, np.ndarray]:
-        """The four component scores of every committed row (the full-scan gatherer)."""
-        comps: dict[str, np.ndarray] = {}
-        comps["es"], comps["cs"] = self._feature_components(q)
-        comps["dc"] = self._dice_component(q)
-        comps["ss"] = self._style_component(q)
-        return comps
-
-    def _rank(self, q: QueryVectors, measures: Sequence[str], k: int, exclude_row: int | None) -> dict[str, list[Hit]]:
+    def _check_k(self, k) -> int:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise QueryError(f"k must be a positive integer, got {k!r}")
-        comps = self._components(q)
-        rows = np.arange(self.store.rows)
-        if exclude_row is not None:
-            rows = rows[rows != exclude_row]
-        results = {}
-        for measure in measures:
-            scores = measure_score(measure, comps)
-            best = rows[rank(scores[rows], k, rows=rows)]
-            results[measure] = [self._hit(int(r), float(scores[r]), comps) for r in best]
+        return int(k)
+
+    def _rank_batch(
+        self, queries: Sequence[QueryVectors], measures: Sequence[str], k: int, exclude_rows: Sequence[int | None]
+    ) -> list[dict[str, list[Hit]]]:
+        k = self._check_k(k)
+        batch = QueryBatch(self._index, queries)
+        results = []
+        for state, exclude in zip(batch.queries, exclude_rows):
+            per_measure = {}
+            for measure in measures:
+                rows, scores = batch.top_k(state, measure, k, exclude)
+                comps = batch.hit_components(state, rows)
+                per_measure[measure] = [
+                    Hit(row=int(r), image_id=self._image_ids[r], path=self._paths[r], score=float(sc),
+                        components={c: float(comps[c][i]) for c in COMPONENTS})
+                    for i, (r, sc) in enumerate(zip(rows, scores))
+                ]
+            results.append(per_measure)
+        self.last_stats = batch.queries[-1].stats if batch.queries else None
+        self._batch_stats = [q.stats for q in batch.queries]
         return results
 
-    def _hit(self, row: int, score: float, comps: Mapping[str, np.ndarray]) -> Hit:
-        return Hit(
-            row=row,
-            image_id=self._image_ids[row],
-            path=self._paths[row],
-            score=score,
-            components={c: float(comps[c][row]) for c in COMPONENTS if c in comps},
-        )
+    def _rank(self, q: QueryVectors, measures: Sequence[str], k: int, exclude_row: int | None) -> dict[str, list[Hit]]:
+        return self._rank_batch([q], measures, k, [exclude_row])[0]
 
     # -- public search -----------------------------------------------------------------
     def search(self, query, measure: str = "style", k: int = 5) -> list[Hit]:
@@ -319,3 +245,29 @@ class Retriever:
         """Rank by already computed query vectors (see :meth:`embed`, :meth:`row_vectors`)."""
         return self._rank(vectors, check_measures(measures), k, exclude_row)
 
+    def search_batch(
+        self, queries: Sequence, k: int = 5, *, measures: Sequence[str] = MEASURES
+    ) -> list[dict[str, list[Hit]]]:
+        """:meth:`search_all` for many queries at once; every row read from disk serves them all.
+
+        Parameters
+        ----------
+        queries : sequence
+            Images (path, PIL image, uint8 array) or stored rows (``int``; excluded from their
+            own results).
+        """
+        measures = check_measures(measures)
+        vectors, excludes = [], []
+        for query in queries:
+            if isinstance(query, (int, np.integer)) and not isinstance(query, bool):
+                vectors.append(self.row_vectors(query))
+                excludes.append(int(query))
+            else:
+                vectors.append(self.embed(query))
+                excludes.append(None)
+        return self._rank_batch(vectors, measures, k, excludes)
+
+    @property
+    def batch_stats(self) -> list[SearchStats]:
+        """Per-query statistics of the last search call (one entry per query)."""
+        return list(getattr(self, "_batch_stats", []))

@@ -57,11 +57,16 @@ def make_random_store(
     identical: bool = False,
     mask_density: float = 0.3,
     commit_sizes=None,
+    sketch_dim: int | None = 4,
+    sketch_after: int | None = None,
+    clusters: int = 0,
 ):
     """A store of random rows (no model) written through the real StoreWriter.
 
     ``duplicate_rows`` rows are exact copies of earlier rows (ties), ``empty_masks`` rows have
-    empty masks, ``identical`` makes every row the same (zero maxima).
+    empty masks, ``identical`` makes every row the same (zero maxima). The style sketch (of
+    ``sketch_dim``; None for none) is built after ``sketch_after`` commits (default: all), so
+    later rows are outside it. ``clusters`` > 0 draws style vectors around that many centres.
     """
     from models import StyleLayout, get_preset
     from indexer import StoreWriter
@@ -73,7 +78,11 @@ def make_random_store(
     writer = StoreWriter.create(path, model_config=config, style_layout=layout)
     feats = rng.normal(size=(n, feature_dim)).astype(np.float32)
     stage_scale = np.repeat(10.0 ** rng.uniform(-4, 3, len(channels)), layout.lengths)
-    style = (rng.normal(size=(n, layout.dim)) * stage_scale).astype(np.float32)
+    style = rng.normal(size=(n, layout.dim)) * stage_scale
+    if clusters:
+        centres = rng.normal(size=(clusters, layout.dim)) * stage_scale * 4
+        style = style * 0.3 + centres[rng.integers(0, clusters, n)]
+    style = style.astype(np.float32)
     masks = rng.random((n, 32, 32)) < mask_density
     for i in range(min(duplicate_rows, n - 1)):
         src, dst = rng.integers(0, n, 2)
@@ -87,7 +96,9 @@ def make_random_store(
     ids = [f"IMG_{seed}_{i:04d}" for i in range(n)]
     sizes = commit_sizes or [n]
     start = 0
-    for size in sizes:
+    for i, size in enumerate(sizes):
+        if sketch_dim is not None and sketch_after == i:
+            writer.update_sketch(dim=sketch_dim)
         stop = min(n, start + size)
         if stop <= start:
             break
@@ -101,6 +112,9 @@ def make_random_store(
         writer.append(features=feats[start:stop], style=style[start:stop], masks=masks[start:stop],
                       records=records)
         start = stop
+    if sketch_dim is not None and sketch_after is None:
+        writer.update_sketch(dim=sketch_dim)
+    writer.close()
     return Path(path)
 
 

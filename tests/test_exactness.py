@@ -22,12 +22,14 @@ CASES = [
     dict(n=1, seed=1),
     dict(n=2, seed=2),
     dict(n=17, seed=3, duplicate_rows=5),
-    dict(n=25, seed=4, empty_masks=6),
+    dict(n=25, seed=4, empty_masks=6, sketch_dim=0),
     dict(n=12, seed=5, identical=True),
-    dict(n=30, seed=6, duplicate_rows=8, empty_masks=10, mask_density=0.05),
-    dict(n=40, seed=7, commit_sizes=[7, 1, 20, 12]),
-    dict(n=9, seed=8, empty_masks=9),
+    dict(n=30, seed=6, duplicate_rows=8, empty_masks=10, mask_density=0.05, sketch_dim=8),
+    dict(n=40, seed=7, commit_sizes=[7, 1, 20, 12], sketch_after=2),
+    dict(n=9, seed=8, empty_masks=9, sketch_dim=None),
     dict(n=20, seed=9, mask_density=0.0015),
+    dict(n=60, seed=10, clusters=4, sketch_dim=12, duplicate_rows=6),
+    dict(n=45, seed=13, clusters=3, sketch_dim=30, commit_sizes=[10, 35], sketch_after=1),
 ]
 
 
@@ -85,3 +87,50 @@ def test_single_row_store(random_store):
     assert retriever.search_row(0, measure="style", k=5) == []
     hits = retriever.search_row(0, measure="i1_sd", k=5, exclude_self=False)
     assert [h.row for h in hits] == [0] and hits[0].score == 1.0
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_many_random_stores_all_rows(random_store, seed):
+    """Every row of random stores of several shapes, against the reference."""
+    rng = np.random.default_rng(seed)
+    case = dict(n=int(rng.integers(3, 50)), seed=200 + seed, duplicate_rows=int(rng.integers(0, 5)),
+                empty_masks=int(rng.integers(0, 6)), clusters=int(rng.integers(0, 4)),
+                sketch_dim=[None, 0, 2, 6, 64][seed % 5], mask_density=float(rng.choice([0.002, 0.05, 0.4])))
+    path = random_store(**case)
+    data = load_store(path)
+    retriever = Retriever.open(path, device="cpu")
+    k = int(rng.integers(1, 8))
+    for row in range(data["n"]):
+        expected = brute_force(data, *row_query(data, row), exclude_row=row, k=k)
+        got = retriever.search_row_all(row, k=k)
+        for name in NAMES:
+            assert_same(got[name], expected[name])
+
+
+def test_batch_equals_single_queries(random_store):
+    path = random_store(n=50, seed=31, clusters=3, sketch_dim=6, duplicate_rows=4)
+    retriever = Retriever.open(path, device="cpu")
+    rows = [0, 7, 7, 19, 49]
+    batch = retriever.search_batch(rows, k=4)
+    assert len(retriever.batch_stats) == len(rows)
+    for row, result in zip(rows, batch):
+        single = retriever.search_row_all(row, k=4)
+        for name in NAMES:
+            assert [(h.row, h.score) for h in result[name]] == [(h.row, h.score) for h in single[name]]
+
+
+def test_bounds_skip_most_style_rows(random_store):
+    """On clustered style data the sketch bounds leave few rows to read (statistics are real)."""
+    path = random_store(n=400, seed=41, clusters=8, sketch_dim=16, channels=(4, 6, 8))
+    retriever = Retriever.open(path, device="cpu")
+    data = load_store(path)
+    expected = brute_force(data, *row_query(data, 3), exclude_row=3, k=5)
+    hits = retriever.search_row(3, measure="style", k=5)
+    assert_same(hits, expected["style"])
+    stats = retriever.last_stats
+    assert stats.rows == 400
+    assert 5 <= stats.reranked["style"] < 0.25 * 400
+    assert stats.style_rows_read < 0.25 * 400
+    assert stats.bytes_read == stats.style_rows_read * retriever._index.style_row_bytes + \
+        stats.mask_rows_read * retriever._index.mask_row_bytes
+    assert set(stats.seconds) >= {"features+bounds", "rank style"}
