@@ -160,7 +160,7 @@ def project_style(
     block : np.ndarray
         ``(b, D)`` float32 (or float64) style vectors.
     components : np.ndarray
-        ``(d, D)`` float32 basis.
+        ``(d, D)`` basis, float32 as stored (or already converted to float64: faster).
     mean : np.ndarray
         ``(D,)`` float64.
 
@@ -176,12 +176,12 @@ def project_style(
     sq = np.zeros(b, np.float64)
     for cols in _column_blocks(big_d):
         z = block[:, cols].astype(np.float64) - mean[cols]
-        y += z @ components[:, cols].astype(np.float64).T
+        y += z @ np.asarray(components[:, cols], dtype=np.float64).T
         sq += np.einsum("ij,ij->i", z, z)
     res = np.zeros(b, np.float64)
     for cols in _column_blocks(big_d):
         z = block[:, cols].astype(np.float64) - mean[cols]
-        e = z - y @ components[:, cols].astype(np.float64)
+        e = z - y @ np.asarray(components[:, cols], dtype=np.float64)
         res += np.einsum("ij,ij->i", e, e)
     return y, np.sqrt(res), sq
 

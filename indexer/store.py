@@ -754,9 +754,9 @@ class Store:
         if spec is not None and "mask_blocks" in self._group:
             arr = self._group["mask_blocks"]
             if arr.shape[0] >= self.rows:
-                return np.asarray(arr[: self.rows], np.int64), spec["grid"]
+                return np.asarray(arr[: self.rows], np.int32), spec["grid"]
         grid = MASK_GRID if self.mask_size % MASK_GRID == 0 else 1
-        out = np.zeros((self.rows, grid * grid), np.int64)
+        out = np.zeros((self.rows, grid * grid), np.int32)
         arr = self._arrays["mask"]
         for a in range(0, self.rows, 4096):
             b = min(self.rows, a + 4096)

@@ -125,6 +125,9 @@ class StoreIndex:
         if sketch.rows < self.rows:  # derived data behind the commit: extend it in memory
             sketch = sketch.extend(block for _, block in store.iter_style_blocks(start=sketch.rows))
         self.sketch = sketch
+        # float64 copies used by every query: the basis, and ||y_x||^2 of every row
+        self.components64 = np.asarray(sketch.components, dtype=np.float64)
+        self.projection_sq = np.einsum("ij,ij->i", sketch.projections, sketch.projections)
         self.style_row_bytes = store.style_dim * np.dtype(store.manifest["arrays"]["style"]["dtype"]).itemsize
         self.mask_row_bytes = store.manifest["arrays"]["mask"]["bytes"]
 
@@ -132,7 +135,8 @@ class StoreIndex:
         """Approximate resident bytes of the in-memory arrays."""
         s = self.sketch
         return int(sum(a.nbytes for a in (self.features, self.feature_norms, self.mask_areas, self.mask_blocks,
-                                          s.components, s.mean, s.projections, s.residuals, s.sq_norms)))
+                                          s.components, self.components64, s.mean, s.projections,
+                                          self.projection_sq, s.residuals, s.sq_norms)))
 
 
 def _mask_block_counts_of(mask_packed: np.ndarray, size: int, grid: int) -> np.ndarray:
@@ -153,11 +157,8 @@ class _Query:
         self.cs = cosine_score(cos)
         # style loss bounds from the sketch
         sk = index.sketch
-        y, r, sq = project_style(q.style[None], sk.components, sk.mean)
-        dy2 = np.maximum(
-            (y[0] @ y[0]) + np.einsum("ij,ij->i", sk.projections, sk.projections) - 2.0 * (sk.projections @ y[0]),
-            0.0,
-        )
+        y, r, sq = project_style(q.style[None], index.components64, sk.mean)
+        dy2 = np.maximum((y[0] @ y[0]) + index.projection_sq - 2.0 * (sk.projections @ y[0]), 0.0)
         slack = 4.0 * sk.orthonormality_error * dy2 + _FLOAT64_SLACK * (sq[0] + sk.sq_norms)
         self.ls_lower = np.maximum(dy2 + (r[0] - sk.residuals) ** 2 - slack, 0.0)
         self.ls_upper = dy2 + (r[0] + sk.residuals) ** 2 + slack

@@ -46,6 +46,13 @@ def _print_results(results: dict, *, file=None) -> None:
             click.echo(f"  {i:>2} {hit.row:>6}  {hit.image_id[:27]:<28}{hit.score:9.4f}{comps}", file=file)
 
 
+def _print_stats(stats) -> None:
+    click.echo(f"\nstats: {stats.rows} rows; style rows read {stats.style_rows_read}, "
+               f"mask rows read {stats.mask_rows_read}, {stats.bytes_read / 1e6:.2f} MB read")
+    click.echo("  rows re-ranked exactly: " + ", ".join(f"{m} {n}" for m, n in stats.reranked.items()))
+    click.echo("  seconds: " + ", ".join(f"{s} {t:.4f}" for s, t in stats.seconds.items()))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dermris")
 def main() -> None:
@@ -106,9 +113,10 @@ def index_cmd(images, store, metadata, id_column, preset, weights, backbone_weig
 @click.option("--all", "all_measures", is_flag=True, help="All nine measures (the default).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), help="Write a contact sheet PNG.")
+@click.option("--stats", is_flag=True, help="Also print rows re-ranked, bytes read and time per stage.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @_library_errors
-def search_cmd(store, image, row, k, measures, all_measures, as_json, sheet, device):
+def search_cmd(store, image, row, k, measures, all_measures, as_json, sheet, stats, device):
     """Rank the images of STORE by similarity to IMAGE (or to a stored --row)."""
     from .search import Retriever
 
@@ -133,10 +141,14 @@ def search_cmd(store, image, row, k, measures, all_measures, as_json, sheet, dev
                    "results": {m: [h.to_dict() for h in hits] for m, hits in results.items()}}
         if sheet is not None:
             payload["sheet"] = str(sheet)
+        if stats:
+            payload["stats"] = retriever.last_stats.to_dict()
         click.echo(json.dumps(payload, indent=1))
         return
     click.echo(f"query: {query_name}   store: {store} ({len(retriever)} rows)")
     _print_results(results)
+    if stats:
+        _print_stats(retriever.last_stats)
     if sheet is not None:
         click.echo(f"\ncontact sheet: {sheet}")
 

@@ -41,9 +41,15 @@ def test_index_search_info(runner, tmp_path, synthetic_set):
     assert list(payload["results"]) == ["style"] and len(payload["results"]["style"]) == 2
     assert payload["results"]["style"][0]["image_id"] == "SYN_homogeneous_002"
 
-    result = runner.invoke(main, ["search", str(store), "--row", "4", "--measure", "cosine", "--json"])
+    result = runner.invoke(main, ["search", str(store), "--row", "4", "--measure", "cosine", "--json", "--stats"])
     assert result.exit_code == 0, result.output
-    assert all(h["row"] != 4 for h in json.loads(result.output)["results"]["cosine"])
+    payload = json.loads(result.output)
+    assert all(h["row"] != 4 for h in payload["results"]["cosine"])
+    assert payload["stats"]["rows"] == 32 and "cosine" in payload["stats"]["reranked"]
+
+    result = runner.invoke(main, ["search", str(store), "--row", "4", "--measure", "i1_sd", "--stats"])
+    assert result.exit_code == 0, result.output
+    assert "style rows read" in result.output and "i1_sd" in result.output
 
     result = runner.invoke(main, ["info", str(store)])
     assert result.exit_code == 0 and "rows" in result.output and "efficientnet_b0" in result.output

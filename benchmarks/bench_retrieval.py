@@ -1,0 +1,264 @@
+"""Exact retrieval benchmark: recall@k against brute force, latency, rows and bytes read.
+
+For each store size it times the Retriever (all nine measures for one query, and each measure
+alone) and, in the same run, a brute-force full scan of the whole store (every style row and
+mask read), checks that both give the same rows and scores, and records the memory the
+Retriever keeps resident. Writes JSON, prints a table, and draws a PNG plot.
+
+Examples
+--------
+::
+
+    python benchmarks/bench_retrieval.py --source pipeline --rows 1000
+    python benchmarks/bench_retrieval.py --source spectrum --rows 10000 20000 --brute 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from stores import measure_spectrum, pipeline_store, spectrum_store  # noqa: E402
+
+from indexer import Store  # noqa: E402
+from retriever import MEASURES, Retriever  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def brute_force(store: Store, row: int, k: int) -> dict[str, list[tuple[int, float]]]:
+    """Every measure by a full scan of the store (all style rows and masks), float64."""
+    n = store.rows
+    feats = store.features().astype(np.float64)
+    q = feats[row]
+    ed = np.sqrt(((feats - q) ** 2).sum(axis=1))
+    norms = np.linalg.norm(feats, axis=1) * np.linalg.norm(q)
+    cos = np.where(norms > 0, feats @ q / np.where(norms > 0, norms, 1), 0.0)
+    q_style = store.style_rows([row])[0].astype(np.float64)
+    ls = np.empty(n)
+    for start, block in store.iter_style_blocks():
+        ls[start:start + len(block)] = ((block.astype(np.float64) - q_style) ** 2).sum(axis=1)
+    masks = store.masks()
+    q_mask = masks[row]
+    inter = np.bitwise_count(masks & q_mask).sum(axis=1)
+    areas = np.bitwise_count(masks).sum(axis=1)
+    total = areas + areas[row]
+    dc = np.where(total > 0, 2.0 * inter / np.where(total > 0, total, 1), 1.0)
+    es = np.ones(n) if ed.max() == 0 else 1 - ed / ed.max()
+    ss = np.ones(n) if ls.max() == 0 else 1 - ls / ls.max()
+    cs = (np.clip(cos, -1, 1) + 1) / 2
+
+    def h(*c):
+        c = np.stack(c)
+        return np.where((c <= 0).any(0), 0.0, len(c) / (1 / np.where(c <= 0, 1, c)).sum(0))
+
+    scores = {"euclidean": es, "cosine": cs, "style": ss, "i1_ed": h(es, dc), "i1_cd": h(cs, dc),
+              "i1_ecd": h(es, cs, dc), "i1_se": h(ss, es), "i1_sc": h(ss, cs), "i1_sd": h(ss, dc)}
+    out = {}
+    for name, s in scores.items():
+        s = s.copy()
+        s[row] = -np.inf  # exclude the query itself
+        order = np.lexsort((np.arange(n), -s))[:k]
+        out[name] = [(int(r), float(s[r])) for r in order]
+    return out
+
+
+def run_one(store_path: Path, *, queries: int, brute: int, k: int, seed: int, label: str) -> dict:
+    rss0 = _rss()
+    t0 = time.perf_counter()
+    retriever = Retriever.open(store_path, device="cpu")
+    open_s = time.perf_counter() - t0
+    rss_delta = _rss() - rss0
+    store = retriever.store
+    n = store.rows
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(n, size=min(queries, n), replace=False).tolist()
+    retriever.search_row_all(rows[0], k=k)  # warm-up (page cache, lazy allocations)
+
+    all_ms, per_measure = [], {m: {"ms": [], "reranked": [], "style_rows": [], "mask_rows": [], "bytes": []}
+                               for m in MEASURES}
+    fast_results = {}
+    for row in rows:
+        t = time.perf_counter()
+        fast_results[row] = retriever.search_row_all(row, k=k)
+        all_ms.append((time.perf_counter() - t) * 1e3)
+        for m in MEASURES:
+            t = time.perf_counter()
+            retriever.search_row(row, measure=m, k=k)
+            per_measure[m]["ms"].append((time.perf_counter() - t) * 1e3)
+            st = retriever.last_stats
+            per_measure[m]["reranked"].append(st.reranked.get(m, 0))
+            per_measure[m]["style_rows"].append(st.style_rows_read)
+            per_measure[m]["mask_rows"].append(st.mask_rows_read)
+            per_measure[m]["bytes"].append(st.bytes_read)
+
+    brute_s, agree = [], {m: [] for m in MEASURES}
+    max_rel = 0.0
+    for row in rows[:brute]:
+        t = time.perf_counter()
+        expected = brute_force(store, row, k)
+        brute_s.append(time.perf_counter() - t)
+        for m in MEASURES:
+            got = fast_results[row][m]
+            exp_rows = [r for r, _ in expected[m]]
+            agree[m].append(len(set(h.row for h in got) & set(exp_rows)) / max(1, len(exp_rows)))
+            if [h.row for h in got] == exp_rows:
+                for hit, (_, s) in zip(got, expected[m]):
+                    max_rel = max(max_rel, abs(hit.score - s) / max(abs(s), 1e-300))
+            else:
+                max_rel = float("inf")
+
+    def p95(v):
+        return float(np.percentile(v, 95)) if v else None
+
+    result = {
+        "label": label,
+        "rows": n,
+        "style_dim": store.style_dim,
+        "style_dtype": store.manifest["arrays"]["style"]["dtype"],
+        "sketch_dim": (store.manifest.get("sketch") or {}).get("dim"),
+        "k": k,
+        "queries": len(rows),
+        "open_seconds": round(open_s, 3),
+        "retriever_index_bytes": retriever._index.nbytes(),
+        "rss_delta_bytes": rss_delta,
+        "store_bytes_on_disk": sum(f.stat().st_size for f in store_path.rglob("*") if f.is_file()),
+        "all_nine": {"median_ms": statistics.median(all_ms), "p95_ms": p95(all_ms)},
+        "brute_force": {"queries": len(brute_s), "median_s": statistics.median(brute_s) if brute_s else None},
+        "max_relative_score_error": max_rel if brute_s else None,
+        "measures": {
+            m: {
+                "median_ms": statistics.median(v["ms"]), "p95_ms": p95(v["ms"]),
+                "recall_at_k": statistics.mean(agree[m]) if agree[m] else None,
+                "rows_reranked_median": statistics.median(v["reranked"]),
+                "style_rows_read_median": statistics.median(v["style_rows"]),
+                "mask_rows_read_median": statistics.median(v["mask_rows"]),
+                "bytes_read_median": statistics.median(v["bytes"]),
+            }
+            for m, v in per_measure.items()
+        },
+    }
+    if brute_s:
+        result["speedup_all_nine_vs_brute"] = result["brute_force"]["median_s"] * 1e3 / result["all_nine"]["median_ms"]
+    return result
+
+
+def print_table(run: dict) -> None:
+    print(f"\n{run['label']}: N={run['rows']} D={run['style_dim']} ({run['style_dtype']}), sketch d={run['sketch_dim']}, "
+          f"k={run['k']}, {run['queries']} queries")
+    print(f"  all nine: median {run['all_nine']['median_ms']:.1f} ms, p95 {run['all_nine']['p95_ms']:.1f} ms; "
+          f"brute force median {run['brute_force']['median_s']} s over {run['brute_force']['queries']} queries; "
+          f"speed-up {run.get('speedup_all_nine_vs_brute', float('nan')):.0f}x")
+    print(f"  retriever memory: index {run['retriever_index_bytes'] / 1e6:.0f} MB, RSS +{run['rss_delta_bytes'] / 1e6:.0f} MB; "
+          f"max relative score error vs brute force {run['max_relative_score_error']}")
+    print(f"  {'measure':<10}{'recall@k':>9}{'median ms':>11}{'p95 ms':>9}{'reranked':>10}{'style rd':>10}{'mask rd':>9}{'MB read':>9}")
+    for m, v in run["measures"].items():
+        recall = "-" if v["recall_at_k"] is None else f"{v['recall_at_k']:.3f}"
+        print(f"  {m:<10}{recall:>9}{v['median_ms']:>11.1f}{v['p95_ms']:>9.1f}{v['rows_reranked_median']:>10.0f}"
+              f"{v['style_rows_read_median']:>10.0f}{v['mask_rows_read_median']:>9.0f}{v['bytes_read_median'] / 1e6:>9.2f}")
+
+
+def plot(runs: list[dict], out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install 'dermris[bench]')")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for run in runs:
+        label = f"N={run['rows']} D={run['style_dim']}"
+        ms = [run["measures"][m]["median_ms"] for m in MEASURES]
+        axes[0].plot(MEASURES, ms, marker="o", label=label)
+        frac = [run["measures"][m]["rows_reranked_median"] / run["rows"] for m in MEASURES]
+        axes[1].plot(MEASURES, frac, marker="o", label=label)
+    axes[0].set_ylabel("median latency per query (ms)")
+    axes[0].set_yscale("log")
+    axes[1].set_ylabel("rows re-ranked exactly / N")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=45)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle("dermris exact retrieval (k=5), one query, 2-core CPU")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"plot: {out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--source", choices=["pipeline", "spectrum"], default="pipeline")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1000])
+    parser.add_argument("--preset", default="tiny", help="pipeline source: model preset")
+    parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--brute", type=int, default=5, help="queries also answered by brute force")
+    parser.add_argument("-k", type=int, default=5)
+    parser.add_argument("--sketch-dim", type=int, default=256)
+    parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("DERMRIS_BENCH_DIR", "/tmp/dermris-bench")))
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "retrieval.json")
+    parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    spectrum = None
+    if args.source == "spectrum":
+        cache = args.workdir / "spectrum-lite0.json"
+        if not cache.is_file():
+            cache.write_text(json.dumps(measure_spectrum()))
+        spectrum = json.loads(cache.read_text())
+        top = np.cumsum(spectrum["variance_fraction"])
+        print(f"measured spectrum (lite0, {spectrum['images']} images): first 16 / 64 / 256 components hold "
+              f"{top[15]:.3f} / {top[63]:.3f} / {top[min(255, len(top) - 1)]:.3f} of the variance")
+
+    existing = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": []}
+    runs = []
+    for n in args.rows:
+        t = time.perf_counter()
+        if args.source == "pipeline":
+            path = pipeline_store(args.workdir / f"pipeline-{args.preset}-{n}", n, preset=args.preset,
+                                  sketch_dim=args.sketch_dim)
+        else:
+            path = spectrum_store(args.workdir / f"spectrum-{n}", n, spectrum, sketch_dim=args.sketch_dim)
+        build_s = time.perf_counter() - t
+        run = run_one(path, queries=args.queries, brute=args.brute, k=args.k, seed=args.seed,
+                      label=f"{args.source}" + (f"-{args.preset}" if args.source == "pipeline" else ""))
+        run["store_build_seconds"] = round(build_s, 1)
+        runs.append(run)
+        print_table(run)
+    keep = [r for r in existing.get("runs", []) if (r["label"], r["rows"]) not in {(x["label"], x["rows"]) for x in runs}]
+    payload = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d"),
+        "runs": sorted(keep + runs, key=lambda r: (r["label"], r["rows"])),
+    }
+    args.out.write_text(json.dumps(payload, indent=1))
+    print(f"\nJSON: {args.out}")
+    if args.plot:
+        plot(payload["runs"], args.plot)
+
+
+if __name__ == "__main__":
+    main()
