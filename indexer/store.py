@@ -32,11 +32,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from models import ModelConfig, StyleLayout
+from models import ModelConfig, StyleLayout, file_sha256
 from models.errors import ConfigError
 
 from .sketch import MASK_GRID, StyleSketch, fit_style_basis, mask_block_counts, orthonormality_error, project_style
 from .errors import (
+    DermrisError,
     StoreExistsError,
     StoreFormatError,
     StoreLockedError,
@@ -109,6 +110,12 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
     _fsync_dir(path.parent)
+
+
+def _checksummed(zstd: bool = False) -> list:
+    """Chunk codecs: optional zstd, then a crc32c checksum so damaged chunks are detected."""
+    codecs = [zarr.codecs.ZstdCodec(level=3)] if zstd else []
+    return codecs + [zarr.codecs.Crc32cCodec()]
 
 
 def _unpack_masks(packed: np.ndarray, size: int) -> np.ndarray:
@@ -237,6 +244,7 @@ class StoreWriter:
             self._lock.close()
             raise StoreLockedError(f"another process is writing to {root}") from None
         self.manifest = manifest
+        self._remove_uncommitted_files()
         self._group = zarr.open_group(str(root / ARRAYS_DIR), mode="r+")
         self.layout = StyleLayout.from_dict(manifest["style"])
         self.codec = _style_codec_from_manifest(manifest)
@@ -249,6 +257,21 @@ class StoreWriter:
     def rows(self) -> int:
         """Committed row count."""
         return self.manifest["rows"]
+
+    def _remove_uncommitted_files(self) -> None:
+        """Delete what an interrupted writer left: unlisted Parquet parts and temporary files.
+
+        Independent readers list ``metadata/`` themselves, so a part written for rows that were
+        never committed must not stay there.
+        """
+        listed = {p["file"] for p in self.manifest["metadata_parts"]}
+        for path in (self.root / METADATA_DIR).iterdir():
+            if path.name not in listed:
+                path.unlink()
+        for pattern in ("*.partial", ".*.tmp"):
+            for path in self.root.rglob(pattern):
+                if path.is_file():
+                    path.unlink()
 
     def close(self) -> None:
         """Release the writer lock (also released when the process ends)."""
@@ -343,24 +366,24 @@ class StoreWriter:
         group = zarr.open_group(str(root / ARRAYS_DIR), mode="w")
         group.create_array(
             "features", shape=(0, feature_dim), dtype="float32",
-            chunks=(max(1, (4 << 20) // (4 * feature_dim)), feature_dim), compressors=None, fill_value=0,
+            chunks=(max(1, (4 << 20) // (4 * feature_dim)), feature_dim), compressors=_checksummed(), fill_value=0,
         )
         group.create_array(
             "style", shape=(0, dim), dtype=style_dtype, chunks=(1, dim), shards=(shard_rows, dim),
-            compressors=None, fill_value=0,
+            compressors=_checksummed(), fill_value=0,
         )
         group.create_array(
             "mask", shape=(0, mask_bytes), dtype="uint8", chunks=(256, mask_bytes),
-            compressors=zarr.codecs.ZstdCodec(level=3), fill_value=0,
+            compressors=_checksummed(zstd=True), fill_value=0,
         )
         group.create_array(
             "mask_area", shape=(0,), dtype="int32", chunks=(1 << 16,),
-            compressors=zarr.codecs.ZstdCodec(level=3), fill_value=0,
+            compressors=_checksummed(zstd=True), fill_value=0,
         )
         grid = MASK_GRID if size % MASK_GRID == 0 else 1
         group.create_array(
             "mask_blocks", shape=(0, grid * grid), dtype="int32", chunks=(1 << 12, grid * grid),
-            compressors=zarr.codecs.ZstdCodec(level=3), fill_value=0,
+            compressors=_checksummed(zstd=True), fill_value=0,
         )
         group.attrs["dermris_format_version"] = FORMAT_VERSION
         manifest = {
@@ -478,8 +501,10 @@ class StoreWriter:
         os.replace(tmp, self.root / METADATA_DIR / part)
         _fsync_dir(self.root / METADATA_DIR)
 
+        os.sync()  # chunk files reach the disk before the manifest that commits them
         m = self.manifest
-        m["metadata_parts"].append({"file": part, "start": n0, "stop": n1})
+        m["metadata_parts"].append({"file": part, "start": n0, "stop": n1,
+                                    "sha256": file_sha256(self.root / METADATA_DIR / part)})
         m["style"]["clipped_values"] += clipped
         m["rows"] = n1
         m["faiss"] = {}  # derived indexes are stale until rebuilt
@@ -509,6 +534,38 @@ class StoreWriter:
                 self.manifest["rejected"].append({"path": path, "reason": reason})
                 known.add(path)
         _ManifestIO.write(self.root, self.manifest)
+
+    def delete(self, image_ids: Sequence[str]) -> tuple[list[int], list[str]]:
+        """Mark images as deleted: from this commit on no search returns them and they no longer
+        count in any normaliser. :meth:`compact` removes them physically.
+
+        Parameters
+        ----------
+        image_ids : sequence of str
+            Image ids to delete.
+
+        Returns
+        -------
+        (list of int, list of str)
+            The rows deleted now, and the ids that are not (or no longer) in the store.
+        """
+        meta = Store.open(self.root).metadata(columns=["row", "image_id", "sha256"])
+        by_id = {i: (r, sha) for r, i, sha in zip(meta.column("row").to_pylist(), meta.column("image_id").to_pylist(),
+                                                  meta.column("sha256").to_pylist())}
+        already = {d["row"] for d in self.manifest.get("deleted", [])}
+        rows, unknown = [], []
+        for image_id in dict.fromkeys(image_ids):
+            hit = by_id.get(image_id)
+            if hit is None or hit[0] in already:
+                unknown.append(image_id)
+                continue
+            rows.append(hit[0])
+            already.add(hit[0])
+            self.manifest.setdefault("deleted", []).append(
+                {"row": hit[0], "image_id": image_id, "sha256": hit[1], "deleted": _now()})
+        if rows:
+            _ManifestIO.write(self.root, self.manifest)
+        return rows, unknown
 
     def committed_metadata(self, columns: Sequence[str]) -> pa.Table:
         """Some metadata columns of the committed rows (to skip images already indexed)."""
@@ -638,6 +695,8 @@ class Store:
         self.root = root
         self.manifest = manifest
         self.rows: int = manifest["rows"]
+        self.deleted_rows = np.array(sorted(d["row"] for d in manifest.get("deleted", []) if d["row"] < self.rows),
+                                     dtype=np.int64)
         try:
             self.model_config = ModelConfig.from_dict(manifest["model"]["config"])
             self.layout = StyleLayout.from_dict(manifest["style"])
@@ -674,6 +733,21 @@ class Store:
         root = Path(root)
         return cls(root, _ManifestIO.read(root))
 
+    @property
+    def live(self) -> np.ndarray:
+        """Boolean ``(N,)``: rows not deleted."""
+        live = np.ones(self.rows, bool)
+        live[self.deleted_rows] = False
+        return live
+
+    def deleted_since(self) -> np.ndarray:
+        """Rows deleted in the manifest on disk now (which may be newer than this snapshot)."""
+        try:
+            manifest = _ManifestIO.read(self.root)
+        except DermrisError:
+            return self.deleted_rows
+        return np.array(sorted(d["row"] for d in manifest.get("deleted", []) if d["row"] < self.rows), dtype=np.int64)
+
     # -- sizes -------------------------------------------------------------------------
     @property
     def feature_dim(self) -> int:
@@ -697,31 +771,37 @@ class Store:
         return self.root / name if name else None
 
     # -- arrays ------------------------------------------------------------------------
+    def _read(self, name: str, selection):
+        """Read from an array, turning damaged chunks into :class:`StoreFormatError`."""
+        try:
+            return self._arrays[name][selection]
+        except (ValueError, OSError, RuntimeError) as exc:
+            raise StoreFormatError(f"{self.root}: array {name} is damaged at {selection!r}: {exc}") from None
+
     def features(self) -> np.ndarray:
         """All committed features, ``(N, F)`` float32."""
-        return np.asarray(self._arrays["features"][: self.rows], np.float32)
+        return np.asarray(self._read("features", slice(0, self.rows)), np.float32)
 
     def masks(self) -> np.ndarray:
         """All committed bit-packed masks, ``(N, ceil(S*S/8))`` uint8."""
-        return np.asarray(self._arrays["mask"][: self.rows], np.uint8)
+        return np.asarray(self._read("mask", slice(0, self.rows)), np.uint8)
 
     def mask_areas(self) -> np.ndarray:
         """Lesion pixel count of every committed mask, ``(N,)`` int64."""
-        return np.asarray(self._arrays["mask_area"][: self.rows], np.int64)
+        return np.asarray(self._read("mask_area", slice(0, self.rows)), np.int64)
 
     def style_block(self, start: int, stop: int) -> np.ndarray:
         """Decoded style vectors of rows ``[start, stop)``, float32."""
         stop = min(stop, self.rows)
-        return self.codec.decode(self._arrays["style"][start:stop])
+        return self.codec.decode(self._read("style", slice(start, stop)))
 
     def style_rows(self, rows: Sequence[int]) -> np.ndarray:
         """Decoded style vectors of the given rows (read one by one: fast for wide rows)."""
-        arr = self._arrays["style"]
         out = np.empty((len(rows), self.style_dim), np.float32)
         for i, row in enumerate(rows):
             if not 0 <= row < self.rows:
                 raise IndexError(f"row {row} is not committed (store has {self.rows} rows)")
-            out[i] = self.codec.decode(arr[int(row)])
+            out[i] = self.codec.decode(self._read("style", int(row)))
         return out
 
     def iter_style_blocks(self, *, start: int = 0, max_bytes: int = 64 << 20) -> Iterator[tuple[int, np.ndarray]]:
@@ -737,12 +817,11 @@ class Store:
 
     def mask_rows(self, rows: Sequence[int]) -> np.ndarray:
         """Bit-packed masks of the given rows, ``(len(rows), ceil(S*S/8))`` uint8."""
-        arr = self._arrays["mask"]
-        out = np.empty((len(rows), arr.shape[1]), np.uint8)
+        out = np.empty((len(rows), self._arrays["mask"].shape[1]), np.uint8)
         for i, row in enumerate(rows):
             if not 0 <= row < self.rows:
                 raise IndexError(f"row {row} is not committed (store has {self.rows} rows)")
-            out[i] = arr[int(row)]
+            out[i] = self._read("mask", int(row))
         return out
 
     def mask_blocks(self) -> tuple[np.ndarray, int]:
@@ -757,10 +836,9 @@ class Store:
                 return np.asarray(arr[: self.rows], np.int32), spec["grid"]
         grid = MASK_GRID if self.mask_size % MASK_GRID == 0 else 1
         out = np.zeros((self.rows, grid * grid), np.int32)
-        arr = self._arrays["mask"]
         for a in range(0, self.rows, 4096):
             b = min(self.rows, a + 4096)
-            out[a:b] = mask_block_counts(_unpack_masks(np.asarray(arr[a:b]), self.mask_size), grid)
+            out[a:b] = mask_block_counts(_unpack_masks(np.asarray(self._read("mask", slice(a, b))), self.mask_size), grid)
         return out, grid
 
     def sketch(self) -> StyleSketch | None:

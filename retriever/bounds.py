@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from indexer import Store
-from indexer.sketch import StyleSketch, project_style
+from indexer.sketch import StyleSketch
 
 from .measures import MEASURE_COMPONENTS, cosine_score, dice_score, measure_score, normalised_score, rank
 
@@ -109,12 +110,14 @@ class StoreIndex:
         An opened store snapshot.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, device: torch.device | str = "cpu") -> None:
         self.store = store
+        self.device = torch.device(device)
         self.rows = store.rows
         self.features = store.features()
         self.feature_norms = np.sqrt(np.einsum("ij,ij->i", self.features.astype(np.float64),
                                                self.features.astype(np.float64)))
+        self.live = store.live
         self.mask_areas = store.mask_areas()
         self.mask_blocks, self.mask_grid = store.mask_blocks()
         sketch = store.sketch()
@@ -124,19 +127,73 @@ class StoreIndex:
                                  np.zeros(0), np.zeros(0), 0.0)
         if sketch.rows < self.rows:  # derived data behind the commit: extend it in memory
             sketch = sketch.extend(block for _, block in store.iter_style_blocks(start=sketch.rows))
-        self.sketch = sketch
-        # float64 copies used by every query: the basis, and ||y_x||^2 of every row
-        self.components64 = np.asarray(sketch.components, dtype=np.float64)
-        self.projection_sq = np.einsum("ij,ij->i", sketch.projections, sketch.projections)
+        self.sketch_rows = sketch.rows
+        self.sketch_dim = sketch.dim
+        self.sketch_residuals = sketch.residuals
+        self.sketch_sq_norms = sketch.sq_norms
+        self.sketch_error = sketch.orthonormality_error
+        # What every query touches, as float64 tensors on the device (features stay float32
+        # and are widened block by block).
+        dev = self.device
+        self.features_t = torch.from_numpy(self.features).to(dev)
+        self.feature_norms_t = torch.from_numpy(self.feature_norms).to(dev)
+        self.components_t = torch.from_numpy(sketch.components).to(dev, torch.float64)
+        self.mean_t = torch.from_numpy(sketch.mean).to(dev, torch.float64)
+        self.projections_t = torch.from_numpy(sketch.projections).to(dev, torch.float64)
+        self.projection_sq_t = (self.projections_t * self.projections_t).sum(dim=1)
         self.style_row_bytes = store.style_dim * np.dtype(store.manifest["arrays"]["style"]["dtype"]).itemsize
         self.mask_row_bytes = store.manifest["arrays"]["mask"]["bytes"]
 
+    def set_deleted(self, rows: np.ndarray) -> None:
+        """Exclude deleted rows from every ranking and normaliser."""
+        live = np.ones(self.rows, bool)
+        live[np.asarray(rows, np.int64)] = False
+        self.live = live
+
     def nbytes(self) -> int:
         """Approximate resident bytes of the in-memory arrays."""
-        s = self.sketch
-        return int(sum(a.nbytes for a in (self.features, self.feature_norms, self.mask_areas, self.mask_blocks,
-                                          s.components, self.components64, s.mean, s.projections,
-                                          self.projection_sq, s.residuals, s.sq_norms)))
+        arrays = (self.features, self.feature_norms, self.mask_areas, self.mask_blocks,
+                  self.sketch_residuals, self.sketch_sq_norms)
+        tensors = (self.components_t, self.projection_sq_t, self.mean_t, self.projections_t)
+        if self.device.type != "cpu":
+            tensors += (self.features_t, self.feature_norms_t)
+        return int(sum(a.nbytes for a in arrays) + sum(t.numel() * t.element_size() for t in tensors))
+
+    def project(self, styles: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sketch a batch of query style vectors.
+
+        Returns
+        -------
+        (np.ndarray, np.ndarray, np.ndarray)
+            ``||y_q - y_x||^2`` for every row ``(B, N)``, ``r_q`` ``(B,)``, ``||q - mu||^2``
+            ``(B,)``, all float64.
+        """
+        z = torch.from_numpy(np.atleast_2d(styles)).to(self.device, torch.float64) - self.mean_t
+        y = z @ self.components_t.T
+        residual = z - y @ self.components_t
+        r = torch.sqrt((residual * residual).sum(dim=1))
+        sq = (z * z).sum(dim=1)
+        dy2 = (y * y).sum(dim=1)[:, None] + self.projection_sq_t[None, :] - 2.0 * (y @ self.projections_t.T)
+        return torch.clamp(dy2, min=0.0).cpu().numpy(), r.cpu().numpy(), sq.cpu().numpy()
+
+    def feature_distances(self, feats: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Euclidean distance and cosine of every row to each query feature, ``(B, N)`` float64."""
+        n, b = self.rows, len(feats)
+        dev = self.device
+        qs = torch.from_numpy(np.stack(feats) if b else np.zeros((0, self.features.shape[1]), np.float32))
+        qs = qs.to(dev, torch.float64)
+        q_norms = torch.sqrt((qs * qs).sum(dim=1))
+        ed = torch.empty((b, n), dtype=torch.float64, device=dev)
+        dots = torch.empty((b, n), dtype=torch.float64, device=dev)
+        for a in range(0, n, _FEATURE_BLOCK):
+            block = self.features_t[a:a + _FEATURE_BLOCK].to(torch.float64)
+            for i in range(b):
+                diff = block - qs[i]
+                ed[i, a:a + len(block)] = torch.sqrt((diff * diff).sum(dim=1))
+            dots[:, a:a + len(block)] = qs @ block.T
+        denom = q_norms[:, None] * self.feature_norms_t[None, :]
+        cos = torch.where(denom > 0, dots / torch.where(denom > 0, denom, 1.0), 0.0)
+        return ed.cpu().numpy(), cos.cpu().numpy()
 
 
 def _mask_block_counts_of(mask_packed: np.ndarray, size: int, grid: int) -> np.ndarray:
@@ -149,19 +206,20 @@ def _mask_block_counts_of(mask_packed: np.ndarray, size: int, grid: int) -> np.n
 class _Query:
     """Per-query state: exact arrays, bounds, lazily filled exact values."""
 
-    def __init__(self, index: StoreIndex, q: QueryVectors, ed: np.ndarray, cos: np.ndarray) -> None:
+    def __init__(
+        self, index: StoreIndex, q: QueryVectors, ed: np.ndarray, cos: np.ndarray,
+        dy2: np.ndarray, r_q: float, sq_q: float,
+    ) -> None:
         self.index = index
         self.q = q
         n = index.rows
-        self.es = normalised_score(ed, float(ed.max(initial=0.0)))
+        self.es = normalised_score(ed, float(ed[index.live].max(initial=0.0)))
         self.cs = cosine_score(cos)
-        # style loss bounds from the sketch
-        sk = index.sketch
-        y, r, sq = project_style(q.style[None], index.components64, sk.mean)
-        dy2 = np.maximum((y[0] @ y[0]) + index.projection_sq - 2.0 * (sk.projections @ y[0]), 0.0)
-        slack = 4.0 * sk.orthonormality_error * dy2 + _FLOAT64_SLACK * (sq[0] + sk.sq_norms)
-        self.ls_lower = np.maximum(dy2 + (r[0] - sk.residuals) ** 2 - slack, 0.0)
-        self.ls_upper = dy2 + (r[0] + sk.residuals) ** 2 + slack
+        # style loss bounds from the sketch (widened for float rounding and the basis' error)
+        residuals = index.sketch_residuals
+        slack = 4.0 * index.sketch_error * dy2 + _FLOAT64_SLACK * (sq_q + index.sketch_sq_norms)
+        self.ls_lower = np.maximum(dy2 + (r_q - residuals) ** 2 - slack, 0.0)
+        self.ls_upper = dy2 + (r_q + residuals) ** 2 + slack
         self.ls = np.full(n, np.nan)
         self._ls_max: float | None = None
         # dice bounds from block counts
@@ -189,31 +247,18 @@ class QueryBatch:
     def __init__(self, index: StoreIndex, queries: Sequence[QueryVectors]) -> None:
         self.index = index
         started = time.perf_counter()
-        eds, coss = self._feature_distances([q.feature for q in queries])
-        self.queries = [_Query(index, q, ed, cos) for q, ed, cos in zip(queries, eds, coss)]
+        eds, coss = index.feature_distances([q.feature for q in queries])
+        if queries:
+            dy2s, r_qs, sq_qs = index.project(np.stack([q.style for q in queries]))
+        else:
+            dy2s = r_qs = sq_qs = []
+        self.queries = [_Query(index, q, *args) for q, *args in zip(queries, eds, coss, dy2s, r_qs, sq_qs)]
         for query in self.queries:
             query.stats.add_time("features+bounds", started)
-        self._style_q = np.stack([q.style.astype(np.float64) for q in queries]) if queries else None
-        self._buffer = np.empty(index.store.style_dim, np.float64)
-
-    # -- all-row exact components ------------------------------------------------------
-    def _feature_distances(self, feats: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        index = self.index
-        n, b = index.rows, len(feats)
-        qs = np.stack([f.astype(np.float64) for f in feats]) if b else np.zeros((0, index.features.shape[1]))
-        q_norms = np.sqrt(np.einsum("ij,ij->i", qs, qs))
-        ed = np.empty((b, n), np.float64)
-        dots = np.empty((b, n), np.float64)
-        for a in range(0, n, _FEATURE_BLOCK):
-            block = index.features[a:a + _FEATURE_BLOCK].astype(np.float64)
-            for i in range(b):
-                diff = block - qs[i]
-                ed[i, a:a + len(block)] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
-            dots[:, a:a + len(block)] = qs @ block.T
-        denom = q_norms[:, None] * index.feature_norms[None, :]
-        cos = np.zeros((b, n), np.float64)
-        np.divide(dots, denom, out=cos, where=denom > 0)
-        return ed, cos
+        dev = index.device
+        self._style_q = (torch.from_numpy(np.stack([q.style for q in queries])).to(dev, torch.float64)
+                         if queries else None)
+        self._buffer = torch.empty(index.store.style_dim, dtype=torch.float64, device=dev)
 
     # -- lazily computed exact components ----------------------------------------------
     def ensure_style(self, query: _Query, rows: np.ndarray) -> None:
@@ -224,12 +269,13 @@ class QueryBatch:
         started = time.perf_counter()
         store = self.index.store
         buf = self._buffer
+        dev = self.index.device
         for row in rows:
-            x = store.style_rows([int(row)])[0].astype(np.float64)
+            x = torch.from_numpy(store.style_rows([int(row)])[0]).to(dev, torch.float64)
             for other, q64 in zip(self.queries, self._style_q):
                 if np.isnan(other.ls[row]):
-                    np.subtract(x, q64, out=buf)
-                    other.ls[row] = float(np.dot(buf, buf))
+                    torch.sub(x, q64, out=buf)
+                    other.ls[row] = float(torch.dot(buf, buf))
         query.stats.style_rows_read += len(rows)
         query.stats.bytes_read += len(rows) * self.index.style_row_bytes
         query.stats.add_time("style rows", started)
@@ -253,10 +299,11 @@ class QueryBatch:
     def ls_max(self, query: _Query) -> float:
         """Exact maximum style loss over all committed rows."""
         if query._ls_max is None:
-            if self.index.rows == 0:
+            live = self.index.live
+            if not live.any():
                 query._ls_max = 0.0
             else:
-                candidates = np.flatnonzero(query.ls_upper >= query.ls_lower.max())
+                candidates = np.flatnonzero(live & (query.ls_upper >= query.ls_lower[live].max()))
                 self.ensure_style(query, candidates)
                 query._ls_max = float(np.nanmax(query.ls[candidates]))
         return query._ls_max
@@ -294,8 +341,8 @@ class QueryBatch:
         """Rows and exact scores of the ``k`` best rows under ``measure``."""
         started = time.perf_counter()
         names = MEASURE_COMPONENTS[measure]
+        allowed = self.index.live.copy()
         n = self.index.rows
-        allowed = np.ones(n, bool)
         if exclude_row is not None and 0 <= exclude_row < n:
             allowed[exclude_row] = False
         if set(names) <= {"es", "cs"}:  # exact for every row already

@@ -199,6 +199,22 @@ def info_cmd(store, as_json):
         click.echo(f"{key:<{width}}  {value}")
 
 
+@main.command("rebuild")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--sketch-dim", type=click.IntRange(min=0), default=256, show_default=True,
+              help="Dimension of the style sketch (refitted when it changes).")
+@_library_errors
+def rebuild_cmd(store, sketch_dim):
+    """Rebuild STORE's derived data (FAISS indexes, style sketch) from its arrays."""
+    from indexer import StoreWriter
+
+    with StoreWriter.open(store) as writer:
+        writer.build_derived(sketch_dim=sketch_dim)
+        sketch = writer.manifest["sketch"]
+    click.echo(f"rebuilt FAISS indexes and style sketch (d={sketch['dim']}, fitted on "
+               f"{sketch['fitted_rows']} rows) for {writer.rows} rows")
+
+
 @main.command("demo")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("dermris-demo"),
               show_default=True, help="Folder for the generated images, the store and the sheet.")

@@ -84,8 +84,19 @@ class Retriever:
         meta = store.metadata(columns=["image_id", "path"])
         self._image_ids: list[str] = meta.column("image_id").to_pylist()
         self._paths: list[str] = meta.column("path").to_pylist()
-        self._index = StoreIndex(store)
+        self._index = StoreIndex(store, device=self.device)
         self.last_stats: SearchStats | None = None
+
+    def _sync_deletions(self) -> None:
+        """Pick up deletions committed since the last search (rows stay a snapshot)."""
+        manifest = self.store.root / "manifest.json"
+        try:
+            stamp = manifest.stat().st_mtime_ns
+        except OSError:
+            return
+        if stamp != getattr(self, "_manifest_stamp", None):
+            self._manifest_stamp = stamp
+            self._index.set_deleted(self.store.deleted_since())
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, device: str = "auto") -> "Retriever":
@@ -167,6 +178,9 @@ class Retriever:
         row = int(row)
         if not 0 <= row < self.store.rows:
             raise QueryError(f"row {row} is out of range (the store has {self.store.rows} rows)")
+        self._sync_deletions()
+        if not self._index.live[row]:
+            raise QueryError(f"row {row} ({self._image_ids[row]}) was deleted")
         return QueryVectors(
             feature=self._index.features[row],
             style=self.store.style_rows([row])[0],
@@ -185,6 +199,7 @@ class Retriever:
         self, queries: Sequence[QueryVectors], measures: Sequence[str], k: int, exclude_rows: Sequence[int | None]
     ) -> list[dict[str, list[Hit]]]:
         k = self._check_k(k)
+        self._sync_deletions()
         batch = QueryBatch(self._index, queries)
         results = []
         for state, exclude in zip(batch.queries, exclude_rows):

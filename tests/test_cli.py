@@ -57,6 +57,18 @@ def test_index_search_info(runner, tmp_path, synthetic_set):
     assert info["rows"] == 32 and info["faiss"] == {"features_l2": 32, "features_ip": 32}
     assert "texture" in info["metadata_columns"]
 
+    before = payload_style_row4(store)  # with the 31-d sketch the index run built
+    result = runner.invoke(main, ["rebuild", str(store), "--sketch-dim", "8"])
+    assert result.exit_code == 0 and "d=8" in result.output, result.output
+    again = runner.invoke(main, ["search", str(store), "--row", "4", "--measure", "style", "--json"])
+    assert json.loads(again.output)["results"]["style"] == before  # exact whatever the sketch
+
+
+def payload_style_row4(store):
+    from retriever import Retriever
+
+    return [h.to_dict() for h in Retriever.open(store, device="cpu").search_row(4, measure="style", k=5)]
+
 
 def test_cli_errors_are_one_line(runner, tmp_path, synthetic_set):
     images, _ = synthetic_set

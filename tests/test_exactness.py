@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from reference import NAMES, brute_force, load_store, row_query
 from retriever import MEASURES, QueryVectors, Retriever
@@ -134,3 +135,24 @@ def test_bounds_skip_most_style_rows(random_store):
     assert stats.bytes_read == stats.style_rows_read * retriever._index.style_row_bytes + \
         stats.mask_rows_read * retriever._index.mask_row_bytes
     assert set(stats.seconds) >= {"features+bounds", "rank style"}
+
+
+def test_device_tensors_follow_the_retriever_device(random_store):
+    path = random_store(n=10, seed=51, sketch_dim=3)
+    retriever = Retriever.open(path, device="cpu")
+    index = retriever._index
+    assert index.components_t.device.type == "cpu" and index.components_t.dtype == torch.float64
+    assert index.projections_t.shape == (10, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_gives_the_cpu_results(random_store):
+    path = random_store(n=80, seed=52, clusters=4, sketch_dim=8, duplicate_rows=5, empty_masks=4)
+    cpu = Retriever.open(path, device="cpu")
+    gpu = Retriever.open(path, device="cuda")
+    assert gpu._index.components_t.device.type == "cuda"
+    for row in (0, 17, 79):
+        a, b = cpu.search_row_all(row, k=6), gpu.search_row_all(row, k=6)
+        for name in NAMES:
+            assert [h.row for h in a[name]] == [h.row for h in b[name]]
+            np.testing.assert_allclose([h.score for h in a[name]], [h.score for h in b[name]], rtol=1e-12)
