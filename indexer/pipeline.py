@@ -41,6 +41,8 @@ class IndexReport:
         ``(path, path_of_first_copy)`` for files with the same bytes as another file.
     rejected : list of (str, str)
         ``(path, reason)`` for files that could not be indexed.
+    previously_deleted : list of str
+        Files whose bytes were deleted from the store before (``dermris delete``): not re-added.
     rows : int
         Committed rows in the store after the run.
     seconds : float
@@ -51,6 +53,7 @@ class IndexReport:
     already_indexed: int = 0
     duplicates: list[tuple[str, str]] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
+    previously_deleted: list[str] = field(default_factory=list)
     rows: int = 0
     seconds: float = 0.0
 
@@ -61,6 +64,7 @@ class IndexReport:
             "already_indexed": self.already_indexed,
             "duplicates": [{"path": p, "same_as": q} for p, q in self.duplicates],
             "rejected": [{"path": p, "reason": r} for p, r in self.rejected],
+            "previously_deleted": list(self.previously_deleted),
             "rows": self.rows,
             "seconds": round(self.seconds, 3),
         }
@@ -76,17 +80,21 @@ def _open_or_create(
 ) -> tuple[StoreWriter, DermrisModel]:
     if (store / MANIFEST_NAME).is_file():
         writer = StoreWriter.open(store)
-        stored = writer.model_config
-        if preset is not None and preset != stored.name:
-            raise StoreMismatchError(
-                f"{store} was built with preset {stored.name!r}, not {preset!r}; use another store path"
-            )
-        if weights is not None:
-            writer.check_model(read_weights_config(weights), file_sha256(weights))
-        model_file = store / MODEL_FILE
-        if not model_file.is_file():
-            raise StoreMismatchError(f"{store} has no {MODEL_FILE}; it cannot be extended")
-        return writer, load_model(model_file)
+        try:
+            stored = writer.model_config
+            if preset is not None and preset != stored.name:
+                raise StoreMismatchError(
+                    f"{store} was built with preset {stored.name!r}, not {preset!r}; use another store path"
+                )
+            if weights is not None:
+                writer.check_model(read_weights_config(weights), file_sha256(weights))
+            model_file = store / MODEL_FILE
+            if not model_file.is_file():
+                raise StoreMismatchError(f"{store} has no {MODEL_FILE}; it cannot be extended")
+            return writer, load_model(model_file)
+        except BaseException:
+            writer.close()
+            raise
     if weights is not None:
         model = load_model(weights)
     else:
@@ -165,6 +173,8 @@ def _run(writer, model, files, table, torch_device, batch_size, commit_every, sk
     report = IndexReport()
     committed = writer.committed_metadata(["image_id", "sha256", "path"])
     known_sha = set(committed.column("sha256").to_pylist())
+    purged_sha = {p["sha256"] for p in writer.manifest.get("purged", [])}
+    purged_sha |= {d["sha256"] for d in writer.manifest.get("deleted", [])}
     seen_ids = dict(zip(committed.column("image_id").to_pylist(), committed.column("path").to_pylist()))
     seen_sha: dict[str, str] = {}
     to_embed: list[DecodedImage] = []
@@ -211,6 +221,9 @@ def _run(writer, model, files, table, torch_device, batch_size, commit_every, sk
             rejected_since_commit.append((item.path, item.reason))
             continue
         path = str(item.file.path)
+        if item.sha256 in purged_sha:
+            report.previously_deleted.append(path)
+            continue
         if item.sha256 in known_sha:
             report.already_indexed += 1
             continue

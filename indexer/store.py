@@ -91,6 +91,56 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+COMPACT_DIR = ".compact"
+COMPACT_OLD = ".compact-old"
+COMPACT_READY = "READY"
+_SWITCHED = (ARRAYS_DIR, METADATA_DIR, FAISS_DIR)
+
+
+def _finish_compaction(root: Path) -> None:
+    """Move a complete compacted store (``.compact/``, marked READY) into place; idempotent.
+
+    Each directory is switched by renames, then the new manifest replaces the old one; a crash
+    at any step is finished by the next call (every reader and writer calls it first).
+    """
+    staging, old = root / COMPACT_DIR, root / COMPACT_OLD
+    if not (staging / COMPACT_READY).exists():
+        return
+    old.mkdir(exist_ok=True)
+    for name in _SWITCHED:
+        if (staging / name).exists():
+            if (root / name).exists():
+                shutil.rmtree(old / name, ignore_errors=True)
+                os.replace(root / name, old / name)
+            os.replace(staging / name, root / name)
+    _fsync_dir(root)
+    if (staging / MANIFEST_NAME).exists():
+        os.replace(staging / MANIFEST_NAME, root / MANIFEST_NAME)
+        _fsync_dir(root)
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover_compaction(root: Path, *, wait_seconds: float = 60.0) -> None:
+    """Finish an interrupted compaction under the writer lock (waiting for a running one)."""
+    import time as _time
+
+    deadline = _time.monotonic() + wait_seconds
+    while (root / COMPACT_DIR / COMPACT_READY).exists():
+        with open(root / LOCK_NAME, "a+") as lock:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if _time.monotonic() > deadline:
+                    raise StoreLockedError(f"{root} is being compacted; try again later") from None
+                _time.sleep(0.2)
+                continue
+            try:
+                _finish_compaction(root)
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
 def _default_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
@@ -192,6 +242,8 @@ class _ManifestIO:
         path = root / MANIFEST_NAME
         if not root.exists():
             raise StoreNotFoundError(f"no store at {root}")
+        if (root / COMPACT_DIR / COMPACT_READY).exists():
+            _recover_compaction(root)
         if not path.is_file():
             raise StoreNotFoundError(f"{root} is not a dermris store (no {MANIFEST_NAME})")
         try:
@@ -566,6 +618,63 @@ class StoreWriter:
         if rows:
             _ManifestIO.write(self.root, self.manifest)
         return rows, unknown
+
+    def compact(self, *, chunk_rows: int = 256) -> int:
+        """Physically remove deleted rows from every array, the metadata and the indexes.
+
+        The compacted store is built in ``STORE/.compact`` and switched in only once complete
+        (see :func:`_finish_compaction`); a crash before that leaves the store as it was.
+        Row numbers of the remaining images are renumbered ``0..N'-1`` in order.
+
+        Returns
+        -------
+        int
+            The number of rows removed.
+        """
+        store = Store.open(self.root)
+        deleted = store.deleted_rows
+        if len(deleted) == 0:
+            return 0
+        staging = self.root / COMPACT_DIR
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        m = self.manifest
+        manifest = self._initialise(staging, self.model_config, self.layout, m["model"]["weights_sha256"],
+                                    m["style"]["dtype"])
+        manifest["style"]["scales"] = m["style"]["scales"]  # identical float16 bits
+        manifest["rejected"] = m["rejected"]
+        manifest["purged"] = m.get("purged", []) + [
+            {"image_id": d["image_id"], "sha256": d["sha256"], "deleted": d["deleted"]} for d in m.get("deleted", [])
+        ]
+        manifest["created"] = m["created"]
+        manifest["model"] = m["model"]
+        _ManifestIO.write(staging, manifest)
+        new = StoreWriter(staging, manifest)
+        try:
+            live = np.flatnonzero(store.live)
+            meta = store.metadata().drop_columns(["row"])
+            features = store.features()
+            for a in range(0, len(live), chunk_rows):
+                rows = live[a:a + chunk_rows]
+                new.append(
+                    features=features[rows],
+                    style=store.style_rows(rows.tolist()),
+                    masks=store.mask_rows(rows.tolist()),
+                    records=meta.take(pa.array(rows)),
+                )
+            sketch = m.get("sketch") or {}
+            new.build_derived(sketch_dim=sketch.get("dim_requested", 256))
+        finally:
+            new.close()
+        (staging / LOCK_NAME).unlink(missing_ok=True)
+        _atomic_write_bytes(staging / COMPACT_READY, b"ready\n")
+        _finish_compaction(self.root)
+        self.manifest = _ManifestIO.read(self.root)
+        self._group = zarr.open_group(str(self.root / ARRAYS_DIR), mode="r+")
+        self.codec = _style_codec_from_manifest(self.manifest)
+        self._schema = pq.read_schema(self.root / METADATA_DIR / self.manifest["metadata_parts"][0]["file"]) \
+            if self.manifest["metadata_parts"] else None
+        return len(deleted)
 
     def committed_metadata(self, columns: Sequence[str]) -> pa.Table:
         """Some metadata columns of the committed rows (to skip images already indexed)."""

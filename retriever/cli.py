@@ -76,31 +76,39 @@ def main() -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--commit-every", type=click.IntRange(min=1), default=256, show_default=True,
               help="Rows per commit; an interrupted run keeps every committed row.")
+@click.option("--sketch-dim", type=click.IntRange(min=0), default=256, show_default=True,
+              help="Dimension of the style sketch used to bound style losses.")
+@click.option("--strict", is_flag=True, help="Exit with code 3 when any file was rejected.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_library_errors
 def index_cmd(images, store, metadata, id_column, preset, weights, backbone_weights, pretrained,
-              device, batch_size, commit_every, as_json, quiet):
+              device, batch_size, commit_every, sketch_dim, strict, as_json, quiet):
     """Index the images under IMAGES into STORE (created, or extended with new images)."""
     from indexer import index_folder
 
     report = index_folder(
         images, store, preset=preset, weights=weights, backbone_weights=backbone_weights,
         pretrained=pretrained, metadata=metadata, id_column=id_column, device=device,
-        batch_size=batch_size, commit_every=commit_every, progress=not quiet,
+        batch_size=batch_size, commit_every=commit_every, sketch_dim=sketch_dim, progress=not quiet,
     )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
-        return
-    click.echo(
-        f"indexed {report.indexed}, already in store {report.already_indexed}, "
-        f"duplicates {len(report.duplicates)}, rejected {len(report.rejected)}; "
-        f"store has {report.rows} rows ({report.seconds:.1f} s)"
-    )
-    for path, same in report.duplicates:
-        click.echo(f"  duplicate: {path} (same bytes as {same})")
-    for path, reason in report.rejected:
-        click.echo(f"  rejected: {path}: {reason}")
+    else:
+        click.echo(
+            f"indexed {report.indexed}, already in store {report.already_indexed}, "
+            f"duplicates {len(report.duplicates)}, rejected {len(report.rejected)}, "
+            f"previously deleted {len(report.previously_deleted)}; "
+            f"store has {report.rows} rows ({report.seconds:.1f} s)"
+        )
+        for path, same in report.duplicates:
+            click.echo(f"  duplicate: {path} (same bytes as {same})")
+        for path, reason in report.rejected:
+            click.echo(f"  rejected: {path}: {reason}")
+        for path in report.previously_deleted:
+            click.echo(f"  previously deleted, not re-added: {path}")
+    if strict and report.rejected:
+        sys.exit(3)
 
 
 @main.command("search")
@@ -213,6 +221,65 @@ def rebuild_cmd(store, sketch_dim):
         sketch = writer.manifest["sketch"]
     click.echo(f"rebuilt FAISS indexes and style sketch (d={sketch['dim']}, fitted on "
                f"{sketch['fitted_rows']} rows) for {writer.rows} rows")
+
+
+@main.command("delete")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--id", "ids", multiple=True, help="Image id to delete (repeatable).")
+@click.option("--ids-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A file with one image id per line.")
+@_library_errors
+def delete_cmd(store, ids, ids_file):
+    """Delete images from STORE: no search returns them from now on (compact frees the space)."""
+    from indexer import StoreWriter
+
+    wanted = list(ids)
+    if ids_file is not None:
+        wanted += [line.strip() for line in ids_file.read_text().splitlines() if line.strip()]
+    if not wanted:
+        raise click.UsageError("give --id or --ids-file")
+    with StoreWriter.open(store) as writer:
+        rows, unknown = writer.delete(wanted)
+    click.echo(f"deleted {len(rows)} images; run `dermris compact {store}` to remove their data")
+    for image_id in unknown:
+        click.echo(f"  not in the store (or already deleted): {image_id}")
+    if unknown:
+        sys.exit(1)
+
+
+@main.command("compact")
+@click.argument("store", type=click.Path(path_type=Path))
+@_library_errors
+def compact_cmd(store):
+    """Physically remove deleted images from STORE's arrays, metadata and indexes."""
+    from indexer import StoreWriter
+
+    with StoreWriter.open(store) as writer:
+        removed = writer.compact()
+        rows = writer.rows
+    click.echo(f"removed {removed} rows; store has {rows} rows")
+
+
+@main.command("check")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--full", is_flag=True, help="Also read every style row (checks every checksum).")
+@click.option("--json", "as_json", is_flag=True)
+@_library_errors
+def check_cmd(store, full, as_json):
+    """Verify STORE; print each problem on one line (exit code 1 when any)."""
+    from indexer.check import check_store
+
+    report = check_store(store, full=full)
+    if as_json:
+        click.echo(json.dumps({"rows": report.rows, "ok": report.ok, "problems": report.problems,
+                               "checked": report.checked}, indent=1))
+    else:
+        for problem in report.problems:
+            click.echo(problem)
+        if report.ok:
+            click.echo(f"ok: {report.rows} rows; checked {'; '.join(report.checked)}")
+    if not report.ok:
+        sys.exit(1)
 
 
 @main.command("demo")

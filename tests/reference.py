@@ -38,6 +38,7 @@ def load_store(path) -> dict:
         "masks": masks,
         "image_ids": ids,
         "column_scale": column_scale,
+        "deleted": {d["row"] for d in manifest.get("deleted", [])},
     }
 
 
@@ -67,7 +68,9 @@ def brute_force(data: dict, feature, style, mask_bits, *, exclude_row=None, k=5)
         inter = int(np.count_nonzero(m & q_mask))
         total = int(np.count_nonzero(m)) + int(np.count_nonzero(q_mask))
         dc.append(1.0 if total == 0 else 2.0 * inter / total)
-    ed_max, ls_max = max(ed), max(ls)
+    live = [r for r in range(n) if r not in data.get("deleted", set())]
+    ed_max = max((ed[r] for r in live), default=0.0)
+    ls_max = max((ls[r] for r in live), default=0.0)
     es = [1.0 if ed_max == 0 else 1.0 - d / ed_max for d in ed]
     ss = [1.0 if ls_max == 0 else 1.0 - d / ls_max for d in ls]
     cs = [(min(1.0, max(-1.0, c)) + 1.0) / 2.0 for c in cos]
@@ -84,7 +87,7 @@ def brute_force(data: dict, feature, style, mask_bits, *, exclude_row=None, k=5)
     }
     out = {}
     for name in NAMES:
-        rows = [r for r in range(n) if r != exclude_row]
+        rows = [r for r in live if r != exclude_row]
         rows.sort(key=lambda r: (-scores[name][r], r))
         out[name] = [(r, scores[name][r]) for r in rows[:k]]
     out["_components"] = {"es": es, "cs": cs, "ss": ss, "dc": dc}
