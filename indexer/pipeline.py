@@ -43,6 +43,8 @@ class IndexReport:
         ``(path, reason)`` for files that could not be indexed.
     previously_deleted : list of str
         Files whose bytes were deleted from the store before (``dermris delete``): not re-added.
+    without_metadata : list of str
+        Image ids indexed without a row in the metadata CSV (their metadata columns are null).
     rows : int
         Committed rows in the store after the run.
     seconds : float
@@ -54,6 +56,7 @@ class IndexReport:
     duplicates: list[tuple[str, str]] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
     previously_deleted: list[str] = field(default_factory=list)
+    without_metadata: list[str] = field(default_factory=list)
     rows: int = 0
     seconds: float = 0.0
 
@@ -65,6 +68,7 @@ class IndexReport:
             "duplicates": [{"path": p, "same_as": q} for p, q in self.duplicates],
             "rejected": [{"path": p, "reason": r} for p, r in self.rejected],
             "previously_deleted": list(self.previously_deleted),
+            "without_metadata": list(self.without_metadata),
             "rows": self.rows,
             "seconds": round(self.seconds, 3),
         }
@@ -198,6 +202,7 @@ def _run(writer, model, files, table, torch_device, batch_size, commit_every, sk
                 "height": pa.array([d.height for d in items], pa.int32()),
             })
             if table is not None:
+                report.without_metadata += [d.file.image_id for d in items if d.file.image_id not in table]
                 extra = table.rows_for([d.file.image_id for d in items])
                 for name in extra.column_names:
                     records = records.append_column(name, extra.column(name))

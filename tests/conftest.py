@@ -60,6 +60,7 @@ def make_random_store(
     sketch_dim: int | None = 4,
     sketch_after: int | None = None,
     clusters: int = 0,
+    extra_columns: dict | None = None,
 ):
     """A store of random rows (no model) written through the real StoreWriter.
 
@@ -109,6 +110,8 @@ def make_random_store(
             "width": pa.array([32] * (stop - start), pa.int32()),
             "height": pa.array([32] * (stop - start), pa.int32()),
         })
+        for name, values in (extra_columns or {}).items():
+            records = records.append_column(name, pa.array(list(values)[start:stop]))
         writer.append(features=feats[start:stop], style=style[start:stop], masks=masks[start:stop],
                       records=records)
         start = stop

@@ -109,6 +109,7 @@ def test_bad_files_are_recorded_not_fatal(tmp_path, synthetic_set):
     Image.new("L", (8, 8), 90).save(folder / "tiny_gray.png")
     report = index_folder(folder, tmp_path / "store", metadata=csv, progress=False)
     assert report.indexed == 4  # three lesions + the 8x8 grayscale image
+    assert report.without_metadata == ["tiny_gray"]
     assert [p.split("/")[-1] for p, _ in report.duplicates] == ["copy_of_globular.jpg"]
     rejected = {p.split("/")[-1]: reason for p, reason in report.rejected}
     assert set(rejected) == {"empty.jpg", "noise.png", "truncated.jpg"}
