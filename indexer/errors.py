@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from models.errors import DermrisError
+from models.errors import DermrisError, ImageDecodeError
 
 __all__ = [
     "DermrisError",
@@ -15,10 +15,6 @@ __all__ = [
     "StoreMismatchError",
     "StoreLockedError",
 ]
-
-
-class ImageDecodeError(DermrisError, ValueError):
-    """A file is not a decodable image (corrupt, truncated, unsupported, too large)."""
 
 
 class MetadataError(DermrisError, ValueError):

@@ -12,6 +12,7 @@ __all__ = [
     "ConfigError",
     "WeightsError",
     "OptionalDependencyError",
+    "ImageDecodeError",
 ]
 
 
@@ -29,3 +30,7 @@ class WeightsError(DermrisError, ValueError):
 
 class OptionalDependencyError(DermrisError, ImportError):
     """An optional extra (for example ``dermris[lite0]``) is needed but not installed."""
+
+
+class ImageDecodeError(DermrisError, ValueError):
+    """A file is not a decodable image (corrupt, truncated, unsupported, too large)."""

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -32,6 +33,8 @@ __all__ = [
     "read_weights_config",
     "load_backbone_state_dict",
     "lite0_state_dict",
+    "weights_part",
+    "PARTS",
 ]
 
 WEIGHTS_FORMAT = "dermris-weights/1"
@@ -194,8 +197,26 @@ def _atomic_target(path: Path) -> Path:
     return Path(tmp)
 
 
-def save_model(model: DermrisModel, path: str | os.PathLike) -> str:
-    """Write all weights and the config as one safetensors file (atomically).
+PARTS = {"classifier": "extractor.", "segmenter": "segmenter."}
+"""Parts a weights file may hold alone, by state-dict prefix."""
+
+
+def save_model(
+    model: DermrisModel, path: str | os.PathLike, *, part: str | None = None, training: dict | None = None
+) -> str:
+    """Write the weights and the config as one safetensors file (atomically).
+
+    Parameters
+    ----------
+    model : DermrisModel
+        The model.
+    path : path-like
+        Output file.
+    part : str, optional
+        ``"classifier"`` or ``"segmenter"`` to write only that part: loading such a file
+        builds the rest from the config (as :func:`build_model` does) and replaces the part.
+    training : dict, optional
+        Training options recorded in the metadata (provenance).
 
     Returns
     -------
@@ -203,10 +224,16 @@ def save_model(model: DermrisModel, path: str | os.PathLike) -> str:
         The sha256 of the written file.
     """
     path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if part is not None and part not in PARTS:
+        raise WeightsError(f"unknown weights part {part!r}; expected one of {', '.join(PARTS)}")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+             if part is None or k.startswith(PARTS[part])}
+    metadata = {"format": WEIGHTS_FORMAT, "config": model.config.to_json(), "part": part or "all"}
+    if training is not None:
+        metadata["training"] = json.dumps(training, sort_keys=True)
     tmp = _atomic_target(path)
     try:
-        save_file(state, str(tmp), metadata={"format": WEIGHTS_FORMAT, "config": model.config.to_json()})
+        save_file(state, str(tmp), metadata=metadata)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -230,14 +257,34 @@ def read_weights_config(path: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_json(meta["config"])
 
 
+def weights_part(path: str | os.PathLike) -> str:
+    """``"all"``, ``"classifier"`` or ``"segmenter"``: what a dermris weights file holds."""
+    read_weights_config(path)
+    with safe_open(str(path), framework="pt") as fh:
+        return (fh.metadata() or {}).get("part", "all")
+
+
 def load_model(path: str | os.PathLike) -> DermrisModel:
-    """Load a model written by :func:`save_model` (eval mode, on the CPU)."""
+    """Load a model written by :func:`save_model` (eval mode, on the CPU).
+
+    A part-only file (classifier or segmenter) is applied to the model its config builds.
+    """
     config = read_weights_config(path)
-    with torch.random.fork_rng(devices=[]):
-        model = DermrisModel(config)
+    part = weights_part(path)
+    if part == "all":
+        with torch.random.fork_rng(devices=[]):
+            model = DermrisModel(config)
+    else:
+        model = build_model(config)
     try:
         state = load_file(str(path))
-        model.load_state_dict(state, strict=True)
+        if part == "all":
+            model.load_state_dict(state, strict=True)
+        else:
+            expected = {k for k in model.state_dict() if k.startswith(PARTS[part])}
+            if set(state) != expected:
+                raise RuntimeError(f"the {part} tensors do not match the model ({len(set(state) ^ expected)} differ)")
+            model.load_state_dict(state, strict=False)
     except (SafetensorError, RuntimeError) as exc:
         raise WeightsError(f"weights in {path} do not fit their config: {exc}") from None
     return model.eval()

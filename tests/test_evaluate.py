@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from reference import NAMES, brute_force, load_store, row_query
+from reference import brute_force, load_store, row_query
 from retriever import MEASURES, Retriever
 from retriever.cli import main
 from retriever.evaluate import EvaluationError, evaluate, query_metrics
