@@ -285,6 +285,14 @@ def _classification_data(model, items: Sequence[ClassificationItem], cfg: TrainC
     return train, val
 
 
+def _focal_step(net: nn.Module, cfg: TrainConfig, device: torch.device) -> Callable[[tuple], torch.Tensor]:
+    def step(batch) -> torch.Tensor:
+        image, _, label = batch
+        return binary_focal_loss(net(image.to(device)), label.to(device), alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
+
+    return step
+
+
 def _classifier_validation(net, val: _Images, cfg: TrainConfig, device) -> Callable[[], dict]:
     def validate() -> dict:
         scores, labels = [], []
@@ -315,13 +323,8 @@ def train_classifier(
             net = _MemberClassifier(backbone).to(device)
         loader = _loader(train, cfg, shuffle=True, balance=True)
 
-        def step(batch, net=net):
-            image, _, label = batch
-            return binary_focal_loss(net(image.to(device)), label.to(device), alpha=cfg.focal_alpha,
-                                     gamma=cfg.focal_gamma)
-
-        _fit(f"member{m}", net, list(net.parameters()), loader, step, _classifier_validation(net, val, cfg, device),
-             cfg, out, device, resume, progress)
+        _fit(f"member{m}", net, list(net.parameters()), loader, _focal_step(net, cfg, device),
+             _classifier_validation(net, val, cfg, device), cfg, out, device, resume, progress)
     model.cpu().eval()
     save_model(model, out, part="classifier" if part_only else None, training=asdict(cfg))
     return model
@@ -346,10 +349,11 @@ def train_ensemble(
         p.requires_grad_(False)
     params = [p for p in net.parameters() if p.requires_grad]
 
+    focal = _focal_step(net, cfg, device)
+
     def step(batch):
         model.extractor.members.eval()  # frozen members keep their BatchNorm statistics
-        image, _, label = batch
-        return binary_focal_loss(net(image.to(device)), label.to(device), alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
+        return focal(batch)
 
     _fit("ensemble", net, params, _loader(train, cfg, shuffle=True, balance=True), step,
          _classifier_validation(net, val, cfg, device), cfg, out, device, resume, progress)
