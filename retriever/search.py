@@ -86,15 +86,17 @@ class Retriever:
         self._paths: list[str] = meta.column("path").to_pylist()
         self._index = StoreIndex(store, device=self.device)
         self.last_stats: SearchStats | None = None
+        self._batch_stats: list[SearchStats] = []
+        self._manifest_stamp: tuple[int, int] | None = None
 
     def _sync_deletions(self) -> None:
         """Pick up deletions committed since the last search (rows stay a snapshot)."""
-        manifest = self.store.root / "manifest.json"
         try:
-            stamp = manifest.stat().st_mtime_ns
+            info = (self.store.root / "manifest.json").stat()
         except OSError:
             return
-        if stamp != getattr(self, "_manifest_stamp", None):
+        stamp = (info.st_ino, info.st_mtime_ns)  # every commit renames a new file into place
+        if stamp != self._manifest_stamp:
             self._manifest_stamp = stamp
             self._index.set_deleted(self.store.deleted_since())
 
@@ -138,13 +140,13 @@ class Retriever:
             self._embedder = Embedder(load_model(model_file), device=self.device, batch_size=1)
         return self._embedder
 
-    @staticmethod
-    def _as_image(query) -> Image.Image:
+    def _as_image(self, query) -> Image.Image:
         if isinstance(query, (str, os.PathLike)):
             path = Path(query)
             if not path.is_file():
                 raise QueryError(f"query image not found: {path}")
-            return decode_image(path)[0]
+            # decoded exactly as the indexer decodes files (same JPEG draft size)
+            return decode_image(path, draft_size=2 * self.store.model_config.image_size)[0]
         if isinstance(query, Image.Image):
             return to_rgb(query)
         if isinstance(query, np.ndarray):
@@ -285,4 +287,4 @@ class Retriever:
     @property
     def batch_stats(self) -> list[SearchStats]:
         """Per-query statistics of the last search call (one entry per query)."""
-        return list(getattr(self, "_batch_stats", []))
+        return list(self._batch_stats)

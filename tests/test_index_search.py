@@ -143,3 +143,18 @@ def test_rerun_adds_only_new_images_and_refresh(tmp_path, synthetic_set):
     assert Store.open(store).faiss_indexes()["features_l2"].ntotal == 9
     with pytest.raises(StoreMismatchError, match="preset 'tiny', not 'lite0'"):
         index_folder(folder, store, preset="lite0", progress=False)
+
+
+def test_large_jpeg_query_reproduces_its_row(tmp_path, synthetic_set):
+    """Files are decoded identically at index and query time (JPEG draft decoding included)."""
+    images, _ = synthetic_set
+    folder = tmp_path / "big"
+    folder.mkdir()
+    for name in ("SYN_globular_001", "SYN_streaks_003", "SYN_reticular_005"):
+        Image.open(images / f"{name}.jpg").resize((900, 700)).save(folder / f"{name}.jpg", quality=95)
+    index_folder(folder, tmp_path / "store", progress=False)
+    retriever = Retriever.open(tmp_path / "store", device="cpu")
+    hits = retriever.search(folder / "SYN_streaks_003.jpg", measure="euclidean", k=1)
+    assert hits[0].image_id == "SYN_streaks_003"
+    assert hits[0].components["es"] == pytest.approx(1.0, abs=1e-5)
+    assert hits[0].components["ss"] == pytest.approx(1.0, abs=1e-5)
