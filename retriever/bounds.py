@@ -358,6 +358,7 @@ class QueryBatch:
         visited_rows: list[np.ndarray] = []
         visited_scores: list[np.ndarray] = []
         kth = -np.inf
+        computed = 0
         pos, batch = 0, max(2 * k, 16)
         while pos < len(order):
             head = upper[order[pos]]
@@ -368,11 +369,10 @@ class QueryBatch:
                 visited_scores.append(np.zeros(len(order) - pos))
                 break
             chunk = order[pos:pos + batch]
-            chunk = chunk[upper[chunk] >= kth]
-            comps = self.exact_components(query, np.sort(chunk), names)
-            sorted_chunk = np.sort(chunk)
-            visited_rows.append(sorted_chunk)
-            visited_scores.append(measure_score(measure, comps))
+            chunk = np.sort(chunk[upper[chunk] >= kth])
+            visited_rows.append(chunk)
+            visited_scores.append(measure_score(measure, self.exact_components(query, chunk, names)))
+            computed += len(chunk)
             pos += batch
             batch = min(4 * batch, 4096)
             all_scores = np.concatenate(visited_scores)
@@ -381,7 +381,7 @@ class QueryBatch:
         rows = np.concatenate(visited_rows) if visited_rows else np.zeros(0, np.int64)
         scores = np.concatenate(visited_scores) if visited_scores else np.zeros(0)
         best = rank(scores, k, rows=rows)
-        query.stats.reranked[measure] = int(sum(len(v) for v in visited_rows))
+        query.stats.reranked[measure] = computed
         query.stats.add_time(f"rank {measure}", started)
         return rows[best], scores[best]
 
