@@ -206,3 +206,16 @@ def test_segmenters_shape_and_recurrence(arch):
         # recurrent blocks reuse one conv per RCL: t=2 and t=3 have the same parameter count
         deeper = Segmenter(SegmenterConfig(arch=arch, base_channels=4, depth=2, recurrence=3))
         assert sum(p.numel() for p in deeper.parameters()) == n_params
+
+
+@pytest.mark.slow
+def test_paper_preset_forward_at_384px():
+    """The paper preset end to end: 5 x B6 at 384 px, 1024-d feature, 260,032 style values, mask."""
+    model = build_model(get_preset("paper"))
+    with torch.inference_mode():
+        out = model(_image_batch(3, n=2, size=384))
+    assert out.features.shape == (2, 1024)
+    assert out.style.shape == (2, 260_032)
+    assert out.mask_probability.shape == (2, 384, 384)
+    assert (out.style == 0).double().mean() < 0.01
+    assert torch.isfinite(out.features).all() and torch.isfinite(out.style).all()
