@@ -162,6 +162,11 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _deleted_rows(manifest: dict[str, Any], rows: int) -> np.ndarray:
+    """Sorted rows below ``rows`` that the manifest marks as deleted."""
+    return np.array(sorted(d["row"] for d in manifest.get("deleted", []) if d["row"] < rows), dtype=np.int64)
+
+
 def _checksummed(zstd: bool = False) -> list:
     """Chunk codecs: optional zstd, then a crc32c checksum so damaged chunks are detected."""
     codecs = [zarr.codecs.ZstdCodec(level=3)] if zstd else []
@@ -297,13 +302,18 @@ class StoreWriter:
             raise StoreLockedError(f"another process is writing to {root}") from None
         self.manifest = manifest
         self._remove_uncommitted_files()
-        self._group = zarr.open_group(str(root / ARRAYS_DIR), mode="r+")
+        self._load(manifest)
+
+    def _load(self, manifest: dict[str, Any]) -> None:
+        """Set what the writer derives from a manifest (on open, and after compaction)."""
+        self.manifest = manifest
+        self._group = zarr.open_group(str(self.root / ARRAYS_DIR), mode="r+")
         self.layout = StyleLayout.from_dict(manifest["style"])
         self.codec = _style_codec_from_manifest(manifest)
-        self._schema: pa.Schema | None = None
         parts = manifest["metadata_parts"]
-        if parts:
-            self._schema = pq.read_schema(root / METADATA_DIR / parts[0]["file"])
+        self._schema: pa.Schema | None = (
+            pq.read_schema(self.root / METADATA_DIR / parts[0]["file"]) if parts else None
+        )
 
     @property
     def rows(self) -> int:
@@ -669,11 +679,7 @@ class StoreWriter:
         (staging / LOCK_NAME).unlink(missing_ok=True)
         _atomic_write_bytes(staging / COMPACT_READY, b"ready\n")
         _finish_compaction(self.root)
-        self.manifest = _ManifestIO.read(self.root)
-        self._group = zarr.open_group(str(self.root / ARRAYS_DIR), mode="r+")
-        self.codec = _style_codec_from_manifest(self.manifest)
-        self._schema = pq.read_schema(self.root / METADATA_DIR / self.manifest["metadata_parts"][0]["file"]) \
-            if self.manifest["metadata_parts"] else None
+        self._load(_ManifestIO.read(self.root))
         return len(deleted)
 
     def committed_metadata(self, columns: Sequence[str]) -> pa.Table:
@@ -804,8 +810,7 @@ class Store:
         self.root = root
         self.manifest = manifest
         self.rows: int = manifest["rows"]
-        self.deleted_rows = np.array(sorted(d["row"] for d in manifest.get("deleted", []) if d["row"] < self.rows),
-                                     dtype=np.int64)
+        self.deleted_rows = _deleted_rows(manifest, self.rows)
         try:
             self.model_config = ModelConfig.from_dict(manifest["model"]["config"])
             self.layout = StyleLayout.from_dict(manifest["style"])
@@ -855,7 +860,7 @@ class Store:
             manifest = _ManifestIO.read(self.root)
         except DermrisError:
             return self.deleted_rows
-        return np.array(sorted(d["row"] for d in manifest.get("deleted", []) if d["row"] < self.rows), dtype=np.int64)
+        return _deleted_rows(manifest, self.rows)
 
     # -- sizes -------------------------------------------------------------------------
     @property
