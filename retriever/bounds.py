@@ -115,8 +115,9 @@ class StoreIndex:
         self.device = torch.device(device)
         self.rows = store.rows
         self.features = store.features()
-        self.feature_norms = np.sqrt(np.einsum("ij,ij->i", self.features.astype(np.float64),
-                                               self.features.astype(np.float64)))
+        features64 = self.features.astype(np.float64)
+        self.feature_norms = np.sqrt(np.einsum("ij,ij->i", features64, features64))
+        del features64
         self.live = store.live
         self.mask_areas = store.mask_areas()
         self.mask_blocks, self.mask_grid = store.mask_blocks()
