@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from stores import measure_spectrum, pipeline_store, spectrum_store  # noqa: E402
 
-from indexer import Store  # noqa: E402
-from retriever import MEASURES, Retriever  # noqa: E402
+from dermris.indexer import Store  # noqa: E402
+from dermris.retriever import MEASURES, Retriever  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -91,20 +91,19 @@ def run_one(store_path: Path, *, queries: int, brute: int, k: int, seed: int, la
     n = store.rows
     rng = np.random.default_rng(seed)
     rows = rng.choice(n, size=min(queries, n), replace=False).tolist()
-    retriever.search_row_all(rows[0], k=k)  # warm-up (page cache, lazy allocations)
+    retriever.search(rows[0], k=k, measures="all")  # warm-up (page cache, lazy allocations)
 
     all_ms, per_measure = [], {m: {"ms": [], "reranked": [], "style_rows": [], "mask_rows": [], "bytes": []}
                                for m in MEASURES}
     fast_results = {}
     for row in rows:
         t = time.perf_counter()
-        fast_results[row] = retriever.search_row_all(row, k=k)
+        fast_results[row] = retriever.search(row, k=k, measures="all")
         all_ms.append((time.perf_counter() - t) * 1e3)
         for m in MEASURES:
             t = time.perf_counter()
-            retriever.search_row(row, measure=m, k=k)
+            st = retriever.search(row, measures=m, k=k).stats
             per_measure[m]["ms"].append((time.perf_counter() - t) * 1e3)
-            st = retriever.last_stats
             per_measure[m]["reranked"].append(st.reranked.get(m, 0))
             per_measure[m]["style_rows"].append(st.style_rows_read)
             per_measure[m]["mask_rows"].append(st.mask_rows_read)
@@ -133,12 +132,12 @@ def run_one(store_path: Path, *, queries: int, brute: int, k: int, seed: int, la
         "label": label,
         "rows": n,
         "style_dim": store.style_dim,
-        "style_dtype": store.manifest["arrays"]["style"]["dtype"],
-        "sketch_dim": (store.manifest.get("sketch") or {}).get("dim"),
+        "style_dtype": store.manifest.arrays.style_dtype,
+        "sketch_dim": store.sketch_info.dim if store.sketch_info else None,
         "k": k,
         "queries": len(rows),
         "open_seconds": round(open_s, 3),
-        "retriever_index_bytes": retriever._index.nbytes(),
+        "retriever_index_bytes": retriever.resident_bytes,
         "rss_delta_bytes": rss_delta,
         "store_bytes_on_disk": sum(f.stat().st_size for f in store_path.rglob("*") if f.is_file()),
         "all_nine": {"median_ms": statistics.median(all_ms), "p95_ms": p95(all_ms)},

@@ -18,18 +18,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from indexer import StoreWriter, index_folder
-from indexer.synthetic import TEXTURE_CLASSES, synthetic_lesion, write_synthetic_set
-from models import StyleLayout, backbone_info, build_model, get_preset
+from dermris.indexer import Store, StoreWriter, index_folder, store_exists
+from dermris.indexer.synthetic import TEXTURE_CLASSES, synthetic_lesion, write_synthetic_set
+from dermris.models import StyleLayout, backbone_info, build_model, get_preset
 
 __all__ = ["pipeline_store", "measure_spectrum", "spectrum_store"]
 
 
 def pipeline_store(path: Path, n: int, *, preset: str = "tiny", seed: int = 0, sketch_dim: int = 256) -> Path:
     """Index ``n`` synthetic lesion images with ``preset`` into ``path`` (reused if complete)."""
-    from indexer import Store
 
-    if (path / "manifest.json").is_file() and Store.open(path).rows == n:
+    if store_exists(path) and Store.open(path).rows == n:
         return path
     shutil.rmtree(path, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -48,7 +47,7 @@ def measure_spectrum(n_images: int = 512, *, preset: str = "lite0", seed: int = 
     """Singular values of centred real style vectors, normalised to a total variance of 1."""
     import torch
 
-    from indexer import Embedder
+    from dermris.indexer import Embedder
 
     model = build_model(get_preset(preset))
     embedder = Embedder(model, device=torch.device("cpu"), batch_size=32)
@@ -81,9 +80,8 @@ def spectrum_store(
     progress: bool = True,
 ) -> Path:
     """Write ``n`` paper-sized rows (B6 layout, float16 style) following ``spectrum``."""
-    from indexer import Store
 
-    if (path / "manifest.json").is_file() and Store.open(path).rows == n and (Store.open(path).manifest.get("sketch") or {}).get("rows") == n:
+    if store_exists(path) and Store.open(path).rows == n and getattr(Store.open(path).sketch_info, "rows", None) == n:
         return path
     shutil.rmtree(path, ignore_errors=True)
     config = get_preset("paper")

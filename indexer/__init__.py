@@ -1,65 +1,76 @@
 """dermris indexer: images -> store (FAISS + Zarr + Parquet).
 
-Stages: :mod:`indexer.sources` (reader), :mod:`indexer.embed` (mapper), :mod:`indexer.store`
-(writer and reader of the store format), tied together by :func:`index_folder`.
+Stages: :mod:`~dermris.indexer.sources` (the reader), :mod:`~dermris.indexer.embed` (the
+mapper), :mod:`~dermris.indexer.store` (the writer, and the store format), tied together by
+:func:`index_folder`. Names are imported lazily (``import dermris.indexer`` does not import
+torch).
 """
 
-from .embed import Embedder, Embeddings, preprocess, resolve_device
-from .errors import (
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from dermris.models._lazy import lazy_exports
+from dermris.models.errors import (
     DermrisError,
     ImageDecodeError,
     MetadataError,
+    StoreChangedError,
     StoreError,
     StoreExistsError,
     StoreFormatError,
     StoreLockedError,
     StoreMismatchError,
     StoreNotFoundError,
+    StoreReadOnlyError,
 )
-from .pipeline import IndexReport, index_folder
-from .sources import (
-    IMAGE_EXTENSIONS,
-    DecodedImage,
-    ImageFile,
-    MetadataTable,
-    Rejected,
-    decode_image,
-    decode_image_bytes,
-    list_images,
-    read_images,
-    to_rgb,
-)
-from .store import FORMAT_VERSION, Store, StoreWriter, StyleCodec, build_faiss_indexes
 
-__all__ = [
-    "FORMAT_VERSION",
-    "IMAGE_EXTENSIONS",
-    "DecodedImage",
-    "DermrisError",
-    "Embedder",
-    "Embeddings",
-    "ImageDecodeError",
-    "ImageFile",
-    "IndexReport",
-    "MetadataError",
-    "MetadataTable",
-    "Rejected",
-    "Store",
-    "StoreError",
-    "StoreExistsError",
-    "StoreFormatError",
-    "StoreLockedError",
-    "StoreMismatchError",
-    "StoreNotFoundError",
-    "StoreWriter",
-    "StyleCodec",
-    "build_faiss_indexes",
-    "decode_image",
-    "decode_image_bytes",
-    "index_folder",
-    "list_images",
-    "preprocess",
-    "read_images",
-    "resolve_device",
-    "to_rgb",
-]
+_EXPORTS = {
+    "Embedder": ".embed",
+    "Embeddings": ".embed",
+    "preprocess": ".embed",
+    "resolve_device": ".embed",
+    "IndexReport": ".pipeline",
+    "index_folder": ".pipeline",
+    "IMAGE_EXTENSIONS": ".sources",
+    "DecodedImage": ".sources",
+    "ImageFile": ".sources",
+    "MetadataTable": ".sources",
+    "Rejected": ".sources",
+    "decode_image": ".sources",
+    "decode_image_bytes": ".sources",
+    "list_images": ".sources",
+    "read_images": ".sources",
+    "to_rgb": ".sources",
+    "FORMAT_VERSION": ".store",
+    "CheckReport": ".store",
+    "Manifest": ".store",
+    "Store": ".store",
+    "StoreWriter": ".store",
+    "StyleCodec": ".store",
+    "check_store": ".store",
+    "store_exists": ".store",
+}
+
+__all__ = sorted([*_EXPORTS, "DermrisError", "ImageDecodeError", "MetadataError", "StoreChangedError", "StoreError",
+                  "StoreExistsError", "StoreFormatError", "StoreLockedError", "StoreMismatchError",
+                  "StoreNotFoundError", "StoreReadOnlyError"])
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .embed import Embedder, Embeddings, preprocess, resolve_device
+    from .pipeline import IndexReport, index_folder
+    from .sources import (
+        IMAGE_EXTENSIONS,
+        DecodedImage,
+        ImageFile,
+        MetadataTable,
+        Rejected,
+        decode_image,
+        decode_image_bytes,
+        list_images,
+        read_images,
+        to_rgb,
+    )
+    from .store import FORMAT_VERSION, CheckReport, Manifest, Store, StoreWriter, StyleCodec, check_store, store_exists

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models import DermrisModel
+from dermris.models import DermrisModel
 
 __all__ = ["resolve_device", "preprocess", "Embeddings", "Embedder"]
 

@@ -7,6 +7,7 @@ committed, and running the same command again skips every image already in the s
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -17,14 +18,16 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from models import DermrisModel, build_model, file_sha256, get_preset, load_model, read_weights_config
+from dermris.models import DermrisModel, build_model, get_preset, load_model
+from dermris.models.errors import StoreMismatchError
 
 from .embed import Embeddings, Embedder, resolve_device
-from .errors import StoreMismatchError
 from .sources import DecodedImage, MetadataTable, Rejected, list_images, read_images
-from .store import MANIFEST_NAME, MODEL_FILE, StoreWriter
+from .store import StoreWriter, store_exists
 
 __all__ = ["IndexReport", "index_folder"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,20 +85,19 @@ def _open_or_create(
     backbone_weights: str | os.PathLike | None,
     pretrained: bool,
 ) -> tuple[StoreWriter, DermrisModel]:
-    if (store / MANIFEST_NAME).is_file():
+    if store_exists(store):
         writer = StoreWriter.open(store)
+        log.info("extending %s (%d rows, preset %s)", store, writer.rows, writer.model_config.name)
         try:
             stored = writer.model_config
             if preset is not None and preset != stored.name:
                 raise StoreMismatchError(
                     f"{store} was built with preset {stored.name!r}, not {preset!r}; use another store path"
                 )
+            model = writer.load_model()
             if weights is not None:
-                writer.check_model(read_weights_config(weights), file_sha256(weights))
-            model_file = store / MODEL_FILE
-            if not model_file.is_file():
-                raise StoreMismatchError(f"{store} has no {MODEL_FILE}; it cannot be extended")
-            return writer, load_model(model_file)
+                writer.check_model(load_model(weights))
+            return writer, model
         except BaseException:
             writer.close()
             raise
@@ -104,6 +106,8 @@ def _open_or_create(
     else:
         model = build_model(get_preset(preset or "tiny"), backbone_weights=backbone_weights, pretrained=pretrained)
     writer = StoreWriter.create(store, model_config=model.config, style_layout=model.style_layout, model=model)
+    log.info("created %s (preset %s, %s x %s at %d px)", store, model.config.name, model.config.members,
+             model.config.backbone, model.config.image_size)
     return writer, model
 
 
@@ -177,8 +181,7 @@ def _run(writer, model, files, table, torch_device, batch_size, commit_every, sk
     report = IndexReport()
     committed = writer.committed_metadata(["image_id", "sha256", "path"])
     known_sha = set(committed.column("sha256").to_pylist())
-    purged_sha = {p["sha256"] for p in writer.manifest.get("purged", [])}
-    purged_sha |= {d["sha256"] for d in writer.manifest.get("deleted", [])}
+    purged_sha = writer.removed_sha256
     seen_ids = dict(zip(committed.column("image_id").to_pylist(), committed.column("path").to_pylist()))
     seen_sha: dict[str, str] = {}
     to_embed: list[DecodedImage] = []
@@ -250,7 +253,7 @@ def _run(writer, model, files, table, torch_device, batch_size, commit_every, sk
             commit()
     commit()
     bar.close()
-    if report.indexed or not writer.manifest.get("faiss"):
+    if report.indexed or not writer.has_faiss:
         writer.build_faiss()
     writer.update_sketch(dim=sketch_dim)
     report.rows = writer.rows

@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from PIL import Image
 
-from models.imageio import decode_image, decode_image_bytes, to_rgb
+from dermris.models.imageio import decode_image, decode_image_bytes, to_rgb
 
-from .errors import ImageDecodeError, MetadataError
+from dermris.models.errors import ImageDecodeError, MetadataError
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -1,8 +1,13 @@
-"""The package-wide exception hierarchy.
+"""Every exception dermris raises on purpose: one hierarchy, one module.
 
-Every error dermris raises on purpose derives from :class:`DermrisError`; where an error
-refines a builtin, it also subclasses that builtin (zarr-python's convention), so callers can
-catch ``FileNotFoundError`` or ``ValueError`` as they already do.
+All of them derive from :class:`DermrisError`; where an error refines a builtin, it also
+subclasses that builtin (zarr-python's convention), so callers can catch
+``FileNotFoundError`` or ``ValueError`` as they already do::
+
+    from dermris.models.errors import DermrisError, StoreNotFoundError
+
+The same classes are re-exported by :mod:`dermris.retriever` and :mod:`dermris.indexer`.
+This module imports nothing heavy (no torch), so command-line parsing can use it.
 """
 
 from __future__ import annotations
@@ -13,6 +18,21 @@ __all__ = [
     "WeightsError",
     "OptionalDependencyError",
     "ImageDecodeError",
+    "DataError",
+    "MetadataError",
+    "StoreError",
+    "StoreNotFoundError",
+    "StoreExistsError",
+    "StoreFormatError",
+    "StoreMismatchError",
+    "StoreLockedError",
+    "StoreReadOnlyError",
+    "StoreChangedError",
+    "QueryError",
+    "UnknownMeasureError",
+    "ModelUnavailableError",
+    "EvaluationError",
+    "JudgeError",
 ]
 
 
@@ -20,6 +40,7 @@ class DermrisError(Exception):
     """Base class of every error raised by dermris on purpose."""
 
 
+# -- models ------------------------------------------------------------------------------
 class ConfigError(DermrisError, ValueError):
     """A model configuration or preset name is invalid."""
 
@@ -34,3 +55,65 @@ class OptionalDependencyError(DermrisError, ImportError):
 
 class ImageDecodeError(DermrisError, ValueError):
     """A file is not a decodable image (corrupt, truncated, unsupported, too large)."""
+
+
+class DataError(DermrisError, ValueError):
+    """A training set that cannot be read or split (missing labels, unmatched masks, ...)."""
+
+
+# -- indexer and store ---------------------------------------------------------------------
+class MetadataError(DermrisError, ValueError):
+    """A metadata CSV is unreadable or does not fit the images (id column, duplicate ids)."""
+
+
+class StoreError(DermrisError):
+    """Base class of store problems."""
+
+
+class StoreNotFoundError(StoreError, FileNotFoundError):
+    """There is no store at the given path."""
+
+
+class StoreExistsError(StoreError, FileExistsError):
+    """A store already exists where a new one was to be created."""
+
+
+class StoreFormatError(StoreError, ValueError):
+    """The store is damaged, half-written, or of an unknown format version."""
+
+
+class StoreMismatchError(StoreError, ValueError):
+    """The store was built by another model configuration or weights than requested."""
+
+
+class StoreLockedError(StoreError, BlockingIOError):
+    """Another process is writing to the store."""
+
+
+class StoreChangedError(StoreError, RuntimeError):
+    """The store was compacted (rows renumbered) since it was opened: reopen it."""
+
+
+class StoreReadOnlyError(StoreError, PermissionError):
+    """A command that writes was asked of a store this process may not write to."""
+
+
+# -- retriever ---------------------------------------------------------------------------
+class QueryError(DermrisError, ValueError):
+    """A query, or a search argument, that cannot be answered as given."""
+
+
+class UnknownMeasureError(DermrisError, ValueError):
+    """A measure name that is not one of the nine measures."""
+
+
+class ModelUnavailableError(DermrisError, RuntimeError):
+    """The store carries no model, so image queries cannot be embedded."""
+
+
+class EvaluationError(DermrisError, ValueError):
+    """The evaluation cannot run as asked (unknown column, too few labelled rows, ...)."""
+
+
+class JudgeError(DermrisError, ValueError):
+    """A judgment session that cannot be prepared, served or scored."""

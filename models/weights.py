@@ -13,13 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_path
 from .ensemble import DermrisModel, calibrate_batchnorm
 from .errors import ConfigError, OptionalDependencyError, WeightsError
 from .presets import ModelConfig
@@ -34,6 +34,7 @@ __all__ = [
     "load_backbone_state_dict",
     "lite0_state_dict",
     "weights_part",
+    "models_compute_alike",
     "PARTS",
 ]
 
@@ -187,16 +188,6 @@ def build_model(
     return model
 
 
-def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
-    os.close(fd)
-    return Path(tmp)
-
-
 PARTS = {"classifier": "extractor.", "segmenter": "segmenter."}
 """Parts a weights file may hold alone, by state-dict prefix."""
 
@@ -231,14 +222,8 @@ def save_model(
     metadata = {"format": WEIGHTS_FORMAT, "config": model.config.to_json(), "part": part or "all"}
     if training is not None:
         metadata["training"] = json.dumps(training, sort_keys=True)
-    tmp = _atomic_target(path)
-    try:
-        save_file(state, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(dict(sorted(state.items())), str(tmp), metadata=metadata)
     return file_sha256(path)
 
 
@@ -288,3 +273,18 @@ def load_model(path: str | os.PathLike) -> DermrisModel:
     except (SafetensorError, RuntimeError) as exc:
         raise WeightsError(f"weights in {path} do not fit their config: {exc}") from None
     return model.eval()
+
+
+def models_compute_alike(a: DermrisModel, b: DermrisModel) -> bool:
+    """Whether two models compute the same thing: equal configs and bit-identical tensors.
+
+    Weights files of the same model can differ byte for byte (safetensors' header order), so
+    stores compare models by this, not by file checksums.
+    """
+    if a.config.to_dict() != b.config.to_dict():
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys():
+        return False
+    return all(sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype and torch.equal(sa[k].cpu(), sb[k].cpu())
+               for k in sa)

@@ -1,39 +1,79 @@
 """dermris retriever: rank a store's images by the paper's nine similarity measures.
 
->>> from retriever import Retriever, MEASURES
->>> r = Retriever.open("STORE")                       # doctest: +SKIP
->>> hits = r.search("lesion.jpg", measure="style", k=5)  # doctest: +SKIP
+>>> from dermris.retriever import Retriever, MEASURES
+>>> r = Retriever.open("STORE")                                  # doctest: +SKIP
+>>> res = r.search("lesion.jpg", measures=MEASURES, k=5)         # doctest: +SKIP
+>>> res["style"][0].image_id, res.stats.style_rows_read          # doctest: +SKIP
+
+Names are imported lazily (``import dermris.retriever`` does not import torch). The errors
+of the whole package are re-exported here from :mod:`dermris.models.errors`. The command
+line, the judging page, evaluation, contact sheets and the demo live in
+:mod:`dermris.retriever.app`.
 """
 
-from .measures import (
-    COMPONENTS,
-    MEASURE_COMPONENTS,
-    MEASURES,
-    UnknownMeasureError,
-    cosine_score,
-    dice_score,
-    harmonic_mean,
-    measure_score,
-    normalised_score,
-    rank,
-)
-from .search import Hit, ModelUnavailableError, QueryError, QueryVectors, Retriever, SearchStats
+from __future__ import annotations
 
-__all__ = [
-    "COMPONENTS",
-    "MEASURES",
-    "MEASURE_COMPONENTS",
-    "Hit",
-    "ModelUnavailableError",
-    "QueryError",
-    "QueryVectors",
-    "Retriever",
-    "SearchStats",
-    "UnknownMeasureError",
-    "cosine_score",
-    "dice_score",
-    "harmonic_mean",
-    "measure_score",
-    "normalised_score",
-    "rank",
+from typing import TYPE_CHECKING
+
+from dermris.models._lazy import lazy_exports
+from dermris.models.errors import (
+    ConfigError,
+    DermrisError,
+    EvaluationError,
+    ImageDecodeError,
+    JudgeError,
+    MetadataError,
+    ModelUnavailableError,
+    QueryError,
+    StoreChangedError,
+    StoreError,
+    StoreExistsError,
+    StoreFormatError,
+    StoreLockedError,
+    StoreMismatchError,
+    StoreNotFoundError,
+    StoreReadOnlyError,
+    UnknownMeasureError,
+    WeightsError,
+)
+
+from .measures import COMPONENTS, MEASURE_COMPONENTS, MEASURES
+
+try:
+    from importlib.metadata import PackageNotFoundError, version as _version
+
+    __version__ = _version("dermris")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0+unknown"
+
+_EXPORTS = {
+    "Hit": ".search",
+    "Retriever": ".search",
+    "SearchResult": ".search",
+    "QueryVectors": ".bounds",
+    "SearchStats": ".bounds",
+    "cosine_score": ".measures",
+    "dice_score": ".measures",
+    "harmonic_mean": ".measures",
+    "measure_score": ".measures",
+    "normalised_score": ".measures",
+    "rank": ".measures",
+    "parse_where": ".filters",
+}
+
+_ERRORS = [
+    "ConfigError", "DermrisError", "EvaluationError", "ImageDecodeError", "JudgeError", "MetadataError",
+    "ModelUnavailableError", "QueryError", "StoreChangedError", "StoreError", "StoreExistsError", "StoreFormatError",
+    "StoreLockedError", "StoreMismatchError", "StoreNotFoundError", "StoreReadOnlyError", "UnknownMeasureError",
+    "WeightsError",
 ]
+
+__all__ = sorted([*_EXPORTS, *_ERRORS, "COMPONENTS", "MEASURES", "MEASURE_COMPONENTS", "__version__"])
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .bounds import QueryVectors, SearchStats
+    from .filters import parse_where
+    from .measures import cosine_score, dice_score, harmonic_mean, measure_score, normalised_score, rank
+    from .search import Hit, Retriever, SearchResult

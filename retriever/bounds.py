@@ -24,8 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from indexer import Store
-from indexer.sketch import StyleSketch
+from dermris.indexer.store import Store, StyleSketch, mask_block_counts
 
 from .measures import MEASURE_COMPONENTS, cosine_score, dice_score, measure_score, normalised_score, rank
 
@@ -142,8 +141,8 @@ class StoreIndex:
         self.mean_t = torch.from_numpy(sketch.mean).to(dev, torch.float64)
         self.projections_t = torch.from_numpy(sketch.projections).to(dev, torch.float64)
         self.projection_sq_t = (self.projections_t * self.projections_t).sum(dim=1)
-        self.style_row_bytes = store.style_dim * np.dtype(store.manifest["arrays"]["style"]["dtype"]).itemsize
-        self.mask_row_bytes = store.manifest["arrays"]["mask"]["bytes"]
+        self.style_row_bytes = store.style_row_bytes
+        self.mask_row_bytes = store.mask_row_bytes
 
     def set_deleted(self, rows: np.ndarray) -> None:
         """Exclude deleted rows from every ranking and normaliser."""
@@ -198,8 +197,6 @@ class StoreIndex:
 
 
 def _mask_block_counts_of(mask_packed: np.ndarray, size: int, grid: int) -> np.ndarray:
-    from indexer.sketch import mask_block_counts
-
     mask = np.unpackbits(mask_packed, count=size * size).astype(bool).reshape(1, size, size)
     return mask_block_counts(mask, grid)[0].astype(np.int64)
 
@@ -338,14 +335,17 @@ class QueryBatch:
         return out
 
     # -- ranking -----------------------------------------------------------------------
-    def top_k(self, query: _Query, measure: str, k: int, exclude_row: int | None) -> tuple[np.ndarray, np.ndarray]:
-        """Rows and exact scores of the ``k`` best rows under ``measure``."""
+    def top_k(self, query: _Query, measure: str, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and exact scores of the ``k`` best rows under ``measure`` among ``allowed``.
+
+        Parameters
+        ----------
+        allowed : np.ndarray
+            Boolean ``(N,)``: rows that may be returned (live, not excluded, passing the
+            filter). Normalisers are taken over every live row regardless.
+        """
         started = time.perf_counter()
         names = MEASURE_COMPONENTS[measure]
-        allowed = self.index.live.copy()
-        n = self.index.rows
-        if exclude_row is not None and 0 <= exclude_row < n:
-            allowed[exclude_row] = False
         if set(names) <= {"es", "cs"}:  # exact for every row already
             rows = np.flatnonzero(allowed)
             scores = measure_score(measure, {c: getattr(query, c)[rows] for c in names})

@@ -20,7 +20,7 @@ from typing import Mapping
 
 import numpy as np
 
-from models.errors import DermrisError
+from dermris.models.errors import UnknownMeasureError
 
 __all__ = [
     "MEASURES",
@@ -59,22 +59,21 @@ MEASURE_COMPONENTS: Mapping[str, tuple[str, ...]] = {
 """The components each measure combines."""
 
 
-class UnknownMeasureError(DermrisError, ValueError):
-    """A measure name that is not one of :data:`MEASURES`."""
-
-
 def check_measure(name: str) -> str:
     """Return ``name`` if it is a measure, else raise :class:`UnknownMeasureError`."""
-    if name not in MEASURE_COMPONENTS:
+    if not isinstance(name, str) or name not in MEASURE_COMPONENTS:
         raise UnknownMeasureError(f"unknown measure {name!r}; expected one of {', '.join(MEASURES)}")
     return name
 
 
 def check_measures(names) -> tuple[str, ...]:
-    """Validate several measure names (a single string counts as one name)."""
+    """Validate measure names: one name, ``"all"``, or a sequence of names (duplicates dropped)."""
     if isinstance(names, str):
-        names = (names,)
-    out = tuple(check_measure(n) for n in names)
+        names = MEASURES if names == "all" else (names,)
+    try:
+        out = tuple(dict.fromkeys(check_measure(n) for n in names))
+    except TypeError:
+        raise UnknownMeasureError(f"measures must be a name or a sequence of names, not {names!r}") from None
     if not out:
         raise UnknownMeasureError("no measure given")
     return out

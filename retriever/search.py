@@ -1,36 +1,40 @@
-"""The :class:`Retriever`: query -> vectors -> bounds -> exact re-ranking of candidates.
+"""The :class:`Retriever`: one search call over the nine measures.
 
-Every measure is exact: scores equal brute force over all committed rows, with ``ED_max`` and
-``LS_max`` taken over the whole store. Features live in memory; style rows and masks are read
-from disk only for rows whose bounds leave them in contention (:mod:`retriever.bounds`).
+``Retriever.search(query, *, measures, k, exclude, where, columns)`` gathers each query's
+vectors, bounds every row, and re-ranks exactly (:mod:`dermris.retriever.bounds`). Every
+measure is exact: scores equal brute force over all committed rows, with ``ED_max`` and
+``LS_max`` taken over the whole store, also when a filter narrows the rows that may be
+returned (the paper's definition). Features live in memory; style rows and masks are read
+from disk only for rows whose bounds leave them in contention.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
-from indexer import Embedder, Store, decode_image, resolve_device, to_rgb
-from indexer.errors import StoreFormatError
-from models import file_sha256, load_model
-from models.errors import DermrisError
+from dermris.indexer.embed import Embedder, resolve_device
+from dermris.indexer.sources import decode_image, to_rgb
+from dermris.indexer.store import Store
+from dermris.models.errors import QueryError
 
 from .bounds import QueryBatch, QueryVectors, SearchStats, StoreIndex
-from .measures import COMPONENTS, MEASURES, check_measures
+from .filters import rows_matching
+from .measures import COMPONENTS, check_measures
 
-__all__ = ["Hit", "QueryVectors", "QueryError", "ModelUnavailableError", "Retriever", "SearchStats"]
+__all__ = ["Hit", "SearchResult", "Retriever", "QueryVectors", "SearchStats"]
 
-class QueryError(DermrisError, ValueError):
-    """A query that is not an image, an image path, an array image or a stored row."""
-
-
-class ModelUnavailableError(DermrisError, RuntimeError):
-    """The store carries no model, so image queries cannot be embedded."""
+Query = Any
+"""A path (str or os.PathLike), a PIL image, an H x W (x 3) uint8 array, a stored row (int),
+or :class:`QueryVectors`."""
 
 
 @dataclass(frozen=True)
@@ -47,34 +51,82 @@ class Hit:
         The indexed file's path.
     score : float
         The measure's score, higher is more similar, in [0, 1].
-    components : dict of str to float
+    components : mapping of str to float
         All four component scores: ``es``, ``cs``, ``ss`` and ``dc``.
+    metadata : mapping of str to object
+        The metadata columns asked for with ``columns=``.
     """
 
     row: int
     image_id: str
     path: str
     score: float
-    components: dict[str, float] = field(default_factory=dict)
+    components: Mapping[str, float] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
-        return {"row": self.row, "image_id": self.image_id, "path": self.path,
-                "score": self.score, "components": dict(self.components)}
+        out = {"row": self.row, "image_id": self.image_id, "path": self.path,
+               "score": self.score, "components": dict(self.components)}
+        if self.metadata:
+            out["metadata"] = dict(self.metadata)
+        return out
+
+
+class SearchResult(Mapping):
+    """The hits of one query, per measure (in the order the measures were asked for).
+
+    ``result["style"]`` is a list of :class:`Hit`, best first; :attr:`stats` says what the
+    search cost (rows read, bytes, seconds per stage).
+    """
+
+    def __init__(self, hits: dict[str, list[Hit]], *, stats: SearchStats, query: str, row: int | None) -> None:
+        self._hits = hits
+        self.stats = stats
+        self.query = query
+        self.row = row
+
+    def __getitem__(self, measure: str) -> list[Hit]:
+        return self._hits[measure]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._hits)
+
+    def __len__(self) -> int:
+        return len(self._hits)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{m}: {len(h)} hits" for m, h in self._hits.items())
+        return f"SearchResult(query={self.query!r}, {shown})"
+
+    @property
+    def measures(self) -> tuple[str, ...]:
+        """The measures of this result."""
+        return tuple(self._hits)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form: query, hits per measure, statistics."""
+        return {"query": self.query, "row": self.row,
+                "results": {m: [h.to_dict() for h in hits] for m, hits in self._hits.items()},
+                "stats": self.stats.to_dict()}
+
+
+def _is_row(query: Any) -> bool:
+    return isinstance(query, (int, np.integer)) and not isinstance(query, (bool, np.bool_))
 
 
 class Retriever:
-    """Ranks a store's images against a query by the nine measures.
+    """Ranks a store's images against queries by the nine measures.
 
     Use :meth:`open`. The retriever serves a snapshot of the committed rows taken when it was
-    opened; :meth:`refresh` picks up later commits.
+    opened (deletions committed later are honoured at once); :meth:`refresh` picks up new rows.
 
     Parameters
     ----------
-    store : indexer.Store
+    store : Store
         The opened store.
     device : str
-        Where the model runs for image queries: ``auto``, ``cpu`` or ``cuda``.
+        Where the model and the bound arithmetic run: ``auto``, ``cpu`` or ``cuda``.
     """
 
     def __init__(self, store: Store, *, device: str = "auto") -> None:
@@ -84,21 +136,8 @@ class Retriever:
         meta = store.metadata(columns=["image_id", "path"])
         self._image_ids: list[str] = meta.column("image_id").to_pylist()
         self._paths: list[str] = meta.column("path").to_pylist()
+        self._metadata: pa.Table | None = None
         self._index = StoreIndex(store, device=self.device)
-        self.last_stats: SearchStats | None = None
-        self._batch_stats: list[SearchStats] = []
-        self._manifest_stamp: tuple[int, int] | None = None
-
-    def _sync_deletions(self) -> None:
-        """Pick up deletions committed since the last search (rows stay a snapshot)."""
-        try:
-            info = (self.store.root / "manifest.json").stat()
-        except OSError:
-            return
-        stamp = (info.st_ino, info.st_mtime_ns)  # every commit renames a new file into place
-        if stamp != self._manifest_stamp:
-            self._manifest_stamp = stamp
-            self._index.set_deleted(self.store.deleted_since())
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, device: str = "auto") -> "Retriever":
@@ -106,7 +145,7 @@ class Retriever:
         return cls(Store.open(path), device=device)
 
     def refresh(self) -> "Retriever":
-        """Re-open the store to see rows committed since this retriever was opened."""
+        """Re-open the store to see rows committed (or compaction done) since it was opened."""
         fresh = Retriever(Store.open(self.store.root), device=str(self.device))
         fresh._embedder = self._embedder
         self.__dict__.update(fresh.__dict__)
@@ -114,6 +153,9 @@ class Retriever:
 
     def __len__(self) -> int:
         return self.store.rows
+
+    def __repr__(self) -> str:
+        return f"Retriever({str(self.store.root)!r}, rows={self.store.rows}, device={str(self.device)!r})"
 
     @property
     def image_ids(self) -> Sequence[str]:
@@ -125,22 +167,34 @@ class Retriever:
         """Indexed file path of every row."""
         return self._paths
 
-    # -- queries -----------------------------------------------------------------------
+    @property
+    def metadata_columns(self) -> list[str]:
+        """The metadata columns ``where=`` and ``columns=`` can use."""
+        return self.store.metadata_schema().names
+
+    @property
+    def live(self) -> np.ndarray:
+        """Boolean ``(N,)``: rows not deleted (as of the last search)."""
+        return self._index.live.copy()
+
+    @property
+    def resident_bytes(self) -> int:
+        """Approximate bytes the retriever keeps in memory for the bounds."""
+        return self._index.nbytes()
+
+    def metadata(self) -> pa.Table:
+        """The store's metadata table (row order), read once and kept."""
+        if self._metadata is None:
+            self._metadata = self.store.metadata()
+        return self._metadata
+
+    # -- query vectors -------------------------------------------------------------------
     def _model(self) -> Embedder:
         if self._embedder is None:
-            model_file = self.store.model_file
-            if model_file is None or not model_file.is_file():
-                raise ModelUnavailableError(
-                    f"{self.store.root} holds no model file, so image queries cannot be embedded; "
-                    "query stored rows with search_row"
-                )
-            expected = self.store.manifest["model"].get("weights_sha256")
-            if expected and file_sha256(model_file) != expected:
-                raise StoreFormatError(f"{model_file} does not match the sha256 in the manifest")
-            self._embedder = Embedder(load_model(model_file), device=self.device, batch_size=1)
+            self._embedder = Embedder(self.store.load_model(), device=self.device, batch_size=8)
         return self._embedder
 
-    def _as_image(self, query) -> Image.Image:
+    def _as_image(self, query: Any) -> Image.Image:
         if isinstance(query, (str, os.PathLike)):
             path = Path(query)
             if not path.is_file():
@@ -148,39 +202,44 @@ class Retriever:
             # decoded exactly as the indexer decodes files (same JPEG draft size)
             return decode_image(path, draft_size=2 * self.store.model_config.image_size)[0]
         if isinstance(query, Image.Image):
+            if query.width < 1 or query.height < 1:
+                raise QueryError("query image has no pixels")
             return to_rgb(query)
         if isinstance(query, np.ndarray):
             if query.dtype != np.uint8:
                 raise QueryError(f"array queries must be uint8, got {query.dtype}")
+            if query.ndim not in (2, 3) or min(query.shape[:2]) < 1 or (query.ndim == 3 and query.shape[2] not in (3, 4)):
+                raise QueryError(f"array queries must be HxW or HxWx3 uint8 with pixels, got shape {query.shape}")
             if query.ndim == 2:
                 return Image.fromarray(query).convert("RGB")
-            if query.ndim == 3 and query.shape[2] in (3, 4) and min(query.shape[:2]) > 0:
-                return Image.fromarray(np.ascontiguousarray(query[:, :, :3]), "RGB")
-            raise QueryError(f"array queries must be HxW or HxWx3 uint8, got shape {query.shape}")
-        if isinstance(query, (int, np.integer)):
-            raise QueryError("to query with a stored row use search_row(row, ...)")
+            return Image.fromarray(np.ascontiguousarray(query[:, :, :3]), "RGB")
         raise QueryError(f"unsupported query type {type(query).__name__}")
 
-    def embed(self, query) -> QueryVectors:
-        """Turn an image (path, PIL image or uint8 array) into the store's representation."""
-        image = self._as_image(query)
-        out = self._model().embed([image])
-        mask = out.masks[0].reshape(-1)
-        return QueryVectors(
-            feature=out.features[0],
-            style=self.store.codec.round_trip(out.style[:1])[0],
-            mask=np.packbits(mask),
-            mask_area=int(mask.sum()),
-        )
+    def embed(self, images: Any) -> QueryVectors | list[QueryVectors]:
+        """Turn images (path, PIL image or uint8 array; or a list of them) into the store's
+        representation, in one batch."""
+        single = not isinstance(images, (list, tuple))
+        batch = [self._as_image(q) for q in ([images] if single else images)]
+        out = self._model().embed(batch) if batch else None
+        vectors = []
+        for i in range(len(batch)):
+            mask = out.masks[i].reshape(-1)
+            vectors.append(QueryVectors(
+                feature=out.features[i],
+                style=self.store.codec.round_trip(out.style[i:i + 1])[0],
+                mask=np.packbits(mask),
+                mask_area=int(mask.sum()),
+            ))
+        return vectors[0] if single else vectors
 
-    def row_vectors(self, row: int) -> QueryVectors:
+    def vectors(self, row: int) -> QueryVectors:
         """The stored vectors of ``row``."""
-        if isinstance(row, bool) or not isinstance(row, (int, np.integer)):
+        if not _is_row(row):
             raise QueryError(f"row must be an integer, got {type(row).__name__}")
         row = int(row)
         if not 0 <= row < self.store.rows:
             raise QueryError(f"row {row} is out of range (the store has {self.store.rows} rows)")
-        self._sync_deletions()
+        self._sync()
         if not self._index.live[row]:
             raise QueryError(f"row {row} ({self._image_ids[row]}) was deleted")
         return QueryVectors(
@@ -191,100 +250,141 @@ class Retriever:
             row=row,
         )
 
-    # -- scoring -----------------------------------------------------------------------
-    def _check_k(self, k) -> int:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+    def _sync(self) -> None:
+        """Pick up deletions committed since the last search; fail if the store was compacted."""
+        deleted = self.store.poll_deletions()
+        if deleted is not None:
+            self._index.set_deleted(deleted)
+
+    # -- arguments -----------------------------------------------------------------------
+    def _allowed(self, exclude: Iterable[int], where) -> np.ndarray:
+        allowed = self._index.live.copy()
+        if isinstance(exclude, (str, bytes)) or not isinstance(exclude, Iterable):
+            raise QueryError(f"exclude must be a collection of rows, not {type(exclude).__name__}")
+        rows = list(exclude)
+        if rows:
+            if not all(_is_row(r) for r in rows):
+                raise QueryError("exclude must hold stored row numbers (integers)")
+            arr = np.asarray(rows, np.int64)
+            bad = arr[(arr < 0) | (arr >= self.store.rows)]
+            if len(bad):
+                raise QueryError(f"exclude: row {int(bad[0])} is out of range (the store has {self.store.rows} rows)")
+            allowed[arr] = False
+        if where is not None:
+            if not isinstance(where, (str, pc.Expression)):
+                raise QueryError(f"where must be a pyarrow compute expression or a string, not {type(where).__name__}")
+            allowed &= rows_matching(self.metadata(), where)
+        return allowed
+
+    def _check_columns(self, columns: Sequence[str]) -> tuple[str, ...]:
+        if isinstance(columns, str):
+            columns = (columns,)
+        columns = tuple(columns)
+        if columns:
+            known = set(self.metadata_columns)
+            missing = [c for c in columns if c not in known]
+            if missing:
+                raise QueryError(f"unknown metadata column {missing[0]!r}; the store has "
+                                 f"{', '.join(sorted(known))}")
+        return columns
+
+    @staticmethod
+    def _check_k(k: Any) -> int:
+        if not _is_row(k) or k < 1:
             raise QueryError(f"k must be a positive integer, got {k!r}")
         return int(k)
 
-    def _rank_batch(
-        self, queries: Sequence[QueryVectors], measures: Sequence[str], k: int, exclude_rows: Sequence[int | None]
-    ) -> list[dict[str, list[Hit]]]:
-        k = self._check_k(k)
-        self._sync_deletions()
-        batch = QueryBatch(self._index, queries)
-        results = []
-        for state, exclude in zip(batch.queries, exclude_rows):
-            per_measure = {}
-            for measure in measures:
-                rows, scores = batch.top_k(state, measure, k, exclude)
-                comps = batch.hit_components(state, rows)
-                per_measure[measure] = [
-                    Hit(row=int(r), image_id=self._image_ids[r], path=self._paths[r], score=float(sc),
-                        components={c: float(comps[c][i]) for c in COMPONENTS})
-                    for i, (r, sc) in enumerate(zip(rows, scores))
-                ]
-            results.append(per_measure)
-        self.last_stats = batch.queries[-1].stats if batch.queries else None
-        self._batch_stats = [q.stats for q in batch.queries]
-        return results
-
-    def _rank(self, q: QueryVectors, measures: Sequence[str], k: int, exclude_row: int | None) -> dict[str, list[Hit]]:
-        return self._rank_batch([q], measures, k, [exclude_row])[0]
-
-    # -- public search -----------------------------------------------------------------
-    def search(self, query, measure: str = "style", k: int = 5) -> list[Hit]:
-        """The ``k`` stored images most similar to an image under ``measure``.
+    # -- the search call -----------------------------------------------------------------
+    def search(
+        self,
+        query: Query | Sequence[Query],
+        *,
+        measures: str | Sequence[str] = "style",
+        k: int = 5,
+        exclude: Iterable[int] = (),
+        where: "pc.Expression | str | None" = None,
+        columns: Sequence[str] = (),
+        exclude_self: bool = True,
+    ) -> SearchResult | list[SearchResult]:
+        """The ``k`` stored images most similar to ``query``, under each measure.
 
         Parameters
         ----------
-        query : str, os.PathLike, PIL.Image.Image or np.ndarray
-            An image file, a PIL image, or an ``H x W x 3`` uint8 array.
-        measure : str
-            One of :data:`retriever.MEASURES`.
+        query : path, PIL.Image.Image, np.ndarray, int, QueryVectors, or a list of these
+            An image file, a PIL image, an ``H x W (x 3)`` uint8 array, a stored row, or
+            already computed vectors. A list is a batch: images are embedded together and
+            every style or mask row read from disk serves all queries.
+        measures : str or sequence of str
+            One of :data:`~dermris.retriever.MEASURES`, several, or ``"all"``.
         k : int
-            Number of hits (fewer if the store is smaller).
-        """
-        (measure,) = check_measures(measure)
-        return self._rank(self.embed(query), (measure,), k, None)[measure]
+            Hits per measure (fewer if fewer rows qualify).
+        exclude : collection of int
+            Rows never returned (e.g. the query's patient in leave-one-out evaluation).
+        where : pyarrow.compute.Expression or str, optional
+            Only rows whose metadata pass the filter are returned, e.g.
+            ``pc.field("diagnosis") == "melanoma"`` or ``"diagnosis == 'melanoma'"``.
+            ``ED_max`` and ``LS_max`` stay maxima over the whole store.
+        columns : sequence of str
+            Metadata columns to put on every hit (``Hit.metadata``).
+        exclude_self : bool
+            A stored row used as the query is not returned (default).
 
-    def search_row(self, row: int, measure: str = "style", k: int = 5, *, exclude_self: bool = True) -> list[Hit]:
-        """Like :meth:`search`, with a stored row as the query (``exclude_self`` drops it)."""
-        (measure,) = check_measures(measure)
-        q = self.row_vectors(row)
-        return self._rank(q, (measure,), k, q.row if exclude_self else None)[measure]
-
-    def search_all(self, query, k: int = 5, *, measures: Sequence[str] = MEASURES) -> dict[str, list[Hit]]:
-        """``{measure: hits}`` for every measure, embedding the query once."""
-        return self._rank(self.embed(query), check_measures(measures), k, None)
-
-    def search_row_all(
-        self, row: int, k: int = 5, *, measures: Sequence[str] = MEASURES, exclude_self: bool = True
-    ) -> dict[str, list[Hit]]:
-        """:meth:`search_all` with a stored row as the query."""
-        q = self.row_vectors(row)
-        return self._rank(q, check_measures(measures), k, q.row if exclude_self else None)
-
-    def search_vectors(
-        self, vectors: QueryVectors, k: int = 5, *, measures: Sequence[str] = MEASURES,
-        exclude_row: int | None = None,
-    ) -> dict[str, list[Hit]]:
-        """Rank by already computed query vectors (see :meth:`embed`, :meth:`row_vectors`)."""
-        return self._rank(vectors, check_measures(measures), k, exclude_row)
-
-    def search_batch(
-        self, queries: Sequence, k: int = 5, *, measures: Sequence[str] = MEASURES
-    ) -> list[dict[str, list[Hit]]]:
-        """:meth:`search_all` for many queries at once; every row read from disk serves them all.
-
-        Parameters
-        ----------
-        queries : sequence
-            Images (path, PIL image, uint8 array) or stored rows (``int``; excluded from their
-            own results).
+        Returns
+        -------
+        SearchResult or list of SearchResult
+            ``{measure: [Hit, ...]}`` with ``.stats``; a list for a list of queries.
         """
         measures = check_measures(measures)
-        vectors, excludes = [], []
-        for query in queries:
-            if isinstance(query, (int, np.integer)) and not isinstance(query, bool):
-                vectors.append(self.row_vectors(query))
-                excludes.append(int(query))
-            else:
-                vectors.append(self.embed(query))
-                excludes.append(None)
-        return self._rank_batch(vectors, measures, k, excludes)
+        k = self._check_k(k)
+        columns = self._check_columns(columns)
+        batch = isinstance(query, (list, tuple))
+        queries = list(query) if batch else [query]
+        self._sync()
+        allowed = self._allowed(exclude, where)
+        vectors, labels = self._prepare(queries)
+        results = self._rank(vectors, labels, measures, k, allowed, columns, exclude_self)
+        self._sync()  # a compaction during the search would have renumbered rows: fail loudly
+        return results if batch else results[0]
 
-    @property
-    def batch_stats(self) -> list[SearchStats]:
-        """Per-query statistics of the last search call (one entry per query)."""
-        return list(self._batch_stats)
+    def _prepare(self, queries: list) -> tuple[list[QueryVectors], list[str]]:
+        vectors: list[QueryVectors | None] = [None] * len(queries)
+        labels = [""] * len(queries)
+        images, positions = [], []
+        for i, q in enumerate(queries):
+            if isinstance(q, QueryVectors):
+                vectors[i], labels[i] = q, f"row {q.row}" if q.row is not None else "vectors"
+            elif _is_row(q):
+                vectors[i], labels[i] = self.vectors(q), f"row {int(q)}"
+            else:
+                images.append(q)
+                positions.append(i)
+                labels[i] = str(q) if isinstance(q, (str, os.PathLike)) else f"{type(q).__name__} image"
+        if images:
+            for i, v in zip(positions, self.embed(images)):
+                vectors[i] = v
+        return vectors, labels
+
+    def _rank(
+        self, vectors: list[QueryVectors], labels: list[str], measures: tuple[str, ...], k: int,
+        allowed: np.ndarray, columns: tuple[str, ...], exclude_self: bool,
+    ) -> list[SearchResult]:
+        batch = QueryBatch(self._index, vectors)
+        table = self.metadata().select(list(columns)) if columns else None
+        results = []
+        for state, q, label in zip(batch.queries, vectors, labels):
+            mask = allowed
+            if exclude_self and q.row is not None and 0 <= q.row < len(allowed):
+                mask = allowed.copy()
+                mask[q.row] = False
+            per_measure = {}
+            for measure in measures:
+                rows, scores = batch.top_k(state, measure, k, mask)
+                comps = batch.hit_components(state, rows)
+                meta = table.take(pa.array(rows, pa.int64())).to_pylist() if table is not None else [{}] * len(rows)
+                per_measure[measure] = [
+                    Hit(row=int(r), image_id=self._image_ids[r], path=self._paths[r], score=float(sc),
+                        components={c: float(comps[c][i]) for c in COMPONENTS}, metadata=meta[i])
+                    for i, (r, sc) in enumerate(zip(rows, scores))
+                ]
+            results.append(SearchResult(per_measure, stats=state.stats, query=label, row=q.row))
+        return results

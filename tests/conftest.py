@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from models import build_model, get_preset
+    from dermris.models import build_model, get_preset
 
     return build_model(get_preset("tiny"))
 
@@ -25,7 +25,7 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def synthetic_set(tmp_path_factory):
     """32 synthetic lesion JPEGs (4 texture classes) with a metadata CSV."""
-    from indexer.synthetic import write_synthetic_set
+    from dermris.indexer.synthetic import write_synthetic_set
 
     root = tmp_path_factory.mktemp("synthetic")
     csv = write_synthetic_set(root, per_class=8, size=160)
@@ -35,7 +35,7 @@ def synthetic_set(tmp_path_factory):
 @pytest.fixture(scope="session")
 def indexed_store(synthetic_set, tmp_path_factory):
     """The synthetic set indexed with the tiny preset."""
-    from indexer import index_folder
+    from dermris.indexer import index_folder
 
     images, csv = synthetic_set
     store = tmp_path_factory.mktemp("stores") / "tiny"
@@ -69,8 +69,8 @@ def make_random_store(
     ``sketch_dim``; None for none) is built after ``sketch_after`` commits (default: all), so
     later rows are outside it. ``clusters`` > 0 draws style vectors around that many centres.
     """
-    from models import StyleLayout, get_preset
-    from indexer import StoreWriter
+    from dermris.models import StyleLayout, get_preset
+    from dermris.indexer import StoreWriter
 
     rng = np.random.default_rng(seed)
     config = get_preset("tiny").replace(feature_dim=feature_dim, image_size=32,

@@ -48,8 +48,12 @@ def _harmonic(values):
     return len(values) / sum(1.0 / v for v in values)
 
 
-def brute_force(data: dict, feature, style, mask_bits, *, exclude_row=None, k=5) -> dict:
-    """Return {measure: [(row, score), ...]} over all rows of ``data``."""
+def brute_force(data: dict, feature, style, mask_bits, *, exclude_row=None, k=5, allowed=None) -> dict:
+    """Return {measure: [(row, score), ...]} over all rows of ``data``.
+
+    ``allowed`` (a set of rows) limits the rows that may be returned; the normalisers
+    ``ED_max`` and ``LS_max`` are still maxima over every live row.
+    """
     n = data["n"]
     feature = [float(v) for v in feature]
     style = [float(v) for v in style]
@@ -87,7 +91,7 @@ def brute_force(data: dict, feature, style, mask_bits, *, exclude_row=None, k=5)
     }
     out = {}
     for name in NAMES:
-        rows = [r for r in live if r != exclude_row]
+        rows = [r for r in live if r != exclude_row and (allowed is None or r in allowed)]
         rows.sort(key=lambda r: (-scores[name][r], r))
         out[name] = [(r, scores[name][r]) for r in rows[:k]]
     out["_components"] = {"es": es, "cs": cs, "ss": ss, "dc": dc}

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from retriever.cli import main
+from dermris.retriever.app.cli import main
 
 
 @pytest.fixture
@@ -65,16 +65,16 @@ def test_index_search_info(runner, tmp_path, synthetic_set):
 
 
 def payload_style_row4(store):
-    from retriever import Retriever
+    from dermris.retriever import Retriever
 
-    return [h.to_dict() for h in Retriever.open(store, device="cpu").search_row(4, measure="style", k=5)]
+    return [h.to_dict() for h in Retriever.open(store, device="cpu").search(4, measures="style", k=5)["style"]]
 
 
 def test_cli_errors_are_one_line(runner, tmp_path, synthetic_set):
     images, _ = synthetic_set
     result = runner.invoke(main, ["info", str(tmp_path / "none")])
     assert result.exit_code == 1
-    assert result.output.startswith("Error: no store at") and result.output.count("\n") == 1
+    assert result.stderr.startswith("Error: no store at") and result.stderr.count("\n") == 1 and result.stdout == ""
     assert "Traceback" not in result.output
 
     result = runner.invoke(main, ["search", str(tmp_path), str(images / "SYN_streaks_000.jpg"), "--measure", "dice"])
@@ -112,3 +112,51 @@ def test_demo(runner, tmp_path):
     assert again.exit_code == 0
     payload = json.loads(again.output)
     assert set(payload["results"]) >= {"style", "i1_ecd"} and len(payload["results"]["style"]) == 5
+
+
+def test_search_where_columns_exclude(runner, indexed_store):
+    result = runner.invoke(main, ["search", str(indexed_store), "--row", "0", "--measure", "style", "-k", "3",
+                                  "--where", "texture == 'streaks'", "--column", "texture", "--exclude", "17",
+                                  "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.stdout)["results"]["style"]
+    assert len(hits) == 3 and all(h["metadata"] == {"texture": "streaks"} and h["row"] != 17 for h in hits)
+    text = runner.invoke(main, ["search", str(indexed_store), "--row", "0", "--measure", "cosine", "-k", "2",
+                                "--where", "texture == 'streaks'", "--column", "texture"])
+    assert text.exit_code == 0 and "texture" in text.stdout and "streaks" in text.stdout
+    bad = runner.invoke(main, ["search", str(indexed_store), "--row", "0", "--where", "import os"])
+    assert bad.exit_code == 1 and bad.stderr.startswith("Error: where:") and bad.stderr.count("\n") == 1
+    bad = runner.invoke(main, ["search", str(indexed_store), "--row", "0", "--where", "nosuch == 1"])
+    assert bad.exit_code == 1 and "nosuch" in bad.stderr
+    bad = runner.invoke(main, ["search", str(indexed_store), "--row", "0", "--column", "nosuch"])
+    assert bad.exit_code == 1 and "unknown metadata column 'nosuch'" in bad.stderr
+
+
+def test_only_dermris_errors_become_one_line(runner, indexed_store, monkeypatch):
+    """A bug (an unexpected exception type) keeps its traceback; dermris errors are one line."""
+    from dermris.indexer.store import Store
+
+    def broken(self):
+        raise ValueError("a programming error")
+
+    monkeypatch.setattr(Store, "describe", broken)
+    result = runner.invoke(main, ["info", str(indexed_store)])
+    assert result.exit_code == 1 and isinstance(result.exception, ValueError)
+    assert "Error:" not in result.output
+
+
+def test_warnings_and_diagnostics_go_to_stderr(runner, tmp_path, synthetic_set):
+    images, csv = synthetic_set
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "NOT_IN_CSV.jpg").write_bytes((images / "SYN_globular_001.jpg").read_bytes())
+    result = runner.invoke(main, ["index", str(folder), str(tmp_path / "store"), "--metadata", str(csv),
+                                  "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["indexed"] == 1  # stdout is pure JSON
+    assert "WARNING" not in result.stdout
+    loud = runner.invoke(main, ["index", str(folder), str(tmp_path / "store2"), "--metadata", str(csv), "--json"])
+    assert loud.exit_code == 0 and json.loads(loud.stdout)["without_metadata"] == ["NOT_IN_CSV"]
+    assert "WARNING: 1 images have no row in the metadata CSV" in loud.stderr
+    verbose = runner.invoke(main, ["info", str(tmp_path / "store2"), "-v"])
+    assert verbose.exit_code == 0 and "INFO" not in verbose.stdout

@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 from reference import brute_force, load_store, row_query
-from retriever import MEASURES, Retriever
-from retriever.cli import main
-from retriever.evaluate import EvaluationError, evaluate, query_metrics
-from retriever import judge
+from dermris.retriever import MEASURES, Retriever
+from dermris.retriever.app.cli import main
+from dermris.retriever.app.evaluate import EvaluationError, evaluate, query_metrics
+from dermris.retriever.app import judge
 
 
 def slow_metrics(labels, groups, ranking, query, k):
@@ -80,13 +80,20 @@ def test_group_exclusion_removes_same_patient_results(random_store):
     groups = [f"P{i // 3}" for i in range(n)]  # triplets of near-identical images per patient
     path = random_store(n=n, seed=62, extra_columns={"label": labels, "patient_id": groups})
     retriever = Retriever.open(path, device="cpu")
+    data = load_store(path)
     report = evaluate(retriever, "label", group_column="patient_id", k=4, queries=None, bootstrap=0)
-    for q in report.queries:
+    assert report.queries == list(range(n))
+    for i, q in enumerate(report.queries):
         mates = {r for r in range(n) if groups[r] == groups[q]}
-        hits = retriever.search_row_all(q, k=4 + len(mates))
+        expected = brute_force(data, *row_query(data, q), k=4, allowed=set(range(n)) - mates)
+        relevant = sum(1 for r in range(n) if labels[r] == labels[q] and r not in mates)
         for m in MEASURES:
-            kept = [h.row for h in hits[m] if h.row not in mates][:4]
-            assert not set(kept) & mates
+            rows = [r for r, _ in expected[m]]
+            assert not set(rows) & mates
+            p, ap, mv = query_metrics(labels[q], [labels[r] for r in rows], relevant, 4)
+            assert report.per_query[m]["precision"][i] == pytest.approx(p), (q, m)
+            assert report.per_query[m]["map"][i] == pytest.approx(ap), (q, m)
+            assert report.per_query[m]["majority_vote"][i] == pytest.approx(mv), (q, m)
     with pytest.raises(EvaluationError, match="no metadata column 'lesion_id'"):
         evaluate(retriever, "label", group_column="lesion_id")
 
@@ -194,7 +201,7 @@ def test_judge_round_trip_blinded_and_scored(indexed_store, tmp_path):
     for m in MEASURES:
         precision = []
         for row in rows:
-            hits = retriever.search_row(row, measure=m, k=5)
+            hits = retriever.search(row, measures=m, k=5)[m]
             q_tex = texture[retriever.image_ids[row]]
             precision.append(sum(texture[h.image_id] == q_tex for h in hits) / 5)
         assert score.success[m] == pytest.approx(100 * np.mean(precision))

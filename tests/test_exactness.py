@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 import torch
 
 from reference import NAMES, brute_force, load_store, row_query
-from retriever import MEASURES, QueryVectors, Retriever
+from dermris.retriever import MEASURES, QueryVectors, Retriever
 
 
 def assert_same(hits, expected, *, rtol=1e-9):
@@ -44,12 +45,70 @@ def test_search_row_equals_brute_force(random_store, case, k):
     for row in rows:
         for exclude in (True, False):
             expected = brute_force(data, *row_query(data, row), exclude_row=row if exclude else None, k=k)
-            got = retriever.search_row_all(row, k=k, exclude_self=exclude)
+            got = retriever.search(row, k=k, exclude_self=exclude, measures="all")
+            assert got.measures == MEASURES and got.row == row
             for name in NAMES:
                 assert_same(got[name], expected[name])
-                single = retriever.search_row(row, measure=name, k=k, exclude_self=exclude)
-                assert [h.row for h in single] == [h.row for h in got[name]]
+                single = retriever.search(row, measures=name, k=k, exclude_self=exclude)
+                assert list(single) == [name]
+                assert [h.row for h in single[name]] == [h.row for h in got[name]]
             assert len(got["style"]) == min(k, data["n"] - (1 if exclude else 0))
+
+
+FILTER_CASES = [
+    dict(n=30, seed=61, duplicate_rows=6, empty_masks=5),
+    dict(n=45, seed=62, clusters=3, sketch_dim=8, mask_density=0.05),
+    dict(n=1, seed=63),
+    dict(n=12, seed=64, identical=True),
+    dict(n=40, seed=65, commit_sizes=[10, 30], sketch_after=1, empty_masks=40),
+]
+
+
+def _labels(n, seed):
+    rng = np.random.default_rng(seed)
+    groups = [None if rng.random() < 0.15 else str(rng.choice(["mel", "nev", "bcc"])) for _ in range(n)]
+    ages = rng.integers(20, 90, n).tolist()
+    return {"diagnosis": groups, "age": ages}
+
+
+@pytest.mark.parametrize("case", FILTER_CASES, ids=lambda c: f"n{c['n']}-seed{c['seed']}")
+def test_filtered_search_equals_brute_force(random_store, case):
+    """``where=`` keeps the top k among passing rows exact, with normalisers over the whole store."""
+    labels = _labels(case["n"], case["seed"])
+    path = random_store(**case, extra_columns=labels)
+    data = load_store(path)
+    retriever = Retriever.open(path, device="cpu")
+    filters = [
+        (pc.field("diagnosis") == "mel", {r for r, g in enumerate(labels["diagnosis"]) if g == "mel"}),
+        ("diagnosis in ('nev', 'bcc') and age >= 50",
+         {r for r, (g, a) in enumerate(zip(labels["diagnosis"], labels["age"])) if g in ("nev", "bcc") and a >= 50}),
+        ("is_null(diagnosis) or age < 30",
+         {r for r, (g, a) in enumerate(zip(labels["diagnosis"], labels["age"])) if g is None or a < 30}),
+        ("diagnosis == 'none of these'", set()),
+    ]
+    for row in sorted({0, case["n"] // 2, case["n"] - 1}):
+        for where, passing in filters:
+            for k in (1, 4, 50):
+                expected = brute_force(data, *row_query(data, row), exclude_row=row, k=k, allowed=passing)
+                got = retriever.search(row, measures="all", k=k, where=where, columns=("diagnosis", "age"))
+                for name in NAMES:
+                    assert_same(got[name], expected[name])
+                    for hit in got[name]:
+                        assert hit.row in passing
+                        assert hit.metadata == {"diagnosis": labels["diagnosis"][hit.row], "age": labels["age"][hit.row]}
+
+
+def test_exclude_rows_equals_brute_force(random_store):
+    path = random_store(n=40, seed=66, clusters=2, sketch_dim=5, duplicate_rows=6)
+    data = load_store(path)
+    retriever = Retriever.open(path, device="cpu")
+    excluded = {1, 2, 3, 17, 39}
+    for row in (0, 17, 25):
+        expected = brute_force(data, *row_query(data, row), exclude_row=row, k=6,
+                               allowed=set(range(40)) - excluded)
+        got = retriever.search(row, measures="all", k=6, exclude=excluded)
+        for name in NAMES:
+            assert_same(got[name], expected[name])
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -65,7 +124,8 @@ def test_free_query_equals_brute_force(random_store, seed):
     mask = rng.random(32 * 32) < (0.3 if seed % 3 else 0.0)
     q = QueryVectors(feature=feature, style=style, mask=np.packbits(mask), mask_area=int(mask.sum()))
     expected = brute_force(data, feature, style, mask, k=7)
-    got = retriever.search_vectors(q, k=7)
+    got = retriever.search(q, k=7, measures="all")
+    assert got.row is None
     for name in NAMES:
         assert_same(got[name], expected[name], rtol=1e-7)
         for hit in got[name]:
@@ -76,7 +136,7 @@ def test_free_query_equals_brute_force(random_store, seed):
 def test_zero_maxima_give_score_one(random_store):
     path = random_store(n=6, seed=11, identical=True)
     retriever = Retriever.open(path, device="cpu")
-    hits = retriever.search_row_all(2, k=6, exclude_self=False)
+    hits = retriever.search(2, k=6, exclude_self=False, measures="all")
     for name in ("euclidean", "style", "i1_se"):
         assert [h.row for h in hits[name]] == list(range(6))  # all tied: row order
         assert all(h.score == 1.0 for h in hits[name])
@@ -85,8 +145,9 @@ def test_zero_maxima_give_score_one(random_store):
 def test_single_row_store(random_store):
     path = random_store(n=1, seed=12)
     retriever = Retriever.open(path, device="cpu")
-    assert retriever.search_row(0, measure="style", k=5) == []
-    hits = retriever.search_row(0, measure="i1_sd", k=5, exclude_self=False)
+    assert retriever.search(0, measures="style", k=5)["style"] == []
+    assert retriever.search(0, measures="all", k=5, where="image_id == 'nothing'", exclude_self=False)["i1_se"] == []
+    hits = retriever.search(0, measures="i1_sd", k=5, exclude_self=False)["i1_sd"]
     assert [h.row for h in hits] == [0] and hits[0].score == 1.0
 
 
@@ -103,21 +164,28 @@ def test_many_random_stores_all_rows(random_store, seed):
     k = int(rng.integers(1, 8))
     for row in range(data["n"]):
         expected = brute_force(data, *row_query(data, row), exclude_row=row, k=k)
-        got = retriever.search_row_all(row, k=k)
+        got = retriever.search(row, k=k, measures="all")
         for name in NAMES:
             assert_same(got[name], expected[name])
 
 
 def test_batch_equals_single_queries(random_store):
-    path = random_store(n=50, seed=31, clusters=3, sketch_dim=6, duplicate_rows=4)
+    labels = _labels(50, 31)
+    path = random_store(n=50, seed=31, clusters=3, sketch_dim=6, duplicate_rows=4, extra_columns=labels)
     retriever = Retriever.open(path, device="cpu")
     rows = [0, 7, 7, 19, 49]
-    batch = retriever.search_batch(rows, k=4)
-    assert len(retriever.batch_stats) == len(rows)
-    for row, result in zip(rows, batch):
-        single = retriever.search_row_all(row, k=4)
-        for name in NAMES:
-            assert [(h.row, h.score) for h in result[name]] == [(h.row, h.score) for h in single[name]]
+    for kwargs in ({}, {"where": "diagnosis != 'mel'", "exclude": [3, 4, 19], "columns": ["age"]}):
+        batch = retriever.search(rows, k=4, measures="all", **kwargs)
+        assert isinstance(batch, list) and len(batch) == len(rows)
+        for row, result in zip(rows, batch):
+            single = retriever.search(row, k=4, measures="all", **kwargs)
+            assert result.stats.rows == 50
+            for name in NAMES:
+                assert [(h.row, h.score, dict(h.metadata)) for h in result[name]] == \
+                    [(h.row, h.score, dict(h.metadata)) for h in single[name]]
+    # a batch reads each row once for all its queries
+    style_only = retriever.search([0, 7, 19], measures="style", k=2)
+    assert sum(r.stats.style_rows_read for r in style_only) <= 50
 
 
 def test_bounds_skip_most_style_rows(random_store):
@@ -126,14 +194,14 @@ def test_bounds_skip_most_style_rows(random_store):
     retriever = Retriever.open(path, device="cpu")
     data = load_store(path)
     expected = brute_force(data, *row_query(data, 3), exclude_row=3, k=5)
-    hits = retriever.search_row(3, measure="style", k=5)
-    assert_same(hits, expected["style"])
-    stats = retriever.last_stats
+    result = retriever.search(3, measures="style", k=5)
+    assert_same(result["style"], expected["style"])
+    stats = result.stats
     assert stats.rows == 400
     assert 5 <= stats.reranked["style"] < 0.25 * 400
     assert stats.style_rows_read < 0.25 * 400
-    assert stats.bytes_read == stats.style_rows_read * retriever._index.style_row_bytes + \
-        stats.mask_rows_read * retriever._index.mask_row_bytes
+    assert stats.bytes_read == stats.style_rows_read * retriever.store.style_row_bytes + \
+        stats.mask_rows_read * retriever.store.mask_row_bytes
     assert set(stats.seconds) >= {"features+bounds", "rank style"}
 
 
@@ -152,7 +220,7 @@ def test_cuda_gives_the_cpu_results(random_store):
     gpu = Retriever.open(path, device="cuda")
     assert gpu._index.components_t.device.type == "cuda"
     for row in (0, 17, 79):
-        a, b = cpu.search_row_all(row, k=6), gpu.search_row_all(row, k=6)
+        a, b = cpu.search(row, k=6, measures="all"), gpu.search(row, k=6, measures="all")
         for name in NAMES:
             assert [h.row for h in a[name]] == [h.row for h in b[name]]
             np.testing.assert_allclose([h.score for h in a[name]], [h.score for h in b[name]], rtol=1e-12)

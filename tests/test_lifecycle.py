@@ -17,10 +17,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from reference import NAMES, brute_force, load_store, row_query
-from indexer import Store, StoreWriter, index_folder
-from indexer.check import check_store
-from retriever import QueryError, Retriever
-from retriever.cli import main
+from dermris.indexer import Store, StoreFormatError, StoreWriter, index_folder
+from dermris.indexer.store import check_store
+from dermris.retriever import QueryError, Retriever
+from dermris.retriever.app.cli import main
 
 
 @pytest.fixture
@@ -48,18 +48,18 @@ def test_delete_hides_rows_everywhere_then_compact(tmp_path, small_set):
     data = load_store(store)
     assert data["deleted"] == {1, 6, 15}
     for row in (0, 7, 14):
-        got = retriever.search_row_all(row, k=20)
+        got = retriever.search(row, k=20, measures="all")
         expected = brute_force(data, *row_query(data, row), exclude_row=row, k=20)
         for name in NAMES:
             assert [h.row for h in got[name]] == [r for r, _ in expected[name]]
             np.testing.assert_allclose([h.score for h in got[name]], [s for _, s in expected[name]], rtol=1e-9)
             assert not {h.image_id for h in got[name]} & set(gone)
     with pytest.raises(QueryError, match="was deleted"):
-        retriever.search_row(6)
-    by_image = retriever.search_all(folder / f"{gone[0]}.jpg", k=20)
+        retriever.search(6, measures="style")["style"]
+    by_image = retriever.search(folder / f"{gone[0]}.jpg", k=20, measures="all")
     assert all(h.image_id not in gone for hits in by_image.values() for h in hits)
     reference_hits = {m: [(h.image_id, round(h.score, 12)) for h in hits] for m, hits in
-                      retriever.search_all(folder / f"{before[3]}.jpg", k=6).items()}
+                      retriever.search(folder / f"{before[3]}.jpg", k=6, measures="all").items()}
 
     # compact: rows physically removed, renumbered, same answers
     with StoreWriter.open(store) as writer:
@@ -71,7 +71,7 @@ def test_delete_hides_rows_everywhere_then_compact(tmp_path, small_set):
     assert check_store(store).ok, check_store(store).problems
     fresh = Retriever.open(store, device="cpu")
     after = {m: [(h.image_id, round(h.score, 12)) for h in hits] for m, hits in
-             fresh.search_all(folder / f"{before[3]}.jpg", k=6).items()}
+             fresh.search(folder / f"{before[3]}.jpg", k=6, measures="all").items()}
     assert after == reference_hits
     assert not any(p.name.startswith(".compact") for p in store.iterdir())
 
@@ -82,7 +82,7 @@ def test_delete_hides_rows_everywhere_then_compact(tmp_path, small_set):
 
 
 def test_compaction_interrupted_before_and_during_the_switch(tmp_path, small_set, monkeypatch):
-    import indexer.store as store_module
+    import dermris.indexer.store.compaction as store_module
 
     folder, csv = small_set
     store = tmp_path / "store"
@@ -106,24 +106,36 @@ def test_compaction_interrupted_before_and_during_the_switch(tmp_path, small_set
     assert Store.open(store).rows == 16 and check_store(store).ok
 
     # 2. crash in the middle of the switch (after READY): the next open finishes it
-    real_finish = store_module._finish_compaction
+    real_finish = store_module.finish_compaction
 
     def half_switch(root):
         staging = root / ".compact"
+        if not (staging / "READY").exists():
+            return real_finish(root)
         (root / ".compact-old").mkdir(exist_ok=True)
         os.replace(root / "arrays.zarr", root / ".compact-old" / "arrays.zarr")
         os.replace(staging / "arrays.zarr", root / "arrays.zarr")
         raise KeyboardInterrupt("simulated crash mid-switch")
 
-    monkeypatch.setattr(store_module, "_finish_compaction", half_switch)
+    monkeypatch.setattr(store_module, "finish_compaction", half_switch)
     with pytest.raises(KeyboardInterrupt):
         with StoreWriter.open(store) as writer:
             writer.compact()
-    monkeypatch.setattr(store_module, "_finish_compaction", real_finish)
-    reopened = Store.open(store)  # recovery runs here
+    monkeypatch.setattr(store_module, "finish_compaction", real_finish)
+    # reading never moves anything: readers report the unfinished switch (after a short wait)
+    import dermris.indexer.store.reader as reader_module
+
+    monkeypatch.setattr(reader_module, "_SWITCH_WAIT_SECONDS", 0.2)
+    listing = sorted(p.name for p in store.iterdir())
+    with pytest.raises(StoreFormatError, match="middle of a compaction"):
+        Store.open(store)
+    assert not check_store(store).ok
+    assert sorted(p.name for p in store.iterdir()) == listing
+    StoreWriter.open(store).close()  # a writer finishes the switch under the lock
+    reopened = Store.open(store)
     assert reopened.rows == 14
     assert check_store(store).ok, check_store(store).problems
-    assert Retriever.open(store, device="cpu").search_row(0, measure="i1_sd", k=3)
+    assert Retriever.open(store, device="cpu").search(0, measures="i1_sd", k=3)["i1_sd"]
 
 
 def test_check_reports_each_problem(tmp_path, small_set):
@@ -203,7 +215,7 @@ def test_every_bad_input_is_indexed_or_rejected(tmp_path, synthetic_set, monkeyp
     assert "decompression-bomb" in rejected["bomb.png"] and "empty" in rejected["zero.jpg"]
     indexed = set(Store.open(store).metadata(columns=["image_id"]).column("image_id").to_pylist())
     assert indexed == {Path(n).stem for n, o in expect.items() if o == "indexed"}
-    recorded = {Path(r["path"]).name for r in Store.open(store).manifest["rejected"]}
+    recorded = {Path(r.path).name for r in Store.open(store).rejected}
     assert recorded == set(rejected)
     meta = Store.open(store).metadata(columns=["image_id", "width", "height"]).to_pylist()
     dims = {m["image_id"]: (m["width"], m["height"]) for m in meta}
@@ -223,7 +235,7 @@ def test_store_of_another_model_or_version(tmp_path, small_set):
     manifest = json.loads((store / "manifest.json").read_text())
     manifest["model"]["config"]["members"] = 3
     (store / "manifest.json").write_text(json.dumps(manifest))
-    from models import build_model, get_preset, save_model
+    from dermris.models import build_model, get_preset, save_model
 
     other = tmp_path / "other.safetensors"
     save_model(build_model(get_preset("tiny").replace(members=1)), other)
@@ -232,7 +244,7 @@ def test_store_of_another_model_or_version(tmp_path, small_set):
 
 
 def _index_subprocess(folder, store, csv):
-    code = "import sys; from retriever.cli import main; sys.exit(main())"
+    code = "import sys; from dermris.retriever.app.cli import main; sys.exit(main())"
     return subprocess.Popen(
         [sys.executable, "-c", code, "index", str(folder), str(store), "--metadata", str(csv),
          "--commit-every", "2", "--batch-size", "2", "--quiet", "--device", "cpu"],
@@ -275,7 +287,7 @@ def test_sigkill_at_random_points_then_resume(tmp_path, synthetic_set):
             rows = Store.open(store).rows
             rows_seen.append(rows)
             if rows:  # whatever was committed is served
-                assert Retriever.open(store, device="cpu").search_row(0, measure="style", k=3)
+                assert Retriever.open(store, device="cpu").search(0, measures="style", k=3)["style"]
     proc = _index_subprocess(folder, store, csv)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err.decode()[-2000:]

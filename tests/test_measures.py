@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retriever import (
+from dermris.retriever import (
     MEASURE_COMPONENTS,
     MEASURES,
     UnknownMeasureError,
@@ -16,7 +16,7 @@ from retriever import (
     normalised_score,
     rank,
 )
-from retriever.measures import check_measure
+from dermris.retriever.measures import check_measure
 
 
 def test_nine_measures_and_their_components():

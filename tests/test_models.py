@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import (
+from dermris.models import (
     ConfigError,
     ModelConfig,
     SegmenterConfig,
@@ -22,7 +22,7 @@ from models import (
     save_model,
     style_loss_from_grams,
 )
-from models.weights import file_sha256
+from dermris.models.weights import file_sha256
 
 
 def test_paper_preset_matches_the_paper():
@@ -77,8 +77,8 @@ def test_gram_matrix_definition():
 
 
 def _image_batch(seed, n=4, size=128):
-    from indexer.synthetic import TEXTURE_CLASSES, synthetic_lesion
-    from indexer import preprocess
+    from dermris.indexer.synthetic import TEXTURE_CLASSES, synthetic_lesion
+    from dermris.indexer import preprocess
 
     model_mean, model_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     return torch.stack([
@@ -104,7 +104,7 @@ def test_random_tiny_model_gives_informative_outputs(tiny_model):
 
 def test_uncalibrated_random_model_is_degenerate_but_calibrated_is_not():
     """The failure DESIGN.md describes, and that calibration fixes it."""
-    from models import DermrisModel
+    from dermris.models import DermrisModel
 
     torch.manual_seed(0)
     raw = DermrisModel(get_preset("tiny")).eval()
@@ -176,7 +176,7 @@ def test_lite0_preset_loads_real_imagenet_weights():
     skdata = pytest.importorskip("skimage.data")
     import timm
     from PIL import Image
-    from models.weights import lite0_state_dict
+    from dermris.models.weights import lite0_state_dict
 
     classifier = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     classifier.load_state_dict(lite0_state_dict())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer import ImageDecodeError, MetadataError, MetadataTable, decode_image, decode_image_bytes, list_images
+from dermris.indexer import ImageDecodeError, MetadataError, MetadataTable, decode_image, decode_image_bytes, list_images
 
 
 def _encode(image: Image.Image, fmt: str, **kw) -> bytes:

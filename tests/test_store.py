@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
-from indexer import Store, StoreFormatError, StoreNotFoundError, StyleCodec
-from indexer.errors import DermrisError
-from models import StyleLayout
-from retriever import Retriever
+from dermris.indexer import Store, StoreFormatError, StoreNotFoundError, StyleCodec
+from dermris.models.errors import DermrisError
+from dermris.models import StyleLayout
+from dermris.retriever import Retriever
 
 
 def test_store_is_read_by_independent_clients(indexed_store):
@@ -45,8 +45,8 @@ def test_store_is_read_by_independent_clients(indexed_store):
 def test_float16_storage_keeps_the_values(tiny_model):
     """Scaled float16 keeps every meaningful style value (no flush to zero, small error)."""
     import torch
-    from indexer.synthetic import synthetic_lesion, TEXTURE_CLASSES
-    from indexer import Embedder
+    from dermris.indexer.synthetic import synthetic_lesion, TEXTURE_CLASSES
+    from dermris.indexer import Embedder
 
     emb = Embedder(tiny_model, device=torch.device("cpu"), batch_size=8)
     style = emb.embed([synthetic_lesion(TEXTURE_CLASSES[i % 4], seed=i).image for i in range(8)]).style
@@ -98,6 +98,10 @@ def test_missing_damaged_and_foreign_stores(tmp_path, random_store):
     m = json.loads(good)
     m["rows"] = 50
     manifest_path.write_text(json.dumps(m))
+    with pytest.raises(StoreFormatError, match="metadata parts cover 5 rows, the manifest commits 50"):
+        Store.open(path)
+    m["metadata_parts"][-1]["stop"] = 50
+    manifest_path.write_text(json.dumps(m))
     with pytest.raises(StoreFormatError, match="array features"):
         Store.open(path)
 
@@ -113,21 +117,21 @@ def test_rows_past_the_commit_point_are_invisible(random_store):
     (path / "manifest.json").write_text(json.dumps(m))
     retriever = Retriever.open(path, device="cpu")
     assert len(retriever) == 6
-    assert max(h.row for h in retriever.search_row(0, measure="style", k=100)) == 5
+    assert max(h.row for h in retriever.search(0, measures="style", k=100)["style"]) == 5
     # the FAISS files hold 10 rows: they are derived, so they are rebuilt, not trusted
     assert Store.open(path).faiss_indexes()["features_ip"].ntotal == 6
 
 
 def test_store_without_model_rejects_image_queries(random_store):
-    from retriever import ModelUnavailableError
+    from dermris.retriever import ModelUnavailableError
 
     retriever = Retriever.open(random_store(n=3, seed=3), device="cpu")
-    with pytest.raises(ModelUnavailableError, match="search_row"):
+    with pytest.raises(ModelUnavailableError, match="query stored rows"):
         retriever.search(np.zeros((20, 20, 3), np.uint8))
 
 
 def test_one_writer_at_a_time(random_store):
-    from indexer import StoreLockedError, StoreWriter
+    from dermris.indexer import StoreLockedError, StoreWriter
 
     path = random_store(n=2, seed=4)
     with StoreWriter.open(path):
@@ -137,8 +141,8 @@ def test_one_writer_at_a_time(random_store):
 
 
 def test_interrupted_creation_is_cleared(tmp_path):
-    from indexer import StoreExistsError, StoreWriter
-    from models import StyleLayout, get_preset
+    from dermris.indexer import StoreExistsError, StoreWriter
+    from dermris.models import StyleLayout, get_preset
 
     root = tmp_path / "store"
     (root / ".create" / "arrays.zarr").mkdir(parents=True)  # what a crash mid-creation leaves
@@ -149,3 +153,90 @@ def test_interrupted_creation_is_cleared(tmp_path):
     assert Store.open(root).rows == 0 and not (root / ".create").exists()
     with pytest.raises(StoreExistsError, match="it is a store"):
         StoreWriter.create(root, model_config=cfg, style_layout=StyleLayout.from_channels((2,)))
+
+
+WRONG_TYPES = [
+    ("rows", True, "'rows' must be an integer"),
+    ("rows", -1, "'rows' must be an integer >= 0"),
+    ("rows", "5", "'rows' must be an integer"),
+    ("arrays", {}, "lacks the field 'arrays.features'"),
+    ("arrays", [], "'arrays' must be a JSON object"),
+    ("metadata_parts", "x", "'metadata_parts' must be a JSON list"),
+    ("metadata_parts", [{"file": "../../etc/passwd.parquet", "start": 0, "stop": 5}], "plain file name"),
+    ("metadata_parts", [{"file": "/abs/part.parquet", "start": 0, "stop": 5}], "plain file name"),
+    ("metadata_parts", [{"file": "a.parquet", "start": 0, "stop": 2}, {"file": "b.parquet", "start": 3, "stop": 5}],
+     "expected to start at 2"),
+    ("model", {"config": {"name": "x"}}, "invalid model config"),
+    ("model", None, "'model' must be a JSON object"),
+    ("style", {"channels": [2, 3, 4], "weights": [1, 1], "dtype": "float16"}, "style layout"),
+    ("style", {"channels": [2, 3, 4], "weights": [1, 1, 1], "dtype": "int8"}, "one of float16, float32"),
+    ("faiss", {"other": {"file": "x", "ntotal": 1}}, "keyed by"),
+    ("faiss", {"features_l2": {"file": "../x.index", "ntotal": 5}}, "'faiss/features_l2.index'"),
+    ("sketch", {"group": "../../elsewhere"}, "plain file name"),
+    ("deleted", [{"row": 99, "image_id": "a", "sha256": "b"}], "outside the 5 committed rows"),
+    ("deleted", "all", "'deleted' must be a JSON list"),
+    ("rejected", [{"path": 3, "reason": "x"}], "'rejected[0].path' must be a string"),
+    ("generation", "../x", "'generation' must be a hex string"),
+]
+
+
+@pytest.mark.parametrize("key,value,message", WRONG_TYPES, ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(WRONG_TYPES)])
+def test_manifest_of_wrong_types_is_one_line_error(random_store, key, value, message):
+    """Every manifest field is typed: a wrong one is one StoreFormatError line, at open."""
+    from dermris.indexer import Manifest
+
+    path = random_store(n=5, seed=5)
+    good = json.loads((path / "manifest.json").read_text())
+    bad = dict(good)
+    if key == "style" and isinstance(value, dict):
+        value = {**good["style"], **value}
+    bad[key] = value
+    (path / "manifest.json").write_text(json.dumps(bad))
+    with pytest.raises(StoreFormatError) as info:
+        Store.open(path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(StoreFormatError):
+        Manifest.from_dict(bad)
+
+
+def test_manifest_round_trips(random_store):
+    from dermris.indexer import Manifest
+
+    path = random_store(n=7, seed=6, commit_sizes=[3, 4])
+    data = json.loads((path / "manifest.json").read_text())
+    manifest = Manifest.from_dict(data)
+    assert manifest.rows == 7 and len(manifest.metadata_parts) == 2
+    again = manifest.to_dict()
+    for key in data:
+        assert again[key] == data[key], key
+
+
+def test_files_named_by_the_store_stay_inside_it(random_store, tmp_path):
+    """A symbolic link inside the store that leads out of it is refused, not followed."""
+    path = random_store(n=5, seed=7)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    part = next((path / "metadata").iterdir())
+    (outside / part.name).write_bytes(part.read_bytes())
+    part.unlink()
+    part.symlink_to(outside / part.name)
+    with pytest.raises(StoreFormatError, match="outside the store"):
+        Store.open(path).metadata()
+
+
+def test_no_module_outside_the_store_layer_reads_manifest_keys():
+    """The manifest is typed: only dermris.indexer.store touches its JSON keys."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    pattern = re.compile(r"manifest(\.get\(|\[)|manifest\.json|MANIFEST_NAME|_format import")
+    offenders = []
+    for folder in ("models", "indexer", "retriever", "benchmarks"):
+        for file in (root / folder).rglob("*.py"):
+            if "store" in file.relative_to(root).parts[1:2]:
+                continue
+            for number, line in enumerate(file.read_text().splitlines(), start=1):
+                if pattern.search(line):
+                    offenders.append(f"{file.relative_to(root)}:{number}: {line.strip()}")
+    assert not offenders, offenders

@@ -12,13 +12,13 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from models import load_model
-from models.augment import AUGMENTATIONS, augment, expand_offline, grid_mask, random_augment
-from models.data import DataError, read_classification_set, read_segmentation_set, split_train_val
-from models.losses import binary_focal_loss, focal_tversky_loss
-from models.train import TrainConfig, dice_jaccard, roc_auc, train_segmenter
-from models.weights import weights_part
-from retriever.cli import main
+from dermris.models import load_model
+from dermris.models.training.augment import AUGMENTATIONS, augment, expand_offline, grid_mask, random_augment
+from dermris.models.training.data import DataError, read_classification_set, read_segmentation_set, split_train_val
+from dermris.models.training.losses import binary_focal_loss, focal_tversky_loss
+from dermris.models.training.train import TrainConfig, dice_jaccard, roc_auc, train_segmenter
+from dermris.models.weights import weights_part
+from dermris.retriever.app.cli import main
 
 
 def test_binary_focal_loss_by_hand():
@@ -134,7 +134,7 @@ def test_readers_for_isic_and_ph2_layouts(tmp_path):
 
 @pytest.fixture(scope="module")
 def segmentation_data(tmp_path_factory):
-    from indexer.synthetic import write_synthetic_set
+    from dermris.indexer.synthetic import write_synthetic_set
 
     root = tmp_path_factory.mktemp("segdata")
     write_synthetic_set(root, per_class=10, size=128, seed=5)
@@ -162,8 +162,8 @@ def test_segmenter_training_beats_untrained_resumes_and_indexes(tmp_path, segmen
     # held-out Dice: trained beats untrained (validation images were never trained on)
     trained_dice = history[-1]["val_dice"]
     untrained = copy.deepcopy(tiny_model)
-    from models.data import load_image_tensor, load_mask_tensor
-    from models.train import split_train_val
+    from dermris.models.training.data import load_image_tensor, load_mask_tensor
+    from dermris.models.training.train import split_train_val
 
     _, val_idx = split_train_val([0] * len(items), None, val_fraction=0.2, seed=0)
     mean, std = torch.tensor(untrained.mean).view(3, 1, 1), torch.tensor(untrained.std).view(3, 1, 1)

@@ -14,16 +14,12 @@ from typing import Sequence
 
 import numpy as np
 
-from models.errors import DermrisError
+from dermris.models.errors import EvaluationError
 
-from .measures import MEASURES, check_measures
-from .search import Retriever
+from ..measures import MEASURES, check_measures
+from ..search import Retriever
 
 __all__ = ["EvaluationError", "MetricSummary", "EvaluationReport", "query_metrics", "evaluate", "plot_report"]
-
-
-class EvaluationError(DermrisError, ValueError):
-    """The evaluation cannot run as asked (unknown column, too few labelled rows, ...)."""
 
 
 @dataclass(frozen=True)
@@ -160,7 +156,7 @@ def evaluate(
     measures = check_measures(measures)
     if k < 1:
         raise EvaluationError("k must be >= 1")
-    meta = retriever.store.metadata()
+    meta = retriever.metadata()
     for column in (label_column, group_column):
         if column is not None and column not in meta.column_names:
             raise EvaluationError(
@@ -168,7 +164,7 @@ def evaluate(
             )
     labels = meta.column(label_column).to_pylist()
     groups = meta.column(group_column).to_pylist() if group_column else [None] * len(labels)
-    live = retriever.store.live
+    live = retriever.live
     labelled = [r for r, lab in enumerate(labels) if lab is not None and live[r]]
     if len(labelled) < 2:
         raise EvaluationError(f"fewer than two rows have a value in {label_column!r}")
@@ -190,10 +186,9 @@ def evaluate(
         if groups[q] is not None:
             excluded.update(members.get(groups[q], []))
         relevant = label_counts[labels[q]] - sum(1 for r in excluded if labels[r] == labels[q])
-        # the top k + |excluded| by the public API, then drop the excluded rows: exact top k
-        results = retriever.search_row_all(q, k=k + len(excluded), measures=measures, exclude_self=True)
+        results = retriever.search(q, measures=measures, k=k, exclude=sorted(excluded))
         for m in measures:
-            kept = [h.row for h in results[m] if h.row not in excluded][:k]
+            kept = [h.row for h in results[m]]
             p, ap, mv = query_metrics(labels[q], [labels[r] for r in kept], relevant, k)
             per_query[m]["precision"].append(p)
             per_query[m]["map"].append(ap)

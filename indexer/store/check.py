@@ -6,15 +6,15 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from models import file_sha256
+from dermris.models.errors import DermrisError
 
-from .errors import DermrisError
-from .store import FAISS_FILES, METADATA_DIR, Store
+from ._files import inside
+from ._format import FAISS_FILES, METADATA_DIR
+from .reader import Store
 
 __all__ = ["CheckReport", "check_store"]
 
@@ -42,9 +42,13 @@ class CheckReport:
         """True when no problem was found."""
         return not self.problems
 
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"rows": self.rows, "ok": self.ok, "problems": list(self.problems), "checked": list(self.checked)}
+
 
 def check_store(path: str | os.PathLike, *, full: bool = False) -> CheckReport:
-    """Verify a store: manifest, arrays, metadata, FAISS, sketch and checksums.
+    """Verify a store: manifest, arrays, metadata, FAISS, sketch and checksums (reads only).
 
     Parameters
     ----------
@@ -53,6 +57,8 @@ def check_store(path: str | os.PathLike, *, full: bool = False) -> CheckReport:
     full : bool
         Also read every style row (verifies all their checksums; reads the whole store).
     """
+    from dermris.models.weights import file_sha256
+
     root = Path(path)
     report = CheckReport()
     try:
@@ -97,31 +103,30 @@ def check_store(path: str | os.PathLike, *, full: bool = False) -> CheckReport:
         except DermrisError as exc:
             report.problems.append(f"style: {exc}")
 
-    # metadata parts
-    expected_start = 0
+    # metadata parts (the manifest guarantees they are contiguous from row 0)
     listed = set()
-    for part in m["metadata_parts"]:
-        listed.add(part["file"])
-        file = root / METADATA_DIR / part["file"]
-        if part["start"] != expected_start:
-            report.problems.append(f"metadata: part {part['file']} starts at {part['start']}, expected {expected_start}")
-        expected_start = part["stop"]
-        if not file.is_file():
-            report.problems.append(f"metadata: part {part['file']} is missing")
+    for part in m.metadata_parts:
+        listed.add(part.file)
+        try:
+            file = inside(root, f"{METADATA_DIR}/{part.file}")
+        except DermrisError as exc:
+            report.problems.append(f"metadata: {exc}")
             continue
-        if part.get("sha256") and file_sha256(file) != part["sha256"]:
-            report.problems.append(f"metadata: part {part['file']} does not match its sha256")
+        if not file.is_file():
+            report.problems.append(f"metadata: part {part.file} is missing")
+            continue
+        if part.sha256 and file_sha256(file) != part.sha256:
+            report.problems.append(f"metadata: part {part.file} does not match its sha256")
             continue
         try:
             rows = pq.read_table(file, columns=["row"]).column("row").to_numpy()
         except (pa.ArrowInvalid, OSError, KeyError) as exc:
-            report.problems.append(f"metadata: part {part['file']} unreadable: {exc}")
+            report.problems.append(f"metadata: part {part.file} unreadable: {exc}")
             continue
-        if not np.array_equal(rows, np.arange(part["start"], part["stop"])):
-            report.problems.append(f"metadata: part {part['file']} has rows other than {part['start']}..{part['stop'] - 1}")
-    if expected_start < n:
-        report.problems.append(f"metadata: parts cover {expected_start} rows, manifest commits {n}")
-    extra = sorted(p.name for p in (root / METADATA_DIR).iterdir() if p.name not in listed)
+        if not np.array_equal(rows, np.arange(part.start, part.stop)):
+            report.problems.append(f"metadata: part {part.file} has rows other than {part.start}..{part.stop - 1}")
+    metadata_dir = root / METADATA_DIR
+    extra = sorted(p.name for p in metadata_dir.iterdir() if p.name not in listed) if metadata_dir.is_dir() else []
     if extra:
         report.problems.append(f"metadata: files not listed in the manifest: {', '.join(extra[:3])}"
                                " (left by an interrupted run; the next index or delete removes them)")
@@ -138,47 +143,46 @@ def check_store(path: str | os.PathLike, *, full: bool = False) -> CheckReport:
     report.checked.append("metadata parts (rows, sha256, unique ids)")
 
     # FAISS (derived): files recorded in the manifest must match the committed rows
-    for name, info in (m.get("faiss") or {}).items():
-        file = root / FAISS_FILES.get(name, info.get("file", ""))
+    import faiss
+
+    for info in m.faiss:
         try:
+            file = inside(root, FAISS_FILES[info.name])
             index = faiss.read_index(str(file))
-        except RuntimeError as exc:
-            report.problems.append(f"faiss: {name} unreadable ({str(exc).splitlines()[0]})")
+        except DermrisError as exc:
+            report.problems.append(f"faiss: {exc}")
             continue
-        if index.ntotal != n or info.get("ntotal") != n:
-            report.problems.append(f"faiss: {name} holds {index.ntotal} vectors, store has {n} rows")
+        except RuntimeError as exc:
+            report.problems.append(f"faiss: {info.name} unreadable ({str(exc).splitlines()[0]})")
+            continue
+        if index.ntotal != n or info.ntotal != n:
+            report.problems.append(f"faiss: {info.name} holds {index.ntotal} vectors, store has {n} rows")
             continue
         ids = faiss.vector_to_array(index.id_map) if hasattr(index, "id_map") else np.arange(index.ntotal)
         if not np.array_equal(np.sort(ids), np.arange(n)):
-            report.problems.append(f"faiss: {name} ids are not the rows 0..{n - 1}")
+            report.problems.append(f"faiss: {info.name} ids are not the rows 0..{n - 1}")
     report.checked.append("faiss (ntotal, ids)")
 
     # style sketch (derived)
-    sketch = m.get("sketch")
-    if sketch:
-        if sketch["rows"] > n:
-            report.problems.append(f"sketch: covers {sketch['rows']} rows, store has {n}")
+    if m.sketch is not None:
+        if m.sketch.rows > n:
+            report.problems.append(f"sketch: covers {m.sketch.rows} rows, store has {n}")
         try:
-            sk = store.sketch()
-            if sk is None:
-                report.problems.append(f"sketch: group {sketch['group']} is missing")
-            elif sk.components.shape != (sketch["dim"], store.style_dim):
-                report.problems.append("sketch: basis shape does not match the manifest")
+            if store.sketch() is None:
+                report.problems.append(f"sketch: group {m.sketch.group} is missing")
         except DermrisError as exc:
             report.problems.append(f"sketch: {exc}")
         report.checked.append("style sketch")
 
     # model file
-    weights = m["model"].get("weights_sha256")
-    if weights:
-        model_file = store.model_file
-        if model_file is None or not model_file.is_file():
-            report.problems.append("model: model.safetensors is missing")
-        elif file_sha256(model_file) != weights:
-            report.problems.append("model: model.safetensors does not match the sha256 in the manifest")
+    if m.model.weights_sha256:
+        try:
+            model_file = inside(root, m.model.weights_file or "model.safetensors")
+            if not model_file.is_file():
+                report.problems.append("model: model.safetensors is missing")
+            elif file_sha256(model_file) != m.model.weights_sha256:
+                report.problems.append("model: model.safetensors does not match the sha256 in the manifest")
+        except DermrisError as exc:
+            report.problems.append(f"model: {exc}")
         report.checked.append("model sha256")
-
-    deleted = m.get("deleted", [])
-    if any(not 0 <= d.get("row", -1) < n for d in deleted):
-        report.problems.append("deleted: rows outside the committed range")
     return report

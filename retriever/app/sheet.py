@@ -8,10 +8,10 @@ from typing import Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from indexer import decode_image
-from indexer.errors import ImageDecodeError
+from dermris.indexer import decode_image
+from dermris.models.errors import ImageDecodeError
 
-from .search import Hit
+from ..search import Hit
 
 __all__ = ["contact_sheet"]
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import DermrisError
-from .imageio import decode_image
+from ..errors import DataError
+from ..imageio import decode_image
 
 __all__ = [
     "DataError",
@@ -40,10 +40,6 @@ _IMAGE_ENDINGS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 _ID_COLUMNS = ("image_name", "isic_id", "image", "image_id")
 _GROUP_COLUMNS = ("patient_id", "lesion_id")
 _MASK_SUFFIXES = ("_segmentation", "_lesion", "_mask", "_Segmentation")
-
-
-class DataError(DermrisError, ValueError):
-    """A training set that cannot be read as asked."""
 
 
 @dataclass(frozen=True)

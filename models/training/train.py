@@ -34,9 +34,10 @@ from .data import (
     load_mask_tensor,
     split_train_val,
 )
-from .ensemble import DermrisModel
+from ..atomic import atomic_path, atomic_write
+from ..ensemble import DermrisModel
 from .losses import binary_focal_loss, focal_tversky_loss
-from .weights import save_model
+from ..weights import save_model
 
 __all__ = ["TrainConfig", "roc_auc", "dice_jaccard", "train_classifier", "train_ensemble", "train_segmenter"]
 
@@ -188,9 +189,8 @@ def _append_metrics(out: Path, entry: dict) -> None:
     history = json.loads(path.read_text()) if path.exists() else []
     history = [h for h in history if not (h["stage"] == entry["stage"] and h["epoch"] == entry["epoch"])]
     history.append(entry)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(history, indent=1))
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as fh:
+        fh.write(json.dumps(history, indent=1))
 
 
 def _fit(
@@ -239,10 +239,9 @@ def _fit(
         history.append(entry)
         _append_metrics(out, entry)
         ckpt.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt.with_name(ckpt.name + ".tmp")
-        torch.save({"module": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                    "history": history}, tmp)
-        os.replace(tmp, ckpt)
+        with atomic_path(ckpt) as tmp:
+            torch.save({"module": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                        "history": history}, tmp)
     return history
 
 

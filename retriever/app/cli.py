@@ -1,49 +1,107 @@
 """The ``dermris`` command line: parses arguments, calls the library, prints results.
 
-Results go to stdout (``--json`` for machines), progress bars and errors to stderr. Library
-errors become one-line messages and exit code 1; usage errors exit with 2.
+Results go to stdout (``--json`` for machines); progress bars, warnings and diagnostics go to
+stderr (``-v`` for more, ``-q`` for none but errors). dermris's own errors (and errors of the
+operating system, such as a full disk) become one line on stderr and exit code 1; usage
+errors exit with 2. Anything else is a bug and keeps its traceback.
+
+Nothing heavy is imported at module level: ``dermris --help`` and argument errors never load
+torch.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 from pathlib import Path
 
 import click
 
-from models import list_presets
-from models.errors import DermrisError
+from dermris.models.errors import DermrisError
+from dermris.models.presets import list_presets
 
-from .measures import COMPONENTS, MEASURES
+from ..measures import COMPONENTS, MEASURES
 
 __all__ = ["main"]
 
+log = logging.getLogger("dermris")
 
-def _library_errors(func):
-    """Turn dermris errors (and missing files) into one-line CLI errors."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except (DermrisError, FileNotFoundError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from None
-
-    return wrapper
+_DEVICES = click.Choice(["auto", "cpu", "cuda"])
 
 
-def _print_results(results: dict, *, file=None) -> None:
+class _Settings:
+    quiet = False
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    """Diagnostics to stderr: WARNING by default, INFO with -v, DEBUG with -vv, ERROR with -q."""
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    logger = logging.getLogger("dermris")
+    logger.setLevel(level)
+    if not any(getattr(h, "_dermris", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        handler._dermris = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    for handler in logger.handlers:
+        if getattr(handler, "_dermris", False):
+            handler.setStream(sys.stderr)  # click's test runner swaps sys.stderr per invocation
+    logging.captureWarnings(True)
+    warnings_logger = logging.getLogger("py.warnings")
+    warnings_logger.setLevel(level)
+    if not warnings_logger.handlers:
+        warnings_logger.addHandler(logger.handlers[-1])
+    _Settings.quiet = quiet
+
+
+def _progress() -> bool:
+    """Whether progress bars are shown (not with --quiet)."""
+    return not _Settings.quiet
+
+
+def _command(group: click.Group, name: str, **kwargs):
+    """Register a command with the options every command has (-v/--verbose, -q/--quiet), and
+    turn dermris errors into one-line messages."""
+
+    def decorate(func):
+        @group.command(name, **kwargs)
+        @click.option("-v", "--verbose", count=True, help="More diagnostics on stderr (-vv: debug).")
+        @click.option("-q", "--quiet", is_flag=True, help="No progress bars; only errors on stderr.")
+        @functools.wraps(func)
+        def wrapper(*args, verbose: int, quiet: bool, **kw):
+            _configure_logging(verbose, quiet)
+            try:
+                return func(*args, **kw)
+            except DermrisError as exc:
+                raise click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+            except OSError as exc:  # the environment (disk full, permissions), not a bug
+                where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+                raise click.ClickException(f"{exc.strerror or exc}{where}") from None
+
+        return wrapper
+
+    return decorate
+
+
+def _print_results(results, *, file=None) -> None:
     comp_header = "".join(f"{c:>8}" for c in COMPONENTS)
+    columns = []
+    for hits in results.values():
+        for hit in hits:
+            columns = list(hit.metadata)
+            break
     for measure, hits in results.items():
         click.echo(f"\n{measure}", file=file)
-        click.echo(f"  {'#':>2} {'row':>6}  {'image_id':<28}{'score':>9}{comp_header}", file=file)
+        meta_header = "".join(f"  {c[:16]:<16}" for c in columns)
+        click.echo(f"  {'#':>2} {'row':>6}  {'image_id':<28}{'score':>9}{comp_header}{meta_header}", file=file)
         for i, hit in enumerate(hits, start=1):
             comps = "".join(
                 f"{hit.components[c]:8.4f}" if c in hit.components else f"{'-':>8}" for c in COMPONENTS
             )
-            click.echo(f"  {i:>2} {hit.row:>6}  {hit.image_id[:27]:<28}{hit.score:9.4f}{comps}", file=file)
+            meta = "".join(f"  {str(hit.metadata.get(c))[:16]:<16}" for c in columns)
+            click.echo(f"  {i:>2} {hit.row:>6}  {hit.image_id[:27]:<28}{hit.score:9.4f}{comps}{meta}", file=file)
 
 
 def _print_stats(stats) -> None:
@@ -59,7 +117,8 @@ def main() -> None:
     """dermris: content-based image retrieval for dermoscopy (style, Dice and I1 scores)."""
 
 
-@main.command("index")
+# -- index, search, info -----------------------------------------------------------------
+@_command(main, "index")
 @click.argument("images", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--metadata", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -72,7 +131,7 @@ def main() -> None:
 @click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Local timm checkpoint for the backbone (safetensors or weights-only .pth).")
 @click.option("--pretrained", is_flag=True, help="Use timm's pretrained hub weights (needs a network).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=_DEVICES, default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--commit-every", type=click.IntRange(min=1), default=256, show_default=True,
               help="Rows per commit; an interrupted run keeps every committed row.")
@@ -80,18 +139,20 @@ def main() -> None:
               help="Dimension of the style sketch used to bound style losses.")
 @click.option("--strict", is_flag=True, help="Exit with code 3 when any file was rejected.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-@_library_errors
 def index_cmd(images, store, metadata, id_column, preset, weights, backbone_weights, pretrained,
-              device, batch_size, commit_every, sketch_dim, strict, as_json, quiet):
+              device, batch_size, commit_every, sketch_dim, strict, as_json):
     """Index the images under IMAGES into STORE (created, or extended with new images)."""
-    from indexer import index_folder
+    from dermris.indexer import index_folder
 
     report = index_folder(
         images, store, preset=preset, weights=weights, backbone_weights=backbone_weights,
         pretrained=pretrained, metadata=metadata, id_column=id_column, device=device,
-        batch_size=batch_size, commit_every=commit_every, sketch_dim=sketch_dim, progress=not quiet,
+        batch_size=batch_size, commit_every=commit_every, sketch_dim=sketch_dim, progress=_progress(),
     )
+    if report.without_metadata:
+        shown = ", ".join(report.without_metadata[:5])
+        log.warning("%d images have no row in the metadata CSV (metadata left empty): %s%s",
+                    len(report.without_metadata), shown, " ..." if len(report.without_metadata) > 5 else "")
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
     else:
@@ -107,15 +168,11 @@ def index_cmd(images, store, metadata, id_column, preset, weights, backbone_weig
             click.echo(f"  rejected: {path}: {reason}")
         for path in report.previously_deleted:
             click.echo(f"  previously deleted, not re-added: {path}")
-        if report.without_metadata:
-            shown = ", ".join(report.without_metadata[:5])
-            click.echo(f"  warning: {len(report.without_metadata)} images have no row in the metadata CSV "
-                       f"(metadata left empty): {shown}{' ...' if len(report.without_metadata) > 5 else ''}")
     if strict and report.rejected:
         sys.exit(3)
 
 
-@main.command("search")
+@_command(main, "search")
 @click.argument("store", type=click.Path(path_type=Path))
 @click.argument("image", required=False, type=click.Path(path_type=Path))
 @click.option("--row", type=click.IntRange(min=0), help="Query with a stored row instead of an image.")
@@ -123,82 +180,60 @@ def index_cmd(images, store, metadata, id_column, preset, weights, backbone_weig
 @click.option("--measure", "measures", multiple=True, type=click.Choice(MEASURES),
               help="A measure (repeatable); default: all nine.")
 @click.option("--all", "all_measures", is_flag=True, help="All nine measures (the default).")
+@click.option("--where", help="Only return images whose metadata pass, e.g. \"diagnosis == 'melanoma'\".")
+@click.option("--column", "columns", multiple=True, help="A metadata column to show with every hit (repeatable).")
+@click.option("--exclude", "exclude", multiple=True, type=click.IntRange(min=0), help="A row never to return.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), help="Write a contact sheet PNG.")
 @click.option("--stats", is_flag=True, help="Also print rows re-ranked, bytes read and time per stage.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@_library_errors
-def search_cmd(store, image, row, k, measures, all_measures, as_json, sheet, stats, device):
-    """Rank the images of STORE by similarity to IMAGE (or to a stored --row)."""
-    from .search import Retriever
+@click.option("--device", type=_DEVICES, default="auto", show_default=True)
+def search_cmd(store, image, row, k, measures, all_measures, where, columns, exclude, as_json, sheet, stats, device):
+    """Rank the images of STORE by similarity to IMAGE (or to a stored --row).
+
+    ED_max and LS_max are maxima over the whole store, also with --where.
+    """
+    from ..search import Retriever
 
     if (image is None) == (row is None):
         raise click.UsageError("give either IMAGE or --row")
     if all_measures or not measures:
         measures = MEASURES
     retriever = Retriever.open(store, device=device)
+    query = image if image is not None else row
+    result = retriever.search(query, measures=measures, k=k, where=where, columns=columns, exclude=exclude)
     if image is not None:
-        results = retriever.search_all(image, k=k, measures=measures)
         query_source, query_name = image, str(image)
     else:
-        results = retriever.search_row_all(row, k=k, measures=measures)
-        query_source = retriever.paths[row]
-        query_name = f"row {row} ({retriever.image_ids[row]})"
+        query_source, query_name = retriever.paths[row], f"row {row} ({retriever.image_ids[row]})"
     if sheet is not None:
         from .sheet import contact_sheet
 
-        contact_sheet(query_source, results, sheet, query_label=Path(str(query_source)).stem)
+        contact_sheet(query_source, result, sheet, query_label=Path(str(query_source)).stem)
     if as_json:
-        payload = {"store": str(store), "query": query_name, "k": k,
-                   "results": {m: [h.to_dict() for h in hits] for m, hits in results.items()}}
+        payload = {"store": str(store), "query": query_name, "k": k, "where": where,
+                   "results": {m: [h.to_dict() for h in hits] for m, hits in result.items()}}
         if sheet is not None:
             payload["sheet"] = str(sheet)
         if stats:
-            payload["stats"] = retriever.last_stats.to_dict()
+            payload["stats"] = result.stats.to_dict()
         click.echo(json.dumps(payload, indent=1))
         return
-    click.echo(f"query: {query_name}   store: {store} ({len(retriever)} rows)")
-    _print_results(results)
+    click.echo(f"query: {query_name}   store: {store} ({len(retriever)} rows)" + (f"   where: {where}" if where else ""))
+    _print_results(result)
     if stats:
-        _print_stats(retriever.last_stats)
+        _print_stats(result.stats)
     if sheet is not None:
         click.echo(f"\ncontact sheet: {sheet}")
 
 
-@main.command("info")
+@_command(main, "info")
 @click.argument("store", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
-@_library_errors
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def info_cmd(store, as_json):
     """Describe what STORE holds."""
-    from indexer import Store
+    from dermris.indexer.store import Store
 
-    s = Store.open(store)
-    m = s.manifest
-    cfg = s.model_config
-    summary = {
-        "store": str(store),
-        "format_version": m["format_version"],
-        "rows": s.rows,
-        "preset": cfg.name,
-        "backbone": cfg.backbone,
-        "members": cfg.members,
-        "backbone_source": cfg.backbone_source,
-        "image_size": cfg.image_size,
-        "segmenter": cfg.segmenter.arch,
-        "feature_dim": s.feature_dim,
-        "style_dim": s.style_dim,
-        "style_dtype": m["style"].get("dtype"),
-        "style_stage_channels": list(s.layout.channels),
-        "style_clipped_values": m["style"].get("clipped_values", 0),
-        "mask_size": s.mask_size,
-        "weights_sha256": m["model"].get("weights_sha256"),
-        "metadata_columns": s.metadata().column_names,
-        "faiss": {k: v.get("ntotal") for k, v in (m.get("faiss") or {}).items()},
-        "rejected": len(m.get("rejected", [])),
-        "created": m.get("created"),
-        "updated": m.get("updated"),
-    }
+    summary = Store.open(store).describe()
     if as_json:
         click.echo(json.dumps(summary, indent=1))
         return
@@ -211,35 +246,35 @@ def info_cmd(store, as_json):
         click.echo(f"{key:<{width}}  {value}")
 
 
-@main.command("rebuild")
+# -- maintenance -------------------------------------------------------------------------
+@_command(main, "rebuild")
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--sketch-dim", type=click.IntRange(min=0), default=256, show_default=True,
               help="Dimension of the style sketch (refitted when it changes).")
-@_library_errors
 def rebuild_cmd(store, sketch_dim):
     """Rebuild STORE's derived data (FAISS indexes, style sketch) from its arrays."""
-    from indexer import StoreWriter
+    from dermris.indexer.store import StoreWriter
 
     with StoreWriter.open(store) as writer:
         writer.build_derived(sketch_dim=sketch_dim)
-        sketch = writer.manifest["sketch"]
-    click.echo(f"rebuilt FAISS indexes and style sketch (d={sketch['dim']}, fitted on "
-               f"{sketch['fitted_rows']} rows) for {writer.rows} rows")
+        sketch = writer.reader().sketch_info
+        rows = writer.rows
+    click.echo(f"rebuilt FAISS indexes and style sketch (d={sketch.dim}, fitted on "
+               f"{sketch.fitted_rows} rows) for {rows} rows")
 
 
-@main.command("delete")
+@_command(main, "delete")
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--id", "ids", multiple=True, help="Image id to delete (repeatable).")
 @click.option("--ids-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A file with one image id per line.")
-@_library_errors
 def delete_cmd(store, ids, ids_file):
     """Delete images from STORE: no search returns them from now on (compact frees the space)."""
-    from indexer import StoreWriter
+    from dermris.indexer.store import StoreWriter
 
     wanted = list(ids)
     if ids_file is not None:
-        wanted += [line.strip() for line in ids_file.read_text().splitlines() if line.strip()]
+        wanted += [line.strip() for line in ids_file.read_text("utf-8").splitlines() if line.strip()]
     if not wanted:
         raise click.UsageError("give --id or --ids-file")
     with StoreWriter.open(store) as writer:
@@ -251,12 +286,11 @@ def delete_cmd(store, ids, ids_file):
         sys.exit(1)
 
 
-@main.command("compact")
+@_command(main, "compact")
 @click.argument("store", type=click.Path(path_type=Path))
-@_library_errors
 def compact_cmd(store):
     """Physically remove deleted images from STORE's arrays, metadata and indexes."""
-    from indexer import StoreWriter
+    from dermris.indexer.store import StoreWriter
 
     with StoreWriter.open(store) as writer:
         removed = writer.compact()
@@ -264,19 +298,17 @@ def compact_cmd(store):
     click.echo(f"removed {removed} rows; store has {rows} rows")
 
 
-@main.command("check")
+@_command(main, "check")
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--full", is_flag=True, help="Also read every style row (checks every checksum).")
 @click.option("--json", "as_json", is_flag=True)
-@_library_errors
 def check_cmd(store, full, as_json):
     """Verify STORE; print each problem on one line (exit code 1 when any)."""
-    from indexer.check import check_store
+    from dermris.indexer.store import check_store
 
     report = check_store(store, full=full)
     if as_json:
-        click.echo(json.dumps({"rows": report.rows, "ok": report.ok, "problems": report.problems,
-                               "checked": report.checked}, indent=1))
+        click.echo(json.dumps(report.to_dict(), indent=1))
     else:
         for problem in report.problems:
             click.echo(problem)
@@ -286,7 +318,8 @@ def check_cmd(store, full, as_json):
         sys.exit(1)
 
 
-@main.command("evaluate")
+# -- evaluation --------------------------------------------------------------------------
+@_command(main, "evaluate")
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--label-column", required=True, help="Metadata column with the label (e.g. diagnosis_1, target).")
 @click.option("--group-column", help="Exclude results sharing the query's value here (patient_id, lesion_id).")
@@ -299,13 +332,12 @@ def check_cmd(store, full, as_json):
 @click.option("--bootstrap", type=click.IntRange(min=0), default=1000, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Bar chart PNG.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@_library_errors
+@click.option("--device", type=_DEVICES, default="auto", show_default=True)
 def evaluate_cmd(store, label_column, group_column, k, queries, all_rows, seed, measures, bootstrap, as_json,
                  plot, device):
     """Leave-one-out evaluation of the measures by labels (Table 1, automatically)."""
+    from ..search import Retriever
     from .evaluate import evaluate, plot_report
-    from .search import Retriever
 
     report = evaluate(Retriever.open(store, device=device), label_column, group_column=group_column, k=k,
                       queries=None if all_rows else queries, seed=seed, measures=measures or MEASURES,
@@ -327,7 +359,7 @@ def evaluate_cmd(store, label_column, group_column, k, queries, all_rows, seed, 
         click.echo(f"plot: {plot}")
 
 
-@main.command("judge")
+@_command(main, "judge")
 @click.argument("store", required=False, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Session folder.")
 @click.option("--queries", type=click.IntRange(min=1), default=50, show_default=True)
@@ -339,7 +371,6 @@ def evaluate_cmd(store, label_column, group_column, k, queries, all_rows, seed, 
 @click.option("--score", "score_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Score the judgments in this session folder instead.")
 @click.option("--json", "as_json", is_flag=True)
-@_library_errors
 def judge_cmd(store, out, queries, seed, k, host, port, no_serve, score_dir, as_json):
     """Blinded manual judgment (paper 4.1): prepare and serve a session, or --score it."""
     from . import judge
@@ -360,7 +391,7 @@ def judge_cmd(store, out, queries, seed, k, host, port, no_serve, score_dir, as_
     if not (out / judge.KEY_FILE).exists():
         if store is None:
             raise click.UsageError("give STORE to prepare a new session")
-        from .search import Retriever
+        from ..search import Retriever
 
         judge.prepare_session(Retriever.open(store, device="cpu"), out, queries=queries, seed=seed, k=k)
         click.echo(f"prepared {out}")
@@ -376,6 +407,7 @@ def judge_cmd(store, out, queries, seed, k, host, port, no_serve, score_dir, as_
         server.server_close()
 
 
+# -- training ----------------------------------------------------------------------------
 @main.group("train")
 def train_group() -> None:
     """Train the paper's models (members, ensemble head, segmenter) into a weights file."""
@@ -397,12 +429,11 @@ def _training_options(func):
         click.option("--augment", type=click.Choice(["online", "offline", "none"]), default="online", show_default=True,
                      help="On-the-fly augmentation, the paper's 7x offline expansion, or none."),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        click.option("--device", type=_DEVICES, default="auto", show_default=True),
         click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
                      help="Weights file to write (checkpoints and metrics go beside it)."),
         click.option("--resume", is_flag=True, help="Continue from the last checkpoint of a crashed run."),
         click.option("--part-only", is_flag=True, help="Write only the trained part (applied to a preset on load)."),
-        click.option("--quiet", is_flag=True, help="No progress bars."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -410,7 +441,7 @@ def _training_options(func):
 
 
 def _base_model(preset, weights, backbone_weights):
-    from models import build_model, get_preset, load_model
+    from dermris.models import build_model, get_preset, load_model
 
     if weights is not None:
         return load_model(weights)
@@ -418,14 +449,15 @@ def _base_model(preset, weights, backbone_weights):
 
 
 def _train_config(epochs, batch_size, lr, val_fraction, augment, seed, device, balance="sampler"):
-    from models.train import TrainConfig
+    from dermris.models.training import TrainConfig
 
     return TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, val_fraction=val_fraction, augment=augment,
                        seed=seed, device=device, balance=balance)
 
 
 def _classification_items(images, metadata, id_column, label_column):
-    from models.data import DataError, read_classification_set
+    from dermris.models.errors import DataError
+    from dermris.models.training import read_classification_set
 
     if len(images) != len(metadata) or not images:
         raise DataError("give one --metadata CSV per --images folder")
@@ -436,7 +468,7 @@ def _classification_items(images, metadata, id_column, label_column):
 
 
 def _report_training(out, stage_prefix):
-    history = json.loads(Path(str(out) + ".metrics.json").read_text())
+    history = json.loads(Path(str(out) + ".metrics.json").read_text("utf-8"))
     for entry in history:
         if entry["stage"].startswith(stage_prefix):
             metrics = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
@@ -446,7 +478,7 @@ def _report_training(out, stage_prefix):
 
 
 def _classification_command(name, doc, trainer_name, stage_prefix):
-    @train_group.command(name, help=doc)
+    @_command(train_group, name, help=doc)
     @click.option("--images", "images", multiple=True, required=True,
                   type=click.Path(exists=True, file_okay=False, path_type=Path), help="Image folder (repeatable).")
     @click.option("--metadata", "metadata", multiple=True, required=True,
@@ -456,16 +488,15 @@ def _classification_command(name, doc, trainer_name, stage_prefix):
     @click.option("--balance", type=click.Choice(["sampler", "none"]), default="sampler", show_default=True,
                   help="Draw both classes equally often.")
     @_training_options
-    @_library_errors
     def command(images, metadata, id_column, label_column, balance, preset, weights, backbone_weights, epochs,
-                batch_size, lr, val_fraction, augment, seed, device, out, resume, part_only, quiet):
-        from models import train as training
+                batch_size, lr, val_fraction, augment, seed, device, out, resume, part_only):
+        from dermris.models import training
 
         items = _classification_items(images, metadata, id_column, label_column)
         cfg = _train_config(epochs, batch_size, lr, val_fraction, augment, seed, device, balance)
         trainer = getattr(training, trainer_name)
         trainer(_base_model(preset, weights, backbone_weights), items, out, cfg, resume=resume,
-                progress=not quiet, part_only=part_only)
+                progress=_progress(), part_only=part_only)
         _report_training(out, stage_prefix)
 
     return command
@@ -477,46 +508,47 @@ _classification_command("ensemble", "Stage 2: train the ensemble head (members f
                         "train_ensemble", "ensemble")
 
 
-@train_group.command("segmenter")
+@_command(train_group, "segmenter")
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Image folder (or a PH2 root).")
 @click.option("--masks", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Mask folder, matched by file stem (_segmentation / _lesion suffixes); default: --images.")
 @_training_options
-@_library_errors
 def train_segmenter_cmd(images, masks, preset, weights, backbone_weights, epochs, batch_size, lr, val_fraction,
-                        augment, seed, device, out, resume, part_only, quiet):
+                        augment, seed, device, out, resume, part_only):
     """Stage 3: train the segmenter with focal Tversky loss."""
-    from models.data import read_segmentation_set
-    from models.train import train_segmenter
+    from dermris.models.training import read_segmentation_set, train_segmenter
 
     items = read_segmentation_set(images, masks)
     cfg = _train_config(epochs, batch_size, lr, val_fraction, augment, seed, device, "none")
     train_segmenter(_base_model(preset, weights, backbone_weights), items, out, cfg, resume=resume,
-                    progress=not quiet, part_only=part_only)
+                    progress=_progress(), part_only=part_only)
     _report_training(out, "segmenter")
 
 
-@main.command("demo")
+# -- demo --------------------------------------------------------------------------------
+@_command(main, "demo")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("dermris-demo"),
               show_default=True, help="Folder for the generated images, the store and the sheet.")
 @click.option("--per-class", type=click.IntRange(min=2), default=8, show_default=True,
               help="Synthetic images per texture class (4 classes).")
 @click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--preset", type=click.Choice(list_presets()), default=None,
+              help="Model preset [default: the best installed: lite0 when its weights are installed, else tiny].")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
-@_library_errors
-def demo_cmd(out, per_class, k, as_json):
-    """Generate synthetic lesions, index them (tiny preset), run one query, write a sheet."""
+def demo_cmd(out, per_class, k, preset, as_json):
+    """Generate synthetic lesions, index them, run one query, write a contact sheet."""
     from .demo import run_demo
 
-    result = run_demo(out, per_class=per_class, k=k, progress=not as_json)
+    result = run_demo(out, per_class=per_class, k=k, preset=preset, progress=_progress() and not as_json)
     if as_json:
         click.echo(json.dumps({
-            "store": str(result.store), "query": str(result.query), "query_texture": result.query_texture,
-            "sheet": str(result.sheet),
+            "store": str(result.store), "preset": result.preset, "model": result.model_description,
+            "query": str(result.query), "query_texture": result.query_texture, "sheet": str(result.sheet),
             "results": {m: [h.to_dict() for h in hits] for m, hits in result.results.items()},
         }, indent=1))
         return
+    click.echo(f"model: {result.model_description}")
     click.echo(f"indexed {result.rows} synthetic images into {result.store}")
     click.echo(f"query: {result.query} (texture {result.query_texture}, not in the store)")
     _print_results(result.results)

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer import decode_image
-from indexer.errors import ImageDecodeError
-from models.errors import DermrisError
+from dermris.indexer import decode_image
+from dermris.models.atomic import append_durably, atomic_write
+from dermris.models.errors import ImageDecodeError, JudgeError
 
-from .measures import MEASURES
-from .search import Retriever
+from ..measures import MEASURES
+from ..search import Retriever
 
 __all__ = ["PAPER_TABLE1", "JudgeError", "prepare_session", "serve", "score_session", "JudgeScore"]
 
@@ -44,14 +44,9 @@ JUDGMENTS_FILE = "judgments.jsonl"
 _TOKEN = re.compile(r"^[0-9a-f]{16}$")
 
 
-class JudgeError(DermrisError, ValueError):
-    """A judgment session that cannot be prepared, served or scored."""
-
-
 def _write_json(path: Path, payload) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
+    with atomic_write(path, "w") as fh:
+        fh.write(json.dumps(payload, indent=1))
 
 
 def prepare_session(
@@ -67,7 +62,7 @@ def prepare_session(
     out = Path(out)
     if (out / KEY_FILE).exists():
         raise JudgeError(f"{out} already holds a judgment session; use another folder or serve it")
-    live = np.flatnonzero(retriever.store.live)
+    live = np.flatnonzero(retriever.live)
     if len(live) < 2:
         raise JudgeError("the store needs at least two images")
     rng = np.random.default_rng(seed)
@@ -75,7 +70,7 @@ def prepare_session(
     paths = retriever.paths
     tasks, key = [], {"store": str(Path(retriever.store.root).resolve()), "k": k, "seed": seed, "queries": [], "images": {}}
     for qi, row in enumerate(rows, start=1):
-        results = retriever.search_row_all(row, k=k)
+        results = retriever.search(row, measures="all", k=k)
         pooled = sorted({h.row for hits in results.values() for h in hits})
         rng.shuffle(pooled)
         tokens = {r: secrets.token_hex(8) for r in pooled}
@@ -215,10 +210,8 @@ def _handler_for(out: Path, lock: threading.Lock):
                     raise ValueError("unknown query or item")
             except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
                 return self._send(HTTPStatus.BAD_REQUEST, f"bad judgment: {exc}".encode(), "text/plain")
-            with lock, open(out / JUDGMENTS_FILE, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
+            with lock:
+                append_durably(out / JUDGMENTS_FILE, json.dumps(record) + "\n")
             return self._send(HTTPStatus.OK, b'{"ok": true}', "application/json")
 
     return Handler

@@ -1,0 +1,116 @@
+"""Derived data, rebuildable from ``arrays.zarr`` at any time: the FAISS indexes and the style
+sketch (the PCA basis the retriever bounds style losses with)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import zarr
+
+from dermris.models.atomic import atomic_path, fsync_dir
+
+from ._files import inside
+from ._format import FAISS_DIR, FAISS_FILES, FaissFile, SketchInfo
+from .sketch import fit_style_basis, orthonormality_error, project_style
+
+if TYPE_CHECKING:
+    import faiss
+
+    from .reader import Store
+
+__all__ = ["faiss_indexes_for", "write_faiss_indexes", "update_sketch"]
+
+
+def faiss_indexes_for(features: np.ndarray) -> dict[str, "faiss.Index"]:
+    """``IDMap2(Flat L2)`` on the features and ``IDMap2(Flat IP)`` on the unit features."""
+    import faiss
+
+    n, dim = features.shape
+    ids = np.arange(n, dtype=np.int64)
+    l2 = faiss.IndexIDMap2(faiss.IndexFlatL2(dim))
+    l2.add_with_ids(np.ascontiguousarray(features, np.float32), ids)
+    unit = np.array(features, np.float32, copy=True)
+    faiss.normalize_L2(unit)
+    ip = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    ip.add_with_ids(unit, ids)
+    return {"features_l2": l2, "features_ip": ip}
+
+
+def write_faiss_indexes(features: np.ndarray, root: Path) -> tuple[FaissFile, ...]:
+    """Write ``faiss/features_l2.index`` and ``faiss/features_ip.index`` atomically."""
+    import faiss
+
+    out = []
+    for name, index in faiss_indexes_for(features).items():
+        with atomic_path(inside(root, FAISS_FILES[name])) as tmp:
+            faiss.write_index(index, str(tmp))
+        out.append(FaissFile(name, FAISS_FILES[name], int(index.ntotal)))
+    fsync_dir(root / FAISS_DIR)
+    return tuple(out)
+
+
+def update_sketch(
+    store: "Store", arrays: zarr.Group, info: SketchInfo | None, *, dim: int, fit_rows: int, refit_growth: int
+) -> tuple[SketchInfo | None, str | None]:
+    """Bring the style sketch up to the store's committed rows.
+
+    New rows are projected onto the current basis. The basis is (re)fitted, into a new zarr
+    group the manifest then switches to, when there is none, when ``dim`` changes, or when it
+    was fitted on fewer than ``fit_rows`` rows and the store has grown ``refit_growth`` times
+    since.
+
+    Returns
+    -------
+    (SketchInfo or None, str or None)
+        The new description (None when nothing changed), and the name of a group that is
+        stale once the manifest that describes the new one is committed.
+    """
+    n = store.rows
+    if info and info.rows == n and info.dim_requested == dim:
+        return None, None
+    refit = (
+        info is None
+        or info.dim_requested != dim
+        or (info.fitted_rows < fit_rows and n >= refit_growth * max(1, info.fitted_rows))
+    )
+    if refit:
+        sample_rows = np.unique(np.linspace(0, n - 1, num=min(n, fit_rows)).round().astype(int)) if n else []
+        if n:
+            components, mean = fit_style_basis(store.style_rows(sample_rows), dim)
+        else:
+            components, mean = np.zeros((0, store.style_dim), np.float32), np.zeros(store.style_dim)
+        serial = (info.serial if info else 0) + 1
+        name = f"sketch_{serial}"
+        if name in arrays:
+            del arrays[name]
+        group = arrays.create_group(name)
+        d, big_d = components.shape
+        group.create_array("components", data=components, chunks=(1, big_d), compressors=None)
+        group.create_array("mean", data=mean, chunks=(big_d,), compressors=None)
+        group.create_array("projections", shape=(0, d), dtype="float64", chunks=(1 << 14, max(d, 1)),
+                           compressors=None, fill_value=0)
+        group.create_array("residuals", shape=(0,), dtype="float64", chunks=(1 << 16,), compressors=None,
+                           fill_value=0)
+        group.create_array("sq_norms", shape=(0,), dtype="float64", chunks=(1 << 16,), compressors=None,
+                           fill_value=0)
+        start = 0
+        new = SketchInfo(group=name, serial=serial, dim=d, dim_requested=dim, fitted_rows=len(sample_rows),
+                         orthonormality_error=orthonormality_error(components), rows=0)
+    else:
+        group = arrays[info.group]
+        components = np.asarray(group["components"][:])
+        mean = np.asarray(group["mean"][:])
+        start = info.rows
+        new = info
+    for block_start, block in store.iter_style_blocks(start=start):
+        y, r, sq = project_style(block, components, mean)
+        stop = block_start + len(block)
+        for key, data in (("projections", y), ("residuals", r), ("sq_norms", sq)):
+            arr = group[key]
+            arr.resize((stop, *arr.shape[1:]))
+            arr[block_start:stop] = data
+    stale = f"sketch_{info.serial - 1}" if refit and info is not None else None
+    return dataclasses.replace(new, rows=n), stale
