@@ -33,15 +33,16 @@ _EXPORTS = {
     "IndexReport": ".pipeline",
     "index_folder": ".pipeline",
     "IMAGE_EXTENSIONS": ".sources",
-    "DecodedImage": ".sources",
     "ImageFile": ".sources",
+    "LoadedImage": ".sources",
     "MetadataTable": ".sources",
-    "Rejected": ".sources",
     "decode_image": ".sources",
     "decode_image_bytes": ".sources",
     "list_images": ".sources",
-    "read_images": ".sources",
+    "load_image": ".sources",
+    "to_pixels": ".sources",
     "to_rgb": ".sources",
+    "ImageLoader": ".loader",
     "FORMAT_VERSION": ".store",
     "CheckReport": ".store",
     "Manifest": ".store",
@@ -61,16 +62,17 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 if TYPE_CHECKING:  # pragma: no cover
     from .embed import Embedder, Embeddings, preprocess, resolve_device
     from .pipeline import IndexReport, index_folder
+    from .loader import ImageLoader
     from .sources import (
         IMAGE_EXTENSIONS,
-        DecodedImage,
         ImageFile,
+        LoadedImage,
         MetadataTable,
-        Rejected,
         decode_image,
         decode_image_bytes,
         list_images,
-        read_images,
+        load_image,
+        to_pixels,
         to_rgb,
     )
     from .store import FORMAT_VERSION, CheckReport, Manifest, Store, StoreWriter, StyleCodec, check_store, store_exists

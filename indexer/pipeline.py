@@ -1,15 +1,24 @@
-"""Index a folder of images into a store: reader -> mapper -> writer.
+"""Index a folder of images into a store: reader -> mapper -> writer, as a pipeline.
 
-Rows are committed every ``commit_every`` images, so an interrupted run keeps what it has
-committed, and running the same command again skips every image already in the store
-(matched by the sha256 of its bytes) and goes on.
+* **Reader**: worker processes read, hash, decode and resize files (:mod:`.loader`), in order.
+* **Mapper**: this thread runs the model on each batch (:mod:`.embed`); on CUDA the pixels
+  arrive pinned and are copied asynchronously, and the style vectors are encoded to the
+  store's float16 form on the device.
+* **Writer**: a thread of its own commits rows every ``commit_every`` images
+  (:class:`~.store.StoreWriter`), so the model never waits for the disk.
+
+Rows are committed in file order, so a rerun gives the same store; an interrupted run keeps what
+it has committed, and running the same command again skips every image already in the store
+(matched by the sha256 of its bytes, before decoding) and goes on.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +30,9 @@ from tqdm.auto import tqdm
 from dermris.models import DermrisModel, build_model, get_preset, load_model
 from dermris.models.errors import StoreMismatchError
 
-from .embed import Embeddings, Embedder, resolve_device
-from .sources import DecodedImage, MetadataTable, Rejected, list_images, read_images
+from .embed import Embedder, resolve_device
+from .loader import ImageLoader
+from .sources import LoadedImage, MetadataTable, list_images
 from .store import StoreWriter, store_exists
 
 __all__ = ["IndexReport", "index_folder"]
@@ -52,6 +62,12 @@ class IndexReport:
         Committed rows in the store after the run.
     seconds : float
         Wall time.
+    stages : dict of str to float
+        Seconds per stage: ``read_wait`` (the model waiting for decoded batches), ``model``
+        (forward passes and copies back), ``write`` (the writer thread, overlapped with the
+        model), ``derived`` (FAISS and style sketch at the end), ``setup`` (model and store).
+    device, precision : str
+        Where and at what precision the model ran.
     """
 
     indexed: int = 0
@@ -62,6 +78,9 @@ class IndexReport:
     without_metadata: list[str] = field(default_factory=list)
     rows: int = 0
     seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)
+    device: str = ""
+    precision: str = ""
 
     def to_dict(self) -> dict:
         """JSON-ready summary."""
@@ -74,6 +93,9 @@ class IndexReport:
             "without_metadata": list(self.without_metadata),
             "rows": self.rows,
             "seconds": round(self.seconds, 3),
+            "stages": {k: round(v, 3) for k, v in self.stages.items()},
+            "device": self.device,
+            "precision": self.precision,
         }
 
 
@@ -125,6 +147,9 @@ def index_folder(
     batch_size: int = 16,
     commit_every: int = 256,
     sketch_dim: int = 256,
+    workers: int | None = None,
+    precision: str = "auto",
+    compile: bool = False,
     progress: bool = True,
 ) -> IndexReport:
     """Index every image under ``images`` into ``store`` (created if absent).
@@ -155,6 +180,12 @@ def index_folder(
         Rows per commit (Parquet part + manifest rewrite).
     sketch_dim : int
         Dimension of the style sketch the retriever bounds style losses with.
+    workers : int, optional
+        Decoding processes (default: all cores but one, at most 16; 0 decodes in this process).
+    precision : str
+        ``auto`` (float32 on the CPU, bfloat16 on CUDA), ``float32``, ``bfloat16`` or ``float16``.
+    compile : bool
+        ``torch.compile`` the model (CUDA; minutes of start-up, faster on long runs).
     progress : bool
         Show a progress bar on stderr.
 
@@ -163,99 +194,214 @@ def index_folder(
     IndexReport
     """
     started = time.perf_counter()
-    if commit_every < 1:
-        raise ValueError("commit_every must be >= 1")
+    if commit_every < 1 or batch_size < 1:
+        raise ValueError("commit_every and batch_size must be >= 1")
     files = list_images(images)
     table = MetadataTable(metadata, id_column=id_column) if metadata is not None else None
     torch_device = resolve_device(device)
     writer, model = _open_or_create(Path(store), preset=preset, weights=weights,
                                     backbone_weights=backbone_weights, pretrained=pretrained)
     try:
-        return _run(writer, model, files, table, torch_device, batch_size, commit_every, sketch_dim, progress, started)
+        embedder = Embedder(model, device=torch_device, batch_size=batch_size, precision=precision, compile=compile)
+        report = IndexReport(device=str(torch_device), precision=embedder.precision)
+        report.stages["setup"] = time.perf_counter() - started
+        _run(writer, embedder, files, table, report, commit_every=commit_every, workers=workers,
+             progress=progress)
+        t = time.perf_counter()
+        if report.indexed or not writer.has_faiss:
+            writer.build_faiss()
+        writer.update_sketch(dim=sketch_dim)
+        report.stages["derived"] = time.perf_counter() - t
+        report.rows = writer.rows
+        report.seconds = time.perf_counter() - started
+        log.info("indexed %d images in %.1f s (%s)", report.indexed, report.seconds,
+                 ", ".join(f"{k} {v:.1f} s" for k, v in report.stages.items()))
+        return report
     finally:
         writer.close()
 
 
-def _run(writer, model, files, table, torch_device, batch_size, commit_every, sketch_dim, progress, started) -> IndexReport:
-    embedder = Embedder(model, device=torch_device, batch_size=batch_size)
-    report = IndexReport()
-    committed = writer.committed_metadata(["image_id", "sha256", "path"])
-    known_sha = set(committed.column("sha256").to_pylist())
-    purged_sha = writer.removed_sha256
-    seen_ids = dict(zip(committed.column("image_id").to_pylist(), committed.column("path").to_pylist()))
-    seen_sha: dict[str, str] = {}
-    to_embed: list[DecodedImage] = []
-    buffered: list[tuple[list[DecodedImage], Embeddings]] = []
-    rejected_since_commit: list[tuple[str, str]] = []
+@dataclass
+class _Chunk:
+    """What the model made of one batch, on its way to the writer."""
 
-    def embed_pending() -> None:
-        if to_embed:
-            buffered.append((list(to_embed), embedder.embed([d.image for d in to_embed])))
-            to_embed.clear()
+    items: list[LoadedImage]
+    features: np.ndarray | None = None
+    style: np.ndarray | None = None
+    masks: np.ndarray | None = None
+    encoded: bool = False
+    clipped: int = 0
+    rejected: list[tuple[str, str]] = field(default_factory=list)
 
-    def commit() -> None:
-        embed_pending()
-        if buffered:
-            items = [d for chunk, _ in buffered for d in chunk]
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class _Committer:
+    """The writer stage on its own thread: gathers chunks and commits every ``commit_every`` rows."""
+
+    def __init__(self, writer: StoreWriter, table: MetadataTable | None, report: IndexReport,
+                 commit_every: int) -> None:
+        self.writer = writer
+        self.table = table
+        self.report = report
+        self.commit_every = commit_every
+        self.seconds = 0.0
+        self.error: BaseException | None = None
+        self._aborted = False
+        self._queue: queue.Queue = queue.Queue(maxsize=8)
+        self._thread = threading.Thread(target=self._loop, name="dermris-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, chunk: _Chunk) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self._queue.put(chunk, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Commit what is left and stop; re-raise a writer error in the caller."""
+        if self._thread.is_alive():
+            self.put(None)  # type: ignore[arg-type]
+            self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        """Stop without committing what is pending (the run failed); waits for a commit in flight."""
+        self._aborted = True
+        while self._thread.is_alive():
+            try:
+                while True:
+                    self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            try:
+                self._queue.put(None, timeout=0.1)
+            except queue.Full:
+                pass
+            self._thread.join(timeout=0.5)
+
+    def _loop(self) -> None:
+        pending: list[_Chunk] = []
+        try:
+            while True:
+                chunk = self._queue.get()
+                if self._aborted:
+                    return
+                if chunk is None:
+                    break
+                pending.append(chunk)
+                if sum(len(c) for c in pending) >= self.commit_every:
+                    self._commit(pending)
+                    pending = []
+            self._commit(pending)
+        except BaseException as exc:  # handed to the main thread
+            self.error = exc
+
+    def _commit(self, chunks: list[_Chunk]) -> None:
+        started = time.perf_counter()
+        rejected = [r for c in chunks for r in c.rejected]
+        chunks = [c for c in chunks if len(c)]
+        if chunks:
+            items = [it for c in chunks for it in c.items]
             records = pa.table({
-                "image_id": pa.array([d.file.image_id for d in items], pa.string()),
-                "path": pa.array([str(d.file.path) for d in items], pa.string()),
-                "sha256": pa.array([d.sha256 for d in items], pa.string()),
-                "width": pa.array([d.width for d in items], pa.int32()),
-                "height": pa.array([d.height for d in items], pa.int32()),
+                "image_id": pa.array([it.file.image_id for it in items], pa.string()),
+                "path": pa.array([str(it.file.path) for it in items], pa.string()),
+                "sha256": pa.array([it.sha256 for it in items], pa.string()),
+                "width": pa.array([it.width for it in items], pa.int32()),
+                "height": pa.array([it.height for it in items], pa.int32()),
             })
-            if table is not None:
-                report.without_metadata += [d.file.image_id for d in items if d.file.image_id not in table]
-                extra = table.rows_for([d.file.image_id for d in items])
+            if self.table is not None:
+                ids = [it.file.image_id for it in items]
+                self.report.without_metadata += [i for i in ids if i not in self.table]
+                extra = self.table.rows_for(ids)
                 for name in extra.column_names:
                     records = records.append_column(name, extra.column(name))
-            writer.append(
-                features=np.concatenate([e.features for _, e in buffered]),
-                style=np.concatenate([e.style for _, e in buffered]),
-                masks=np.concatenate([e.masks for _, e in buffered]),
-                records=records,
-            )
-            report.indexed += len(items)
-            buffered.clear()
-        writer.record_rejected(rejected_since_commit)
-        rejected_since_commit.clear()
+            features = np.concatenate([c.features for c in chunks])
+            masks = np.concatenate([c.masks for c in chunks])
+            style = np.concatenate([c.style for c in chunks])
+            if all(c.encoded for c in chunks):
+                self.writer.append(features=features, encoded_style=style, masks=masks, records=records,
+                                   clipped=sum(c.clipped for c in chunks))
+            else:
+                self.writer.append(features=features, style=style, masks=masks, records=records)
+            self.report.indexed += len(items)
+        self.writer.record_rejected(rejected)
+        self.seconds += time.perf_counter() - started
 
+
+def _run(writer: StoreWriter, embedder: Embedder, files, table, report: IndexReport, *, commit_every: int,
+         workers: int | None, progress: bool) -> None:
+    committed = writer.committed_metadata(["image_id", "sha256", "path"])
+    known_sha = set(committed.column("sha256").to_pylist())
+    purged_sha = set(writer.removed_sha256)
+    seen_ids = dict(zip(committed.column("image_id").to_pylist(), committed.column("path").to_pylist()))
+    seen_sha: dict[str, str] = {}
+    device = embedder.device
+    loader = ImageLoader(files, size=embedder.image_size, batch_size=embedder.batch_size, workers=workers,
+                         skip_sha256=known_sha | purged_sha, pin_memory=device.type == "cuda")
+    encoder = writer.codec.torch_encoder(device) if writer.codec is not None else None
+    committer = _Committer(writer, table, report, commit_every)
     bar = tqdm(total=len(files), desc="indexing", unit="img", file=sys.stderr, disable=not progress)
-    draft = 2 * model.config.image_size
-    for item in read_images(files, draft_size=draft):
-        bar.update(1)
-        if isinstance(item, Rejected):
-            report.rejected.append((item.path, item.reason))
-            rejected_since_commit.append((item.path, item.reason))
-            continue
-        path = str(item.file.path)
-        if item.sha256 in purged_sha:
-            report.previously_deleted.append(path)
-            continue
-        if item.sha256 in known_sha:
-            report.already_indexed += 1
-            continue
-        if item.sha256 in seen_sha:
-            report.duplicates.append((path, seen_sha[item.sha256]))
-            rejected_since_commit.append((path, f"same bytes as {seen_sha[item.sha256]}"))
-            continue
-        if item.file.image_id in seen_ids:
-            reason = f"image id {item.file.image_id!r} already used by {seen_ids[item.file.image_id]}"
-            report.rejected.append((path, reason))
-            rejected_since_commit.append((path, reason))
-            continue
-        seen_sha[item.sha256] = path
-        seen_ids[item.file.image_id] = path
-        to_embed.append(item)
-        if len(to_embed) >= batch_size:
-            embed_pending()
-        if sum(len(e) for _, e in buffered) >= commit_every:
-            commit()
-    commit()
-    bar.close()
-    if report.indexed or not writer.has_faiss:
-        writer.build_faiss()
-    writer.update_sketch(dim=sketch_dim)
-    report.rows = writer.rows
-    report.seconds = time.perf_counter() - started
-    return report
+    read_wait = model_s = 0.0
+    try:
+        batches = iter(loader)
+        while True:
+            t = time.perf_counter()
+            batch = next(batches, None)
+            read_wait += time.perf_counter() - t
+            if batch is None:
+                break
+            chunk = _Chunk(items=[])
+            keep = []
+            position = -1
+            for item in batch.items:
+                path = str(item.file.path)
+                if item.status == "ok":
+                    position += 1
+                if item.status == "rejected":
+                    report.rejected.append((path, item.reason or "rejected"))
+                    chunk.rejected.append((path, item.reason or "rejected"))
+                elif item.status == "known":
+                    if item.sha256 in purged_sha:
+                        report.previously_deleted.append(path)
+                    else:
+                        report.already_indexed += 1
+                elif item.sha256 in seen_sha:
+                    report.duplicates.append((path, seen_sha[item.sha256]))
+                    chunk.rejected.append((path, f"same bytes as {seen_sha[item.sha256]}"))
+                elif item.file.image_id in seen_ids:
+                    reason = f"image id {item.file.image_id!r} already used by {seen_ids[item.file.image_id]}"
+                    report.rejected.append((path, reason))
+                    chunk.rejected.append((path, reason))
+                else:
+                    seen_sha[item.sha256] = path
+                    seen_ids[item.file.image_id] = path
+                    chunk.items.append(item)
+                    keep.append(position)
+            if keep:
+                t = time.perf_counter()
+                pixels = batch.pixels if len(keep) == len(batch.pixels) else batch.pixels[keep]
+                features, style, masks, clipped = embedder.forward_pixels(pixels, encoder=encoder)
+                if encoder is None:  # the first rows of a new store fix its float16 scales
+                    encoder = writer.fit_codec(style.cpu().numpy()).torch_encoder(device)
+                    style, clipped = encoder(style)
+                chunk.features = features.cpu().numpy()
+                chunk.style = style.cpu().numpy()
+                chunk.masks = masks.cpu().numpy()
+                chunk.encoded, chunk.clipped = True, clipped
+                model_s += time.perf_counter() - t
+            committer.put(chunk)
+            bar.update(len(batch.items))
+        committer.close()
+    except BaseException:
+        committer.abort()
+        raise
+    finally:
+        bar.close()
+    report.stages.update(read_wait=read_wait, model=model_s, write=committer.seconds)

@@ -1,37 +1,46 @@
 """The reader stage: find image files, decode them safely, and join user metadata.
 
-Decoding is :mod:`models.imageio` (PIL, EXIF orientation, every mode to 8-bit RGB, the
-decompression-bomb limit as an error); every failure becomes a recorded reject with a one-line
-reason, so one bad file never aborts a run.
+Reading and decoding is :mod:`dermris.models.imageio` (regular files only, a size limit, the
+listed formats only, EXIF orientation, every mode to 8-bit RGB, the decompression-bomb limit as
+an error); every failure becomes a recorded reject with a one-line reason, so one bad file never
+aborts a run. :func:`load_image` is what the parallel workers of :mod:`.loader` run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-from PIL import Image
-
-from dermris.models.imageio import decode_image, decode_image_bytes, to_rgb
 
 from dermris.models.errors import ImageDecodeError, MetadataError
+from dermris.models.imageio import (
+    IMAGE_FORMATS,
+    MAX_FILE_BYTES,
+    decode_image,
+    decode_image_bytes,
+    read_file_bytes,
+    to_pixels,
+    to_rgb,
+)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ID_COLUMN_CANDIDATES",
     "RESERVED_COLUMNS",
+    "IMAGE_FORMATS",
     "ImageFile",
-    "DecodedImage",
-    "Rejected",
+    "LoadedImage",
     "list_images",
+    "load_image",
     "to_rgb",
+    "to_pixels",
     "decode_image",
     "decode_image_bytes",
-    "read_images",
     "MetadataTable",
 ]
 
@@ -53,25 +62,6 @@ class ImageFile:
     image_id: str
 
 
-@dataclass
-class DecodedImage:
-    """A decoded image and what the store records about its file."""
-
-    file: ImageFile
-    image: Image.Image
-    width: int
-    height: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """A file that was not indexed, and why."""
-
-    path: str
-    reason: str
-
-
 def list_images(root: str | os.PathLike) -> list[ImageFile]:
     """Return the image files under ``root``, sorted by relative path; hidden entries skipped.
 
@@ -89,20 +79,80 @@ def list_images(root: str | os.PathLike) -> list[ImageFile]:
             if not name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS:
                 found.append(path)
     found.sort(key=lambda p: p.relative_to(root).as_posix())
-    return [ImageFile(path=p.resolve(), image_id=p.stem) for p in found]
+    # absolute, but links are not followed (a link loop is a reject when read, not a crash here)
+    return [ImageFile(path=Path(os.path.abspath(p)), image_id=p.stem) for p in found]
 
 
-def read_images(
-    files: Iterable[ImageFile], *, draft_size: int | None = None
-) -> Iterator[DecodedImage | Rejected]:
-    """Decode files one by one, yielding a :class:`Rejected` instead of raising."""
-    for file in files:
-        try:
-            image, width, height, sha = decode_image(file.path, draft_size=draft_size)
-        except ImageDecodeError as exc:
-            yield Rejected(path=str(file.path), reason=str(exc).removeprefix(f"{file.path}: "))
-            continue
-        yield DecodedImage(file=file, image=image, width=width, height=height, sha256=sha)
+def load_image(
+    file: ImageFile,
+    *,
+    size: int,
+    draft_size: int | None = None,
+    skip_sha256: frozenset[str] | set[str] = frozenset(),
+    max_bytes: int = MAX_FILE_BYTES,
+) -> "LoadedImage":
+    """Read, hash, decode and resize one file for the model; never raises for a bad file.
+
+    Parameters
+    ----------
+    file : ImageFile
+        The file.
+    size : int
+        The model's input side: pixels are the whole image resized to ``size x size``.
+    draft_size : int, optional
+        JPEG draft decoding size (default ``2 * size``).
+    skip_sha256 : set of str
+        Files whose bytes hash to one of these are not decoded (``status == "known"``): images
+        already in the store, or deleted from it.
+    max_bytes : int
+        Larger files are rejected.
+    """
+    path = str(file.path)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = path.encode("utf-8", "backslashreplace").decode("utf-8")
+        return LoadedImage(file, "rejected", reason=f"{shown}: file name is not valid UTF-8")
+    try:
+        data = read_file_bytes(file.path, max_bytes=max_bytes)
+        sha = hashlib.sha256(data).hexdigest()
+        if sha in skip_sha256:
+            return LoadedImage(file, "known", sha256=sha)
+        image, width, height = decode_image_bytes(data, name=path, draft_size=draft_size or 2 * size)
+        pixels = to_pixels(image, size)
+    except ImageDecodeError as exc:
+        return LoadedImage(file, "rejected", reason=str(exc).removeprefix(f"{path}: "))
+    return LoadedImage(file, "ok", sha256=sha, width=width, height=height, pixels=pixels)
+
+
+@dataclass
+class LoadedImage:
+    """One file after the reader stage.
+
+    Attributes
+    ----------
+    file : ImageFile
+        The file.
+    status : str
+        ``"ok"`` (decoded), ``"known"`` (bytes already in the store: not decoded) or
+        ``"rejected"`` (see ``reason``).
+    sha256 : str or None
+        sha256 of the file's bytes.
+    width, height : int
+        Original size (after EXIF orientation).
+    pixels : np.ndarray or None
+        ``(S, S, 3)`` uint8 model input (:func:`~dermris.models.imageio.to_pixels`).
+    reason : str or None
+        Why the file was rejected.
+    """
+
+    file: ImageFile
+    status: str
+    sha256: str | None = None
+    width: int = 0
+    height: int = 0
+    pixels: np.ndarray | None = None
+    reason: str | None = None
 
 
 class MetadataTable:

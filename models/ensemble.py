@@ -123,10 +123,12 @@ class EnsembleFeatureExtractor(nn.Module):
         gram_sums: list[torch.Tensor] | None = None
         for member, norm in zip(self.members, self.member_norms):
             final, stages = _stage_outputs(member, x, self.style_stages)
-            pooled.append(norm(final.mean(dim=(2, 3))))
-            grams = [gram_matrix(s) for s in stages]
+            with torch.autocast(device_type=x.device.type, enabled=False):  # pooling and BN in float32
+                pooled.append(norm(final.float().mean(dim=(2, 3))))
+            grams = [gram_matrix(s) for s in stages]  # float32 whatever the backbone ran in
             gram_sums = grams if gram_sums is None else [a + b for a, b in zip(gram_sums, grams)]
-        features = self.activation(self.head(torch.cat(pooled, dim=1)))
+        with torch.autocast(device_type=x.device.type, enabled=False):  # the 1024-d head in float32
+            features = self.activation(self.head(torch.cat(pooled, dim=1)))
         return features, [g / len(self.members) for g in gram_sums]
 
 

@@ -36,8 +36,11 @@ def gram_matrix(feature_map: torch.Tensor) -> torch.Tensor:
     if feature_map.ndim != 4:
         raise ValueError(f"expected a (B, C, H, W) feature map, got shape {tuple(feature_map.shape)}")
     b, c, h, w = feature_map.shape
-    flat = feature_map.reshape(b, c, h * w).float()
-    with torch.autocast(device_type=flat.device.type, enabled=False):
+    with torch.autocast(device_type=feature_map.device.type, enabled=False):
+        if feature_map.is_contiguous(memory_format=torch.channels_last) and not feature_map.is_contiguous():
+            rows = feature_map.permute(0, 2, 3, 1).reshape(b, h * w, c).float()  # NHWC: no copy before the cast
+            return torch.bmm(rows.transpose(1, 2), rows) / float(h * w)
+        flat = feature_map.reshape(b, c, h * w).float()
         return torch.bmm(flat, flat.transpose(1, 2)) / float(h * w)
 
 

@@ -1,24 +1,44 @@
-"""Safe image decoding shared by indexing, querying and training.
+"""Safe image reading and decoding shared by indexing, querying and training.
 
-PIL only: EXIF orientation is applied, every mode (grayscale, palette, RGBA, CMYK, 16-bit) is
-converted to 8-bit RGB, and PIL's decompression-bomb limit is enforced as an error. Every
-failure is an :class:`ImageDecodeError` with a one-line reason.
+* Only regular files are read (a FIFO, a device or a socket is refused without blocking), up to
+  :data:`MAX_FILE_BYTES`.
+* PIL decodes only the formats dermris lists (:data:`IMAGE_FORMATS`): a file of another format
+  renamed ``.jpg`` (EPS, which PIL would hand to Ghostscript, for example) is refused.
+* EXIF orientation is applied, every mode (grayscale, palette, RGBA, CMYK, 16-bit) becomes
+  8-bit RGB, and PIL's decompression-bomb limit is an error.
+
+Every failure is an :class:`ImageDecodeError` with a one-line reason.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
+import stat
 import warnings
-from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from .errors import ImageDecodeError
 
-__all__ = ["to_rgb", "decode_image_bytes", "decode_image"]
+__all__ = [
+    "IMAGE_FORMATS",
+    "MAX_FILE_BYTES",
+    "to_rgb",
+    "read_file_bytes",
+    "decode_image_bytes",
+    "decode_image",
+    "to_pixels",
+]
+
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "TIFF")
+"""The formats PIL may decode for dermris (the file endings it indexes: jpg, png, bmp, tif)."""
+
+MAX_FILE_BYTES = 256 << 20
+"""Largest image file read (256 MiB; full ISIC JPEGs are at most a few tens of MB)."""
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -30,7 +50,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
         if image.mode.startswith("I;16"):
             scaled = values / 257.0
         else:
-            lo, hi = float(values.min()), float(values.max())
+            finite = values[np.isfinite(values)]
+            lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+            values = np.nan_to_num(values, nan=lo, posinf=hi, neginf=lo)
             if image.mode == "I" and lo >= 0 and hi <= 255:
                 scaled = values
             elif image.mode == "I" and lo >= 0 and hi <= 65535:
@@ -44,7 +66,48 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image_bytes(data: bytes, *, name: str = "<bytes>", draft_size: int | None = None) -> tuple[Image.Image, int, int]:
+def read_file_bytes(path: str | os.PathLike, *, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """Read a regular file of at most ``max_bytes`` bytes.
+
+    Opened non-blocking, so a FIFO never hangs; anything that is not a regular file (FIFO,
+    device, socket, directory) and any file over the limit is refused.
+
+    Raises
+    ------
+    ImageDecodeError
+        With a one-line reason.
+    """
+    name = os.fsdecode(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as exc:
+        reason = "symbolic link loop" if exc.errno == errno.ELOOP else (exc.strerror or str(exc))
+        raise ImageDecodeError(f"{name}: cannot read ({reason})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageDecodeError(f"{name}: not a regular file")
+        if info.st_size > max_bytes:
+            raise ImageDecodeError(f"{name}: file of {info.st_size} bytes is over the {max_bytes}-byte limit")
+        chunks, total = [], 0
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > max_bytes:
+                raise ImageDecodeError(f"{name}: file grew over the {max_bytes}-byte limit while read")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ImageDecodeError(f"{name}: cannot read ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+
+
+def decode_image_bytes(
+    data: bytes, *, name: str = "<bytes>", draft_size: int | None = None
+) -> tuple[Image.Image, int, int]:
     """Decode image bytes to an RGB PIL image with EXIF orientation applied.
 
     Parameters
@@ -71,33 +134,51 @@ def decode_image_bytes(data: bytes, *, name: str = "<bytes>", draft_size: int | 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            warnings.simplefilter("ignore", UserWarning)  # e.g. "Corrupt EXIF data", "Truncated File Read"
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             width, height = image.size
+            if width < 1 or height < 1:
+                raise ImageDecodeError(f"{name}: image has no pixels")
             if image.format == "JPEG" and draft_size:
                 image.draft("RGB", (draft_size, draft_size))
             image.load()
-            orientation = image.getexif().get(0x0112, 1)
-            image = ImageOps.exif_transpose(image)
+            try:
+                orientation = image.getexif().get(0x0112, 1)
+                image = ImageOps.exif_transpose(image)
+            except Exception:  # a malformed EXIF block: keep the pixels as stored
+                orientation = 1
             if orientation in (5, 6, 7, 8):
                 width, height = height, width
             image = to_rgb(image)
+    except ImageDecodeError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"{name}: too many pixels (PIL's decompression-bomb limit): {exc}") from None
-    except UnidentifiedImageError:
-        raise ImageDecodeError(f"{name}: not an image PIL can identify") from None
-    except (OSError, SyntaxError, ValueError, TypeError, EOFError, MemoryError) as exc:
-        raise ImageDecodeError(f"{name}: cannot decode ({type(exc).__name__}: {exc})") from None
-    if width < 1 or height < 1:
-        raise ImageDecodeError(f"{name}: image has no pixels")
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError(f"{name}: not an image of a supported format ({', '.join(IMAGE_FORMATS)})") from None
+    except MemoryError:
+        raise ImageDecodeError(f"{name}: cannot decode (out of memory)") from None
+    except Exception as exc:  # PIL raises many types on hostile input; each is a reject, never a crash
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        raise ImageDecodeError(f"{name}: cannot decode ({type(exc).__name__}: {message})") from None
     return image, width, height
 
 
-def decode_image(path: str | os.PathLike, *, draft_size: int | None = None) -> tuple[Image.Image, int, int, str]:
+def decode_image(
+    path: str | os.PathLike, *, draft_size: int | None = None, max_bytes: int = MAX_FILE_BYTES
+) -> tuple[Image.Image, int, int, str]:
     """Read and decode one file; return ``(rgb_image, width, height, sha256_of_bytes)``."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ImageDecodeError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    image, width, height = decode_image_bytes(data, name=str(path), draft_size=draft_size)
+    data = read_file_bytes(path, max_bytes=max_bytes)
+    image, width, height = decode_image_bytes(data, name=os.fsdecode(path), draft_size=draft_size)
     return image, width, height, hashlib.sha256(data).hexdigest()
+
+
+def to_pixels(image: Image.Image, size: int) -> np.ndarray:
+    """The model's input pixels: the whole RGB image resized (no crop) to ``size x size``.
+
+    Bilinear resampling, ``(size, size, 3)`` uint8. Indexing and queries both go through this
+    function, so a query with an indexed file reproduces its stored row.
+    """
+    if image.mode != "RGB":
+        raise ValueError(f"expected an RGB image, got mode {image.mode!r}")
+    return np.array(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)

@@ -39,7 +39,7 @@ def indexed_store(synthetic_set, tmp_path_factory):
 
     images, csv = synthetic_set
     store = tmp_path_factory.mktemp("stores") / "tiny"
-    report = index_folder(images, store, preset="tiny", metadata=csv, progress=False,
+    report = index_folder(images, store, preset="tiny", metadata=csv, progress=False, device="cpu",
                           batch_size=8, commit_every=8)
     assert report.indexed == 32
     return store

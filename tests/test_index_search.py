@@ -131,7 +131,7 @@ def test_bad_files_are_recorded_not_fatal(tmp_path, synthetic_set):
     data = (images / "SYN_streaks_002.jpg").read_bytes()
     (folder / "truncated.jpg").write_bytes(data[: len(data) // 3])
     Image.new("L", (8, 8), 90).save(folder / "tiny_gray.png")
-    report = index_folder(folder, tmp_path / "store", metadata=csv, progress=False)
+    report = index_folder(folder, tmp_path / "store", metadata=csv, progress=False, device="cpu")
     assert report.indexed == 4  # three lesions + the 8x8 grayscale image
     assert report.without_metadata == ["tiny_gray"]
     assert [p.split("/")[-1] for p, _ in report.duplicates] == ["copy_of_globular.jpg"]
@@ -151,12 +151,12 @@ def test_rerun_adds_only_new_images_and_refresh(tmp_path, synthetic_set):
     for name in names[:5]:
         shutil.copy(images / name, folder / name)
     store = tmp_path / "store"
-    first = index_folder(folder, store, metadata=csv, progress=False)
+    first = index_folder(folder, store, metadata=csv, progress=False, device="cpu")
     assert first.indexed == 5
     retriever = Retriever.open(store, device="cpu")
     for name in names[5:9]:
         shutil.copy(images / name, folder / name)
-    second = index_folder(folder, store, metadata=csv, progress=False)
+    second = index_folder(folder, store, metadata=csv, progress=False, device="cpu")
     assert (second.indexed, second.already_indexed, second.rows) == (4, 5, 9)
     assert len(retriever) == 5  # the open retriever keeps its snapshot
     assert len(retriever.search(0, measures="style", k=50)["style"]) == 4
@@ -176,7 +176,7 @@ def test_large_jpeg_query_reproduces_its_row(tmp_path, synthetic_set):
     folder.mkdir()
     for name in ("SYN_globular_001", "SYN_streaks_003", "SYN_reticular_005"):
         Image.open(images / f"{name}.jpg").resize((900, 700)).save(folder / f"{name}.jpg", quality=95)
-    index_folder(folder, tmp_path / "store", progress=False)
+    index_folder(folder, tmp_path / "store", progress=False, device="cpu")
     retriever = Retriever.open(tmp_path / "store", device="cpu")
     hits = retriever.search(folder / "SYN_streaks_003.jpg", measures="euclidean", k=1)["euclidean"]
     assert hits[0].image_id == "SYN_streaks_003"

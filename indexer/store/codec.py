@@ -67,6 +67,27 @@ class StyleCodec:
         clipped = int(np.count_nonzero(np.abs(scaled) > _FLOAT16_MAX))
         return np.clip(scaled, -_FLOAT16_MAX, _FLOAT16_MAX).astype(np.float16), clipped
 
+    def torch_encoder(self, device):
+        """A function that encodes float32 style tensors on ``device`` exactly as :meth:`encode`.
+
+        Returns
+        -------
+        callable
+            ``style (B, D) float32 tensor -> (stored tensor, clipped count)``.
+        """
+        import torch
+
+        scales = torch.from_numpy(self.column_scales).to(device)
+        if self.dtype == "float32":
+            return lambda style: (style.float() * scales, 0)
+
+        def encode(style):
+            scaled = style.float() * scales
+            clipped = int((scaled.abs() > _FLOAT16_MAX).sum())
+            return scaled.clamp(-_FLOAT16_MAX, _FLOAT16_MAX).to(torch.float16), clipped
+
+        return encode
+
     def decode(self, stored: np.ndarray) -> np.ndarray:
         """Stored values -> float32 style vectors."""
         return np.asarray(stored, np.float32) / self.column_scales

@@ -305,7 +305,25 @@ class StoreWriter:
         """Some metadata columns of the committed rows (to skip images already indexed)."""
         return self.reader().metadata(columns=columns)
 
-    def append(self, *, features: np.ndarray, style: np.ndarray, masks: np.ndarray, records: pa.Table) -> range:
+    def fit_codec(self, style: np.ndarray) -> StyleCodec:
+        """The store's float16 codec, fitted on ``style`` (a first batch) if it has none yet.
+
+        The scales are committed with the first rows.
+        """
+        if self.codec is None:
+            self.codec = StyleCodec.fit(style, self.manifest.style.layout, self.manifest.style.dtype)
+        return self.codec
+
+    def append(
+        self,
+        *,
+        features: np.ndarray,
+        masks: np.ndarray,
+        records: pa.Table,
+        style: np.ndarray | None = None,
+        encoded_style: np.ndarray | None = None,
+        clipped: int = 0,
+    ) -> range:
         """Write and commit a batch of rows.
 
         Parameters
@@ -313,7 +331,11 @@ class StoreWriter:
         features : np.ndarray
             ``(B, F)`` float.
         style : np.ndarray
-            ``(B, D)`` float32 style vectors (encoded here).
+            ``(B, D)`` float32 style vectors (encoded here), or
+        encoded_style : np.ndarray
+            the same already encoded with this store's codec (:meth:`fit_codec`), with
+        clipped : int
+            the number of values its encoding clipped.
         masks : np.ndarray
             ``(B, S, S)`` bool masks, or ``(B, ceil(S*S/8))`` uint8 already bit-packed.
         records : pyarrow.Table
@@ -327,12 +349,15 @@ class StoreWriter:
         """
         b = len(features)
         spec = self.manifest.arrays
-        if not (len(style) == len(masks) == records.num_rows == b):
+        if (style is None) == (encoded_style is None):
+            raise ValueError("give either style or encoded_style")
+        given = style if style is not None else encoded_style
+        if not (len(given) == len(masks) == records.num_rows == b):
             raise ValueError("features, style, masks and records must have the same length")
         if b == 0:
             return range(self.rows, self.rows)
         features = np.asarray(features, np.float32)
-        if features.shape[1:] != (spec.feature_dim,) or style.shape[1:] != (spec.style_dim,):
+        if features.shape[1:] != (spec.feature_dim,) or given.shape[1:] != (spec.style_dim,):
             raise ValueError("feature or style width does not fit the store")
         size = spec.mask_size
         if masks.dtype == bool:
@@ -347,10 +372,14 @@ class StoreWriter:
         areas = masks.reshape(b, -1).sum(axis=1).astype(np.int32)
         blocks = mask_block_counts(masks, spec.mask_grid) if spec.mask_grid is not None else None
         m = self.manifest
-        if self.codec is None:
-            self.codec = StyleCodec.fit(style, m.style.layout, m.style.dtype)
+        if style is not None:
+            encoded, clipped = self.fit_codec(style).encode(style)
+        elif self.codec is None:
+            raise ValueError("encoded_style needs the store's codec: call fit_codec first")
+        else:
+            encoded = np.asarray(encoded_style, dtype=spec.style_dtype)
+        if m.style.scales is None:
             m = m.replace(style=dataclasses.replace(m.style, scales=self.codec.stage_scales))
-        encoded, clipped = self.codec.encode(style)
         table = self._with_row_column(records, self.rows)
 
         n0, n1 = self.rows, self.rows + b

@@ -137,17 +137,23 @@ def main() -> None:
               help="Rows per commit; an interrupted run keeps every committed row.")
 @click.option("--sketch-dim", type=click.IntRange(min=0), default=256, show_default=True,
               help="Dimension of the style sketch used to bound style losses.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Decoding processes [default: all cores but one, at most 16; 0: decode in the main process].")
+@click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Model precision on CUDA (auto: bfloat16 on CUDA, float32 on the CPU).")
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (long runs on CUDA).")
 @click.option("--strict", is_flag=True, help="Exit with code 3 when any file was rejected.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 def index_cmd(images, store, metadata, id_column, preset, weights, backbone_weights, pretrained,
-              device, batch_size, commit_every, sketch_dim, strict, as_json):
+              device, batch_size, commit_every, sketch_dim, workers, precision, compile_model, strict, as_json):
     """Index the images under IMAGES into STORE (created, or extended with new images)."""
     from dermris.indexer import index_folder
 
     report = index_folder(
         images, store, preset=preset, weights=weights, backbone_weights=backbone_weights,
         pretrained=pretrained, metadata=metadata, id_column=id_column, device=device,
-        batch_size=batch_size, commit_every=commit_every, sketch_dim=sketch_dim, progress=_progress(),
+        batch_size=batch_size, commit_every=commit_every, sketch_dim=sketch_dim, workers=workers,
+        precision=precision, compile=compile_model, progress=_progress(),
     )
     if report.without_metadata:
         shown = ", ".join(report.without_metadata[:5])
@@ -160,7 +166,7 @@ def index_cmd(images, store, metadata, id_column, preset, weights, backbone_weig
             f"indexed {report.indexed}, already in store {report.already_indexed}, "
             f"duplicates {len(report.duplicates)}, rejected {len(report.rejected)}, "
             f"previously deleted {len(report.previously_deleted)}; "
-            f"store has {report.rows} rows ({report.seconds:.1f} s)"
+            f"store has {report.rows} rows ({report.seconds:.1f} s on {report.device}, {report.precision})"
         )
         for path, same in report.duplicates:
             click.echo(f"  duplicate: {path} (same bytes as {same})")
