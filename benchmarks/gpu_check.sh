@@ -26,13 +26,16 @@ print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.
 EOF
 
 echo "== CUDA tests"
-timeout 240 $PY -m pytest -q -p no:cacheprovider -rA tests/test_cuda.py "tests/test_exactness.py::test_cuda_gives_the_cpu_results" \
-    2>&1 | tail -30 | tee "$OUT/cuda-tests.txt"
+timeout "${CUDA_TESTS_S:-150}" $PY -m pytest -q -p no:cacheprovider -rA -s tests/test_cuda.py \
+    "tests/test_exactness.py::test_cuda_gives_the_cpu_results" > "$OUT/cuda-tests.txt" 2>&1
+tail -25 "$OUT/cuda-tests.txt"
 
 echo "== paper preset benchmark"
-timeout 420 $PY benchmarks/bench_index.py --preset paper --device cuda --images "$IMAGES" --batch-size 64 \
-    --input preset 1024 --compare-precision 256 --out "$OUT/index-cuda.json" --workdir /tmp/dermris-bench \
-    2>&1 | tail -60 | tee "$OUT/bench.txt"
+timeout "${BENCH_S:-300}" $PY benchmarks/bench_index.py --preset paper --device cuda --images "$IMAGES" \
+    --batch-size "${BATCH:-64}" --input preset 1024 --compare-precision 256 --out "$OUT/index-cuda.json" \
+    --workdir /tmp/dermris-bench > "$OUT/bench.txt" 2>&1
+tail -45 "$OUT/bench.txt"
 
 echo "== full test suite"
-timeout 420 $PY -m pytest -q -p no:cacheprovider -n "${WORKERS:-8}" 2>&1 | tail -40 | tee "$OUT/suite.txt"
+timeout "${SUITE_S:-300}" $PY -m pytest -q -p no:cacheprovider -n "${WORKERS:-8}" > "$OUT/suite.txt" 2>&1
+tail -30 "$OUT/suite.txt"
