@@ -167,14 +167,14 @@ def compare_precisions(model, device, pixels: torch.Tensor, batch: int, k: int =
     if device.type != "cuda":
         return {"skipped": "reduced precision runs on CUDA only"}
     runs = {}
-    for precision in ("float32", "bfloat16", "float16"):
+    for precision in ("float32", "tf32", "bfloat16", "float16"):
         emb = Embedder(model, device=device, batch_size=batch, precision=precision)
         e = emb.embed_pixels(pixels)
         runs[precision] = e
     base = runs["float32"]
     base_rank = _rankings(base.features, base.style, base.masks, k, device)
     out = {"images": len(pixels), "k": k}
-    for precision in ("bfloat16", "float16"):
+    for precision in ("tf32", "bfloat16", "float16"):
         e = runs[precision]
         frel = np.linalg.norm(e.features - base.features, axis=1) / np.maximum(np.linalg.norm(base.features, axis=1), 1e-30)
         srel = np.linalg.norm(e.style - base.style, axis=1) / np.maximum(np.linalg.norm(base.style, axis=1), 1e-30)
@@ -215,7 +215,10 @@ def main() -> None:
     parser.add_argument("--input", nargs="+", default=["preset", "1024"],
                         help="input JPEG sizes: 'preset' (the model's input size) and/or pixels")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--precision", nargs="+", default=["auto"])
+    parser.add_argument("--compare-presets", nargs="*", default=None,
+                        help="presets for --compare-precision (default: those benchmarked)")
+    parser.add_argument("--skip-decode", action="store_true", help="do not time the reader stage alone")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores - 1)")
     parser.add_argument("--commit-every", type=int, default=256)
@@ -225,7 +228,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
+    precisions = [resolve_precision(p, device) for p in args.precision]
     from dermris.indexer.loader import default_workers
 
     workers = default_workers() if args.workers is None else args.workers
@@ -246,20 +249,26 @@ def main() -> None:
                 px = config.image_size if size_arg == "preset" else int(size_arg)
                 folder = write_photo_set(args.workdir / f"photos-{px}", args.images, size=px)
                 files = list_images(folder)[: args.images]
-                decode = decode_only(files, config.image_size, args.batch_size, workers)
+                decode = ({"images_per_s": float("nan")} if args.skip_decode
+                          else decode_only(files, config.image_size, args.batch_size, workers))
                 pixels = _pixels(files, config.image_size, workers)
-                model_run = model_only(model, device, precision, args.batch_size, pixels)
-                pipe = pipeline(folder, weights, device, precision, args.batch_size, workers, args.commit_every, work)
-                run = {"preset": preset_name, "input_px": px, "device": str(device),
-                       "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                       "batch_size": args.batch_size, "workers": workers, "model_build_seconds": round(build_s, 1),
-                       "decode": decode, "model": model_run, "pipeline": pipe,
-                       "pipeline_over_model": round(pipe["images_per_s"] / model_run["images_per_s"], 3)}
-                runs.append(run)
-                print_table([run])
-                sys.stdout.flush()
-            if args.compare_precision and device.type == "cuda":
-                folder = args.workdir / f"photos-{config.image_size}"
+                for precision in precisions:
+                    model_run = model_only(model, device, precision, args.batch_size, pixels)
+                    pipe = pipeline(folder, weights, device, precision, args.batch_size, workers, args.commit_every,
+                                    work)
+                    run = {"preset": preset_name, "input_px": px, "device": str(device),
+                           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                           "batch_size": args.batch_size, "workers": workers,
+                           "model_build_seconds": round(build_s, 1), "decode": decode, "model": model_run,
+                           "pipeline": pipe,
+                           "pipeline_over_model": round(pipe["images_per_s"] / model_run["images_per_s"], 3)}
+                    runs.append(run)
+                    print_table([run])
+                    sys.stdout.flush()
+            compare = args.compare_presets if args.compare_presets is not None else args.preset
+            if args.compare_precision and device.type == "cuda" and preset_name in compare:
+                folder = write_photo_set(args.workdir / f"photos-{config.image_size}", args.compare_precision,
+                                         size=config.image_size)
                 files = list_images(folder)[: args.compare_precision]
                 precision_report[preset_name] = compare_precisions(model, device, _pixels(files, config.image_size,
                                                                                           workers), args.batch_size)
@@ -271,8 +280,11 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     print_table(runs)
     existing = json.loads(out.read_text()) if out.is_file() else {"runs": []}
-    keys = {(r["preset"], r["input_px"], r["device"]) for r in runs}
-    keep = [r for r in existing.get("runs", []) if (r["preset"], r["input_px"], r["device"]) not in keys]
+    def key(r):
+        return r["preset"], r["input_px"], r["device"], r["model"]["precision"]
+
+    keys = {key(r) for r in runs}
+    keep = [r for r in existing.get("runs", []) if key(r) not in keys]
     payload = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__,

@@ -24,11 +24,16 @@ from dermris.models.imageio import to_pixels
 
 __all__ = ["PRECISIONS", "resolve_device", "resolve_precision", "preprocess", "Embeddings", "Embedder"]
 
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
-"""Inference precisions: ``auto`` is float32 on the CPU and the measured CUDA default on CUDA."""
+PRECISIONS = ("auto", "float32", "tf32", "bfloat16", "float16")
+"""Inference precisions. ``float32`` is IEEE float32 throughout (no TF32); ``tf32`` lets CUDA
+convolutions and matrix products use TF32 tensor cores; ``bfloat16`` / ``float16`` run the
+backbones and the segmenter under autocast. ``auto`` is :data:`CUDA_DEFAULT_PRECISION` on
+CUDA and float32 on the CPU."""
 
-CUDA_DEFAULT_PRECISION = "bfloat16"
-"""The CUDA default: measured to keep the top-10 of every measure against float32 (README)."""
+CUDA_DEFAULT_PRECISION = "float32"
+"""The CUDA default: the only precision measured to keep the top 10 of every measure against
+float32 on the paper preset (bfloat16 kept 0.71 to 0.97 of them on an H200, float16 overflowed
+to NaN; README, ``benchmarks/results/index-cuda.json``)."""
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -153,7 +158,7 @@ class Embedder:
         previous = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = not exact
         stack.callback(setattr, torch.backends.cuda.matmul, "allow_tf32", previous)
-        if not exact:
+        if self.precision in _DTYPES:
             stack.enter_context(torch.autocast(device_type="cuda", dtype=_DTYPES[self.precision]))
         return stack
 

@@ -126,6 +126,10 @@ class ImageLoader:
         kwargs = {}
         if self.workers > 0:
             kwargs = {"prefetch_factor": prefetch, "worker_init_fn": _worker_init, "persistent_workers": False}
+            if torch.cuda.is_initialized():
+                # a process that holds CUDA (and its threads) must not fork: workers come from a
+                # clean fork server instead
+                kwargs["multiprocessing_context"] = "forkserver"
         self._loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=batch_size, shuffle=False, num_workers=self.workers, collate_fn=_collate,
             pin_memory=pin_memory and torch.cuda.is_available(), **kwargs,

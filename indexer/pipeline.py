@@ -183,7 +183,8 @@ def index_folder(
     workers : int, optional
         Decoding processes (default: all cores but one, at most 16; 0 decodes in this process).
     precision : str
-        ``auto`` (float32 on the CPU, bfloat16 on CUDA), ``float32``, ``bfloat16`` or ``float16``.
+        ``auto`` (float32), ``float32``, ``tf32``, ``bfloat16`` or ``float16`` (the last three on
+        CUDA only; see :data:`~.embed.PRECISIONS`).
     compile : bool
         ``torch.compile`` the model (CUDA; minutes of start-up, faster on long runs).
     progress : bool
@@ -210,7 +211,7 @@ def index_folder(
         t = time.perf_counter()
         if report.indexed or not writer.has_faiss:
             writer.build_faiss()
-        writer.update_sketch(dim=sketch_dim)
+        writer.update_sketch(dim=sketch_dim, device=torch_device)
         report.stages["derived"] = time.perf_counter() - t
         report.rows = writer.rows
         report.seconds = time.perf_counter() - started
@@ -346,11 +347,11 @@ def _run(writer: StoreWriter, embedder: Embedder, files, table, report: IndexRep
     loader = ImageLoader(files, size=embedder.image_size, batch_size=embedder.batch_size, workers=workers,
                          skip_sha256=known_sha | purged_sha, pin_memory=device.type == "cuda")
     encoder = writer.codec.torch_encoder(device) if writer.codec is not None else None
+    batches = iter(loader)  # worker processes start here, before the writer thread exists
     committer = _Committer(writer, table, report, commit_every)
     bar = tqdm(total=len(files), desc="indexing", unit="img", file=sys.stderr, disable=not progress)
     read_wait = model_s = 0.0
     try:
-        batches = iter(loader)
         while True:
             t = time.perf_counter()
             batch = next(batches, None)

@@ -37,13 +37,13 @@ def test_index_search_info(runner, tmp_path, synthetic_set):
 
     result = runner.invoke(main, ["search", str(store), str(query), "--measure", "style", "-k", "2", "--json"])
     assert result.exit_code == 0, result.output
-    payload = json.loads(result.output)
+    payload = json.loads(result.stdout)
     assert list(payload["results"]) == ["style"] and len(payload["results"]["style"]) == 2
     assert payload["results"]["style"][0]["image_id"] == "SYN_homogeneous_002"
 
     result = runner.invoke(main, ["search", str(store), "--row", "4", "--measure", "cosine", "--json", "--stats"])
     assert result.exit_code == 0, result.output
-    payload = json.loads(result.output)
+    payload = json.loads(result.stdout)
     assert all(h["row"] != 4 for h in payload["results"]["cosine"])
     assert payload["stats"]["rows"] == 32 and "cosine" in payload["stats"]["reranked"]
 
@@ -53,15 +53,15 @@ def test_index_search_info(runner, tmp_path, synthetic_set):
 
     result = runner.invoke(main, ["info", str(store)])
     assert result.exit_code == 0 and "rows" in result.output and "efficientnet_b0" in result.output
-    info = json.loads(runner.invoke(main, ["info", str(store), "--json"]).output)
+    info = json.loads(runner.invoke(main, ["info", str(store), "--json"]).stdout)
     assert info["rows"] == 32 and info["faiss"] == {"features_l2": 32, "features_ip": 32}
     assert "texture" in info["metadata_columns"]
 
     before = payload_style_row4(store)  # with the 31-d sketch the index run built
     result = runner.invoke(main, ["rebuild", str(store), "--sketch-dim", "8"])
     assert result.exit_code == 0 and "d=8" in result.output, result.output
-    again = runner.invoke(main, ["search", str(store), "--row", "4", "--measure", "style", "--json"])
-    assert json.loads(again.output)["results"]["style"] == before  # exact whatever the sketch
+    again = runner.invoke(main, ["search", str(store), "--row", "4", "--measure", "style", "--json", "--device", "cpu"])
+    assert json.loads(again.stdout)["results"]["style"] == before  # exact whatever the sketch
 
 
 def payload_style_row4(store):
@@ -97,7 +97,7 @@ def test_index_json_reports_rejects(runner, tmp_path, synthetic_set):
     (folder / "SYN_a.jpg").write_bytes((images / "SYN_globular_001.jpg").read_bytes())
     result = runner.invoke(main, ["index", str(folder), str(tmp_path / "store"), "--json", "--quiet"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     assert report["indexed"] == 1 and report["rows"] == 1
     assert report["rejected"][0]["path"].endswith("broken.jpg")
 
@@ -110,7 +110,7 @@ def test_demo(runner, tmp_path):
     assert "i1_sd" in result.output and (out / "sheet.png").is_file()
     again = runner.invoke(main, ["demo", "--out", str(out), "--per-class", "3", "--json"])
     assert again.exit_code == 0
-    payload = json.loads(again.output)
+    payload = json.loads(again.stdout)
     assert set(payload["results"]) >= {"style", "i1_ecd"} and len(payload["results"]["style"]) == 5
 
 

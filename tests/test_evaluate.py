@@ -108,7 +108,7 @@ def test_evaluate_cli_table_json_plot(indexed_store, tmp_path):
     assert [line.split()[0] for line in lines[2:11]] == list(MEASURES)  # Table 1 order
     assert plot.stat().st_size > 10_000
     payload = json.loads(runner.invoke(main, ["evaluate", str(indexed_store), "--label-column", "texture",
-                                              "--all", "--json", "--bootstrap", "50"]).output)
+                                              "--all", "--json", "--bootstrap", "50"]).stdout)
     assert payload["queries"] == 32 and set(payload["metrics"]) == set(MEASURES)
     bad = runner.invoke(main, ["evaluate", str(indexed_store), "--label-column", "nope"])
     assert bad.exit_code == 1 and "no metadata column 'nope'" in bad.output
@@ -216,5 +216,5 @@ def test_judge_cli_prepare_only(indexed_store, tmp_path):
     result = runner.invoke(main, ["judge", str(indexed_store), "--out", str(out), "--queries", "3", "--no-serve"])
     assert result.exit_code == 0 and (out / "tasks.json").is_file()
     again = runner.invoke(main, ["judge", "--score", str(out), "--json"])
-    payload = json.loads(again.output)
+    payload = json.loads(again.stdout)
     assert payload["complete_queries"] == 0 and payload["paper_table1_percent"]["style"] == 61.2

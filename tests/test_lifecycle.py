@@ -209,7 +209,7 @@ def test_every_bad_input_is_indexed_or_rejected(tmp_path, synthetic_set, monkeyp
     store = tmp_path / "store"
     result = runner.invoke(main, ["index", str(folder), str(store), "--json", "--quiet", "--strict"])
     assert result.exit_code == 3, result.output  # --strict: rejects make the run fail
-    report = json.loads(result.output)
+    report = json.loads(result.stdout)
     rejected = {Path(r["path"]).name: r["reason"] for r in report["rejected"]}
     assert set(rejected) == {n for n, o in expect.items() if o == "rejected"}
     assert "decompression-bomb" in rejected["bomb.png"] and "empty" in rejected["zero.jpg"]

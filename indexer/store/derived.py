@@ -53,14 +53,15 @@ def write_faiss_indexes(features: np.ndarray, root: Path) -> tuple[FaissFile, ..
 
 
 def update_sketch(
-    store: "Store", arrays: zarr.Group, info: SketchInfo | None, *, dim: int, fit_rows: int, refit_growth: int
+    store: "Store", arrays: zarr.Group, info: SketchInfo | None, *, dim: int, fit_rows: int, refit_growth: int,
+    device=None,
 ) -> tuple[SketchInfo | None, str | None]:
     """Bring the style sketch up to the store's committed rows.
 
     New rows are projected onto the current basis. The basis is (re)fitted, into a new zarr
     group the manifest then switches to, when there is none, when ``dim`` changes, or when it
     was fitted on fewer than ``fit_rows`` rows and the store has grown ``refit_growth`` times
-    since.
+    since. ``device`` (CUDA) runs the same float64 arithmetic on the GPU.
 
     Returns
     -------
@@ -79,7 +80,7 @@ def update_sketch(
     if refit:
         sample_rows = np.unique(np.linspace(0, n - 1, num=min(n, fit_rows)).round().astype(int)) if n else []
         if n:
-            components, mean = fit_style_basis(store.style_rows(sample_rows), dim)
+            components, mean = fit_style_basis(store.style_rows(sample_rows), dim, device=device)
         else:
             components, mean = np.zeros((0, store.style_dim), np.float32), np.zeros(store.style_dim)
         serial = (info.serial if info else 0) + 1
@@ -106,7 +107,7 @@ def update_sketch(
         start = info.rows
         new = info
     for block_start, block in store.iter_style_blocks(start=start):
-        y, r, sq = project_style(block, components, mean)
+        y, r, sq = project_style(block, components, mean, device=device)
         stop = block_start + len(block)
         for key, data in (("projections", y), ("residuals", r), ("sq_norms", sq)):
             arr = group[key]

@@ -479,20 +479,20 @@ class StoreWriter:
         files = write_faiss_indexes(self.reader().features(), self.root)
         self._commit(self.manifest.replace(faiss=files))
 
-    def update_sketch(self, *, dim: int = 256, fit_rows: int = 1024, refit_growth: int = 4) -> None:
+    def update_sketch(self, *, dim: int = 256, fit_rows: int = 1024, refit_growth: int = 4, device=None) -> None:
         """Bring the style sketch up to the committed rows (derived data, crash-safe).
 
         New rows are projected onto the current basis; the basis is refitted into a new zarr
         group (which the manifest then switches to) when there is none, when ``dim`` changes,
         or when it was fitted on fewer than ``fit_rows`` rows and the store has grown
-        ``refit_growth`` times since.
+        ``refit_growth`` times since. A CUDA ``device`` does the float64 arithmetic there.
         """
         from .derived import update_sketch
 
         if dim < 0 or fit_rows < 1:
             raise ValueError("sketch dim must be >= 0 and fit_rows >= 1")
         info, stale = update_sketch(self.reader(), self._group, self.manifest.sketch, dim=dim, fit_rows=fit_rows,
-                                    refit_growth=refit_growth)
+                                    refit_growth=refit_growth, device=device)
         if info is None:
             return
         self._commit(self.manifest.replace(sketch=info))

@@ -139,8 +139,9 @@ def main() -> None:
               help="Dimension of the style sketch used to bound style losses.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Decoding processes [default: all cores but one, at most 16; 0: decode in the main process].")
-@click.option("--precision", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
-              show_default=True, help="Model precision on CUDA (auto: bfloat16 on CUDA, float32 on the CPU).")
+@click.option("--precision", type=click.Choice(["auto", "float32", "tf32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="Model precision on CUDA (auto: float32; the others trade exactness of "
+                                      "the rankings for speed, see the README).")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (long runs on CUDA).")
 @click.option("--strict", is_flag=True, help="Exit with code 3 when any file was rejected.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
