@@ -197,6 +197,14 @@ def compare_precisions(model, device, pixels: torch.Tensor, batch: int, k: int =
     return out
 
 
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median images/s, with every repeat's images/s beside it."""
+    ordered = sorted(runs, key=lambda r: r["images_per_s"])
+    out = dict(ordered[len(ordered) // 2])
+    out["repeats_images_per_s"] = [r["images_per_s"] for r in runs]
+    return out
+
+
 def print_table(runs: list[dict]) -> None:
     print(f"\n{'preset':<7}{'input':>7}{'device':>8}{'prec':>10}{'decode/s':>10}{'model/s':>10}{'pipe/s':>9}"
           f"{'ratio':>7}{'seg %':>7}{'GPU GB':>8}  stages (s)")
@@ -222,6 +230,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores - 1)")
     parser.add_argument("--commit-every", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure model and pipeline this many times, alternating; report medians")
     parser.add_argument("--compare-precision", type=int, default=0, metavar="N",
                         help="also compare float32/bfloat16/float16 on N images (CUDA)")
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("DERMRIS_BENCH_DIR", "/tmp/dermris-bench")))
@@ -253,9 +263,13 @@ def main() -> None:
                           else decode_only(files, config.image_size, args.batch_size, workers))
                 pixels = _pixels(files, config.image_size, workers)
                 for precision in precisions:
-                    model_run = model_only(model, device, precision, args.batch_size, pixels)
-                    pipe = pipeline(folder, weights, device, precision, args.batch_size, workers, args.commit_every,
-                                    work)
+                    models, pipes = [], []
+                    for _ in range(args.repeats):  # alternate, so both see the same machine load
+                        models.append(model_only(model, device, precision, args.batch_size, pixels))
+                        pipes.append(pipeline(folder, weights, device, precision, args.batch_size, workers,
+                                              args.commit_every, work))
+                    model_run = _median_run(models)
+                    pipe = _median_run(pipes)
                     run = {"preset": preset_name, "input_px": px, "device": str(device),
                            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                            "batch_size": args.batch_size, "workers": workers,

@@ -59,8 +59,20 @@ def _collate(items: list[LoadedImage]) -> LoadedBatch:
     return LoadedBatch(items, pixels)
 
 
+def _forkserver():
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding is single-threaded; leave the cores to the model
+    try:
+        os.nice(5)  # decoding runs ahead (prefetch): where cores are scarce, the model goes first
+    except OSError:
+        pass
 
 
 class _Files(torch.utils.data.Dataset):
@@ -127,9 +139,9 @@ class ImageLoader:
         if self.workers > 0:
             kwargs = {"prefetch_factor": prefetch, "worker_init_fn": _worker_init, "persistent_workers": False}
             if torch.cuda.is_initialized():
-                # a process that holds CUDA (and its threads) must not fork: workers come from a
-                # clean fork server instead
-                kwargs["multiprocessing_context"] = "forkserver"
+                # A process that holds CUDA (and its threads) must not fork: workers come from a
+                # fork server that imported this module once (seconds, once per process).
+                kwargs["multiprocessing_context"] = _forkserver()
         self._loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=batch_size, shuffle=False, num_workers=self.workers, collate_fn=_collate,
             pin_memory=pin_memory and torch.cuda.is_available(), **kwargs,

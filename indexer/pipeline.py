@@ -290,6 +290,10 @@ class _Committer:
     def _loop(self) -> None:
         pending: list[_Chunk] = []
         try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 5)  # Linux: this thread only
+        except (AttributeError, OSError):
+            pass
+        try:
             while True:
                 chunk = self._queue.get()
                 if self._aborted:
