@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stores import measure_spectrum, pipeline_store, spectrum_store  # noqa: E402
+from stores import measure_spectrum, photo_store, pipeline_store, spectrum_store  # noqa: E402
 
 from dermris.indexer import Store  # noqa: E402
 from dermris.retriever import MEASURES, Retriever  # noqa: E402
@@ -81,7 +81,52 @@ def brute_force(store: Store, row: int, k: int) -> dict[str, list[tuple[int, flo
     return out
 
 
-def run_one(store_path: Path, *, queries: int, brute: int, k: int, seed: int, label: str) -> dict:
+class InMemoryBruteForce:
+    """The plain brute force a user would write with everything in RAM: decoded float32 style
+    rows, features, unpacked-free bit masks; LS by ``||x||^2 - 2 x.q + ||q||^2`` in float32."""
+
+    def __init__(self, store: Store) -> None:
+        self.n = store.rows
+        self.features = store.features()
+        self.style = np.concatenate([b for _, b in store.iter_style_blocks()]) if self.n else np.zeros((0, 0))
+        self.style_sq = np.einsum("ij,ij->i", self.style, self.style)
+        self.masks = store.masks()
+        self.areas = np.bitwise_count(self.masks).sum(axis=1)
+        self.feature_norms = np.linalg.norm(self.features, axis=1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.style.nbytes + self.features.nbytes + self.masks.nbytes
+
+    def query(self, row: int, k: int) -> dict[str, list[int]]:
+        f, q = self.features, self.features[row]
+        ed = np.sqrt(np.maximum(self.feature_norms ** 2 - 2 * f @ q + q @ q, 0))
+        cos = (f @ q) / np.maximum(self.feature_norms * self.feature_norms[row], 1e-30)
+        ls = np.maximum(self.style_sq - 2 * self.style @ self.style[row] + self.style_sq[row], 0)
+        inter = np.bitwise_count(self.masks & self.masks[row]).sum(axis=1)
+        total = self.areas + self.areas[row]
+        dc = np.where(total > 0, 2.0 * inter / np.maximum(total, 1), 1.0)
+        es = 1 - ed / max(ed.max(), 1e-30)
+        ss = 1 - ls / max(ls.max(), 1e-30)
+        cs = (np.clip(cos, -1, 1) + 1) / 2
+
+        def h(*c):
+            c = np.stack(c)
+            return np.where((c <= 0).any(0), 0.0, len(c) / (1 / np.where(c <= 0, 1, c)).sum(0))
+
+        scores = {"euclidean": es, "cosine": cs, "style": ss, "i1_ed": h(es, dc), "i1_cd": h(cs, dc),
+                  "i1_ecd": h(es, cs, dc), "i1_se": h(ss, es), "i1_sc": h(ss, cs), "i1_sd": h(ss, dc)}
+        out = {}
+        for name, sc in scores.items():
+            sc = sc.copy()
+            sc[row] = -np.inf
+            top = np.argpartition(-sc, k)[:k] if k < self.n else np.arange(self.n)
+            out[name] = top[np.lexsort((top, -sc[top]))].tolist()
+        return out
+
+
+def run_one(store_path: Path, *, queries: int, brute: int, k: int, seed: int, label: str,
+            in_ram_limit: int = 8 << 30) -> dict:
     rss0 = _rss()
     t0 = time.perf_counter()
     retriever = Retriever.open(store_path, device="cpu")
@@ -108,6 +153,24 @@ def run_one(store_path: Path, *, queries: int, brute: int, k: int, seed: int, la
             per_measure[m]["style_rows"].append(st.style_rows_read)
             per_measure[m]["mask_rows"].append(st.mask_rows_read)
             per_measure[m]["bytes"].append(st.bytes_read)
+
+    style_bytes_all = [fast_results[row].stats.style_rows_read * store.style_row_bytes for row in rows]
+    style_array_bytes = n * store.style_row_bytes
+    in_ram = None
+    if n * store.style_dim * 4 <= in_ram_limit:
+        t = time.perf_counter()
+        memory = InMemoryBruteForce(store)
+        load_s = time.perf_counter() - t
+        memory.query(rows[0], k)
+        ram_ms, ram_agree = [], []
+        for row in rows:
+            t = time.perf_counter()
+            got = memory.query(row, k)
+            ram_ms.append((time.perf_counter() - t) * 1e3)
+            ram_agree.append(np.mean([len(set(got[m]) & {h.row for h in fast_results[row][m]}) / k for m in MEASURES]))
+        in_ram = {"median_ms": statistics.median(ram_ms), "load_seconds": round(load_s, 2),
+                  "resident_bytes": memory.nbytes, "top_k_agreement_with_exact": float(np.mean(ram_agree))}
+        del memory
 
     brute_s, agree = [], {m: [] for m in MEASURES}
     max_rel = 0.0
@@ -142,6 +205,11 @@ def run_one(store_path: Path, *, queries: int, brute: int, k: int, seed: int, la
         "store_bytes_on_disk": sum(f.stat().st_size for f in store_path.rglob("*") if f.is_file()),
         "all_nine": {"median_ms": statistics.median(all_ms), "p95_ms": p95(all_ms)},
         "brute_force": {"queries": len(brute_s), "median_s": statistics.median(brute_s) if brute_s else None},
+        "in_ram_brute_force": in_ram,
+        "style_bytes_read_fraction_all_nine": {
+            "median": statistics.median(style_bytes_all) / max(style_array_bytes, 1),
+            "max": max(style_bytes_all) / max(style_array_bytes, 1)},
+        "scans_all_nine_median": statistics.median([fast_results[r].stats.scans for r in rows]),
         "max_relative_score_error": max_rel if brute_s else None,
         "measures": {
             m: {
@@ -157,6 +225,9 @@ def run_one(store_path: Path, *, queries: int, brute: int, k: int, seed: int, la
     }
     if brute_s:
         result["speedup_all_nine_vs_brute"] = result["brute_force"]["median_s"] * 1e3 / result["all_nine"]["median_ms"]
+        result["all_nine_over_streaming_brute"] = result["all_nine"]["median_ms"] / (result["brute_force"]["median_s"] * 1e3)
+    if in_ram:
+        result["all_nine_over_in_ram_brute"] = result["all_nine"]["median_ms"] / in_ram["median_ms"]
     return result
 
 
@@ -168,6 +239,14 @@ def print_table(run: dict) -> None:
           f"speed-up {run.get('speedup_all_nine_vs_brute', float('nan')):.0f}x")
     print(f"  retriever memory: index {run['retriever_index_bytes'] / 1e6:.0f} MB, RSS +{run['rss_delta_bytes'] / 1e6:.0f} MB; "
           f"max relative score error vs brute force {run['max_relative_score_error']}")
+    ram = run.get("in_ram_brute_force")
+    if ram:
+        print(f"  in-RAM brute force: median {ram['median_ms']:.1f} ms ({ram['resident_bytes'] / 1e6:.0f} MB resident); "
+              f"all nine / in-RAM = {run['all_nine_over_in_ram_brute']:.2f}")
+    frac = run["style_bytes_read_fraction_all_nine"]
+    print(f"  style bytes read per query (all nine): median {100 * frac['median']:.2f} % of the style array, "
+          f"max {100 * frac['max']:.2f} %; scans (median) {run['scans_all_nine_median']}; "
+          f"all nine / streaming brute force = {run.get('all_nine_over_streaming_brute', float('nan')):.3f}")
     print(f"  {'measure':<10}{'recall@k':>9}{'median ms':>11}{'p95 ms':>9}{'reranked':>10}{'style rd':>10}{'mask rd':>9}{'MB read':>9}")
     for m, v in run["measures"].items():
         recall = "-" if v["recall_at_k"] is None else f"{v['recall_at_k']:.3f}"
@@ -207,7 +286,7 @@ def plot(runs: list[dict], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--source", choices=["pipeline", "spectrum"], default="pipeline")
+    parser.add_argument("--source", choices=["pipeline", "spectrum", "photo"], default="pipeline")
     parser.add_argument("--rows", type=int, nargs="+", default=[1000])
     parser.add_argument("--preset", default="tiny", help="pipeline source: model preset")
     parser.add_argument("--queries", type=int, default=20)
@@ -239,11 +318,14 @@ def main() -> None:
         if args.source == "pipeline":
             path = pipeline_store(args.workdir / f"pipeline-{args.preset}-{n}", n, preset=args.preset,
                                   sketch_dim=args.sketch_dim)
+        elif args.source == "photo":
+            path = photo_store(args.workdir / f"photo-{args.preset}-{n}", n, preset=args.preset,
+                               sketch_dim=args.sketch_dim, workdir=args.workdir)
         else:
             path = spectrum_store(args.workdir / f"spectrum-{n}", n, spectrum, sketch_dim=args.sketch_dim)
         build_s = time.perf_counter() - t
         run = run_one(path, queries=args.queries, brute=args.brute, k=args.k, seed=args.seed,
-                      label=f"{args.source}" + (f"-{args.preset}" if args.source == "pipeline" else ""))
+                      label=f"{args.source}" + (f"-{args.preset}" if args.source != "spectrum" else ""))
         run["store_build_seconds"] = round(build_s, 1)
         runs.append(run)
         print_table(run)

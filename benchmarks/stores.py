@@ -1,6 +1,9 @@
 """Benchmark stores: made with the real pipeline, or paper-sized with a measured style spectrum.
 
 * :func:`pipeline_store` indexes synthetic lesion images with a preset (real Gram matrices).
+* :func:`photo_store` indexes variations of real photographs (``photos.py``) with a preset:
+  with ``lite0`` (real ImageNet weights, untrained segmenter) it behaves like a store of real
+  images: spread-out style vectors and irregular masks.
 * :func:`measure_spectrum` measures the principal spectrum of real style vectors (the ``lite0``
   preset, real ImageNet weights, on synthetic lesions).
 * :func:`spectrum_store` writes ``N`` rows of paper size (B6 layout, ``D = 260,032`` float16)
@@ -22,7 +25,7 @@ from dermris.indexer import Store, StoreWriter, index_folder, store_exists
 from dermris.indexer.synthetic import TEXTURE_CLASSES, synthetic_lesion, write_synthetic_set
 from dermris.models import StyleLayout, backbone_info, build_model, get_preset
 
-__all__ = ["pipeline_store", "measure_spectrum", "spectrum_store"]
+__all__ = ["pipeline_store", "photo_store", "measure_spectrum", "spectrum_store"]
 
 
 def pipeline_store(path: Path, n: int, *, preset: str = "tiny", seed: int = 0, sketch_dim: int = 256) -> Path:
@@ -40,6 +43,19 @@ def pipeline_store(path: Path, n: int, *, preset: str = "tiny", seed: int = 0, s
         for image in images:
             image.rename(folder / image.name)
         index_folder(folder, path, preset=preset, progress=True, sketch_dim=sketch_dim, batch_size=32)
+    return path
+
+
+def photo_store(path: Path, n: int, *, preset: str = "lite0", size: int = 320, seed: int = 0,
+                sketch_dim: int = 256, workdir: Path | None = None) -> Path:
+    """Index ``n`` JPEGs made from scikit-image's photographs with ``preset`` (reused if complete)."""
+    from photos import write_photo_set
+
+    if store_exists(path) and Store.open(path).rows == n:
+        return path
+    shutil.rmtree(path, ignore_errors=True)
+    folder = write_photo_set((workdir or path.parent) / f"photos-{size}-{seed}", n, size=size, seed=seed)
+    index_folder(folder, path, preset=preset, progress=True, sketch_dim=sketch_dim, batch_size=32)
     return path
 
 

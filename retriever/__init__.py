@@ -51,6 +51,7 @@ _EXPORTS = {
     "Retriever": ".search",
     "SearchResult": ".search",
     "QueryVectors": ".bounds",
+    "CostModel": ".bounds",
     "SearchStats": ".bounds",
     "cosine_score": ".measures",
     "dice_score": ".measures",
@@ -73,7 +74,7 @@ __all__ = sorted([*_EXPORTS, *_ERRORS, "COMPONENTS", "MEASURES", "MEASURE_COMPON
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .bounds import QueryVectors, SearchStats
+    from .bounds import CostModel, QueryVectors, SearchStats
     from .filters import parse_where
     from .measures import cosine_score, dice_score, harmonic_mean, measure_score, normalised_score, rank
     from .search import Hit, Retriever, SearchResult

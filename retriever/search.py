@@ -26,11 +26,11 @@ from dermris.indexer.sources import decode_image, to_rgb
 from dermris.indexer.store import Store
 from dermris.models.errors import QueryError
 
-from .bounds import QueryBatch, QueryVectors, SearchStats, StoreIndex
+from .bounds import MASK_MEMORY_BYTES, CostModel, QueryBatch, QueryVectors, SearchStats, StoreIndex
 from .filters import rows_matching
 from .measures import COMPONENTS, check_measures
 
-__all__ = ["Hit", "SearchResult", "Retriever", "QueryVectors", "SearchStats"]
+__all__ = ["Hit", "SearchResult", "Retriever", "QueryVectors", "SearchStats", "CostModel"]
 
 Query = Any
 """A path (str or os.PathLike), a PIL image, an H x W (x 3) uint8 array, a stored row (int),
@@ -129,24 +129,44 @@ class Retriever:
         Where the model and the bound arithmetic run: ``auto``, ``cpu`` or ``cuda``.
     """
 
-    def __init__(self, store: Store, *, device: str = "auto") -> None:
+    def __init__(self, store: Store, *, device: str = "auto", mask_memory_bytes: int = MASK_MEMORY_BYTES,
+                 cost_model: CostModel = CostModel(), use_faiss: bool = True) -> None:
         self.store = store
         self.device = resolve_device(device)
+        self._options = {"mask_memory_bytes": mask_memory_bytes, "cost_model": cost_model, "use_faiss": use_faiss}
         self._embedder: Embedder | None = None
         meta = store.metadata(columns=["image_id", "path"])
         self._image_ids: list[str] = meta.column("image_id").to_pylist()
         self._paths: list[str] = meta.column("path").to_pylist()
         self._metadata: pa.Table | None = None
-        self._index = StoreIndex(store, device=self.device)
+        self._index = StoreIndex(store, device=self.device, **self._options)
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, device: str = "auto") -> "Retriever":
-        """Open the store at ``path`` (the model is loaded on the first image query)."""
-        return cls(Store.open(path), device=device)
+    def open(cls, path: str | os.PathLike, *, device: str = "auto", mask_memory_bytes: int = MASK_MEMORY_BYTES,
+             cost_model: CostModel = CostModel(), use_faiss: bool = True) -> "Retriever":
+        """Open the store at ``path`` (the model is loaded on the first image query).
+
+        Parameters
+        ----------
+        path : path-like
+            The store.
+        device : str
+            ``auto``, ``cpu`` or ``cuda``: where queries are embedded and bounds computed.
+        mask_memory_bytes : int
+            Keep the masks in memory up to this size (Dice exact for every row at no read cost);
+            larger stores bound Dice from block counts and read masks as needed.
+        cost_model : CostModel
+            When reading rows one by one loses to a sequential scan.
+        use_faiss : bool
+            Answer the Euclidean and cosine measures and ``ED_max`` through certified FAISS
+            searches (faiss-gpu on CUDA when installed) rather than a pass over all features.
+        """
+        return cls(Store.open(path), device=device, mask_memory_bytes=mask_memory_bytes, cost_model=cost_model,
+                   use_faiss=use_faiss)
 
     def refresh(self) -> "Retriever":
         """Re-open the store to see rows committed (or compaction done) since it was opened."""
-        fresh = Retriever(Store.open(self.store.root), device=str(self.device))
+        fresh = Retriever(Store.open(self.store.root), device=str(self.device), **self._options)
         fresh._embedder = self._embedder
         self.__dict__.update(fresh.__dict__)
         return self

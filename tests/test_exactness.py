@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from reference import NAMES, brute_force, load_store, row_query
-from dermris.retriever import MEASURES, QueryVectors, Retriever
+from dermris.retriever import MEASURES, CostModel, QueryVectors, Retriever
+
+# Every path the cost model can take gives the same answers: the default (scans chosen by
+# cost), scans always, the bound path alone with Dice bounded from block counts (masks not in
+# memory).
+PATHS = {
+    "default": {},
+    "scan": {"cost_model": CostModel.always_scan()},
+    "bounds": {"cost_model": CostModel.never_scan(), "mask_memory_bytes": 0, "use_faiss": False},
+}
 
 
 def assert_same(hits, expected, *, rtol=1e-9):
@@ -35,12 +44,13 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("path_name", PATHS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 @pytest.mark.parametrize("k", [1, 5, 100])
-def test_search_row_equals_brute_force(random_store, case, k):
+def test_search_row_equals_brute_force(random_store, case, k, path_name):
     path = random_store(**case)
     data = load_store(path)
-    retriever = Retriever.open(path, device="cpu")
+    retriever = Retriever.open(path, device="cpu", **PATHS[path_name])
     rows = sorted({0, data["n"] // 2, data["n"] - 1})
     for row in rows:
         for exclude in (True, False):
@@ -71,13 +81,14 @@ def _labels(n, seed):
     return {"diagnosis": groups, "age": ages}
 
 
+@pytest.mark.parametrize("path_name", PATHS)
 @pytest.mark.parametrize("case", FILTER_CASES, ids=lambda c: f"n{c['n']}-seed{c['seed']}")
-def test_filtered_search_equals_brute_force(random_store, case):
+def test_filtered_search_equals_brute_force(random_store, case, path_name):
     """``where=`` keeps the top k among passing rows exact, with normalisers over the whole store."""
     labels = _labels(case["n"], case["seed"])
     path = random_store(**case, extra_columns=labels)
     data = load_store(path)
-    retriever = Retriever.open(path, device="cpu")
+    retriever = Retriever.open(path, device="cpu", **PATHS[path_name])
     filters = [
         (pc.field("diagnosis") == "mel", {r for r, g in enumerate(labels["diagnosis"]) if g == "mel"}),
         ("diagnosis in ('nev', 'bcc') and age >= 50",
@@ -111,12 +122,13 @@ def test_exclude_rows_equals_brute_force(random_store):
             assert_same(got[name], expected[name])
 
 
+@pytest.mark.parametrize("path_name", PATHS)
 @pytest.mark.parametrize("seed", range(6))
-def test_free_query_equals_brute_force(random_store, seed):
+def test_free_query_equals_brute_force(random_store, seed, path_name):
     """Queries that are not stored rows (as image queries are), with ties and empty masks."""
     path = random_store(n=23, seed=100 + seed, duplicate_rows=4, empty_masks=5)
     data = load_store(path)
-    retriever = Retriever.open(path, device="cpu")
+    retriever = Retriever.open(path, device="cpu", **PATHS[path_name])
     rng = np.random.default_rng(seed)
     feature = rng.normal(size=data["features"].shape[1]).astype(np.float32)
     style_raw = (rng.normal(size=data["style"].shape[1]) * data["style"].std(axis=0)).astype(np.float32)
@@ -151,8 +163,9 @@ def test_single_row_store(random_store):
     assert [h.row for h in hits] == [0] and hits[0].score == 1.0
 
 
+@pytest.mark.parametrize("path_name", PATHS)
 @pytest.mark.parametrize("seed", range(8))
-def test_many_random_stores_all_rows(random_store, seed):
+def test_many_random_stores_all_rows(random_store, seed, path_name):
     """Every row of random stores of several shapes, against the reference."""
     rng = np.random.default_rng(seed)
     case = dict(n=int(rng.integers(3, 50)), seed=200 + seed, duplicate_rows=int(rng.integers(0, 5)),
@@ -160,7 +173,7 @@ def test_many_random_stores_all_rows(random_store, seed):
                 sketch_dim=[None, 0, 2, 6, 64][seed % 5], mask_density=float(rng.choice([0.002, 0.05, 0.4])))
     path = random_store(**case)
     data = load_store(path)
-    retriever = Retriever.open(path, device="cpu")
+    retriever = Retriever.open(path, device="cpu", **PATHS[path_name])
     k = int(rng.integers(1, 8))
     for row in range(data["n"]):
         expected = brute_force(data, *row_query(data, row), exclude_row=row, k=k)
@@ -191,7 +204,7 @@ def test_batch_equals_single_queries(random_store):
 def test_bounds_skip_most_style_rows(random_store):
     """On clustered style data the sketch bounds leave few rows to read (statistics are real)."""
     path = random_store(n=400, seed=41, clusters=8, sketch_dim=16, channels=(4, 6, 8))
-    retriever = Retriever.open(path, device="cpu")
+    retriever = Retriever.open(path, device="cpu", cost_model=CostModel.never_scan())
     data = load_store(path)
     expected = brute_force(data, *row_query(data, 3), exclude_row=3, k=5)
     result = retriever.search(3, measures="style", k=5)
@@ -202,15 +215,31 @@ def test_bounds_skip_most_style_rows(random_store):
     assert stats.style_rows_read < 0.25 * 400
     assert stats.bytes_read == stats.style_rows_read * retriever.store.style_row_bytes + \
         stats.mask_rows_read * retriever.store.mask_row_bytes
-    assert set(stats.seconds) >= {"features+bounds", "rank style"}
+    assert set(stats.seconds) >= {"bounds", "rank style"}
 
 
 def test_device_tensors_follow_the_retriever_device(random_store):
     path = random_store(n=10, seed=51, sketch_dim=3)
     retriever = Retriever.open(path, device="cpu")
     index = retriever._index
-    assert index.components_t.device.type == "cpu" and index.components_t.dtype == torch.float64
-    assert index.projections_t.shape == (10, 3)
+    # the basis stays float32 as stored (half the bytes per query), widened block by block
+    assert index.components_t.device.type == "cpu" and index.components_t.dtype == torch.float32
+    assert index.projections_t.shape == (10, 3) and index.projections_t.dtype == torch.float64
+
+
+def test_one_pass_projection_equals_the_explicit_residual(random_store):
+    """r_q from ||z||^2 - ||y||^2 + y^T (P P^T - I) y equals the explicit ||z - P^T y|| (float64)."""
+    path = random_store(n=60, seed=53, clusters=3, sketch_dim=12, channels=(5, 9, 14))
+    retriever = Retriever.open(path, device="cpu")
+    index = retriever._index
+    rng = np.random.default_rng(0)
+    styles = retriever.store.style_rows([0, 7, 33]) + rng.normal(size=(3, retriever.store.style_dim)).astype(np.float32)
+    _, r, sq = index.project(styles)
+    p = index.components_t.numpy().astype(np.float64)
+    z = styles.astype(np.float64) - index.mean_t.numpy()
+    y = z @ p.T
+    np.testing.assert_allclose(r, np.linalg.norm(z - y @ p, axis=1), rtol=1e-9)
+    np.testing.assert_allclose(sq, (z * z).sum(1), rtol=1e-12)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -224,3 +253,16 @@ def test_cuda_gives_the_cpu_results(random_store):
         for name in NAMES:
             assert [h.row for h in a[name]] == [h.row for h in b[name]]
             np.testing.assert_allclose([h.score for h in a[name]], [h.score for h in b[name]], rtol=1e-12)
+
+
+def test_scores_do_not_depend_on_the_path_taken(random_store):
+    """Bit for bit: a row scored in a scan block, read alone, or certified by FAISS gets the same
+    score (a per-row order of summation that depends on the batch would break ties)."""
+    path = random_store(n=90, seed=71, channels=(48, 96), feature_dim=700, clusters=3, sketch_dim=6,
+                        duplicate_rows=6)
+    results = []
+    for options in ({}, PATHS["scan"], PATHS["bounds"], {"use_faiss": False}):
+        retriever = Retriever.open(path, device="cpu", **options)
+        results.append([{m: [(h.row, h.score, dict(h.components)) for h in hits] for m, hits in
+                         retriever.search(row, measures="all", k=7).items()} for row in (0, 45, 89)])
+    assert all(r == results[0] for r in results[1:])

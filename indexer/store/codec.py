@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -54,10 +55,12 @@ class StyleCodec:
                 scales.append(float(2.0 ** math.floor(math.log2(_FLOAT16_TARGET / peak))))
         return cls(layout, tuple(scales), dtype)
 
-    @property
+    @functools.cached_property
     def column_scales(self) -> np.ndarray:
-        """Scale of every column, float32 ``(D,)``."""
-        return np.repeat(np.asarray(self.stage_scales, np.float32), self.layout.lengths)
+        """Scale of every column, float32 ``(D,)`` (computed once)."""
+        scales = np.repeat(np.asarray(self.stage_scales, np.float32), self.layout.lengths)
+        scales.flags.writeable = False
+        return scales
 
     def encode(self, style: np.ndarray) -> tuple[np.ndarray, int]:
         """Return the stored representation and the number of values clipped to float16's range."""
@@ -77,7 +80,7 @@ class StyleCodec:
         """
         import torch
 
-        scales = torch.from_numpy(self.column_scales).to(device)
+        scales = torch.from_numpy(self.column_scales.copy()).to(device)
         if self.dtype == "float32":
             return lambda style: (style.float() * scales, 0)
 

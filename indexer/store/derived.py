@@ -88,15 +88,18 @@ def update_sketch(
         if name in arrays:
             del arrays[name]
         group = arrays.create_group(name)
+        group.attrs["dermris_all_chunks_written"] = True
         d, big_d = components.shape
-        group.create_array("components", data=components, chunks=(1, big_d), compressors=None)
-        group.create_array("mean", data=mean, chunks=(big_d,), compressors=None)
-        group.create_array("projections", shape=(0, d), dtype="float64", chunks=(1 << 14, max(d, 1)),
-                           compressors=None, fill_value=0)
-        group.create_array("residuals", shape=(0,), dtype="float64", chunks=(1 << 16,), compressors=None,
-                           fill_value=0)
-        group.create_array("sq_norms", shape=(0,), dtype="float64", chunks=(1 << 16,), compressors=None,
-                           fill_value=0)
+        # checksummed like the primary arrays, every chunk written: damage is detected, not read
+        every = {"compressors": [zarr.codecs.Crc32cCodec()], "config": {"write_empty_chunks": True}, "fill_value": 0}
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            group.create_array("components", shape=components.shape, dtype="float32", chunks=(1, big_d), **every)
+            group["components"][:] = components
+            group.create_array("mean", shape=mean.shape, dtype="float64", chunks=(big_d,), **every)
+            group["mean"][:] = mean
+        group.create_array("projections", shape=(0, d), dtype="float64", chunks=(1 << 14, max(d, 1)), **every)
+        group.create_array("residuals", shape=(0,), dtype="float64", chunks=(1 << 16,), **every)
+        group.create_array("sq_norms", shape=(0,), dtype="float64", chunks=(1 << 16,), **every)
         start = 0
         new = SketchInfo(group=name, serial=serial, dim=d, dim_requested=dim, fitted_rows=len(sample_rows),
                          orthonormality_error=orthonormality_error(components), rows=0)
@@ -109,9 +112,10 @@ def update_sketch(
     for block_start, block in store.iter_style_blocks(start=start):
         y, r, sq = project_style(block, components, mean, device=device)
         stop = block_start + len(block)
-        for key, data in (("projections", y), ("residuals", r), ("sq_norms", sq)):
-            arr = group[key]
-            arr.resize((stop, *arr.shape[1:]))
-            arr[block_start:stop] = data
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            for key, data in (("projections", y), ("residuals", r), ("sq_norms", sq)):
+                arr = group[key]
+                arr.resize((stop, *arr.shape[1:]))
+                arr[block_start:stop] = data
     stale = f"sketch_{info.serial - 1}" if refit and info is not None else None
     return dataclasses.replace(new, rows=n), stale

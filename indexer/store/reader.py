@@ -24,6 +24,7 @@ from dermris.models.presets import ModelConfig
 from ._files import inside, manifest_stamp, read_manifest
 from ._format import ARRAYS_DIR, FAISS_FILES, METADATA_DIR, Manifest, RejectedFile, SketchInfo
 from .codec import StyleCodec
+from .rows import ShardedRows
 from .sketch import MASK_GRID, StyleSketch, mask_block_counts
 
 if TYPE_CHECKING:
@@ -76,6 +77,9 @@ class Store:
             raise StoreFormatError(f"{root}: arrays.zarr is missing or damaged ({exc})") from None
         if self._group.attrs.get("dermris_generation") != manifest.generation:
             raise _GenerationMismatch()
+        # Stores written since every chunk is written (even all-zero ones) treat a missing chunk
+        # as damage everywhere; older ones only where zeros are impossible (features, style).
+        self.all_chunks_written = bool(self._group.attrs.get("dermris_all_chunks_written", False))
         spec = manifest.arrays
         expected = {
             "features": ((spec.feature_dim,), np.float32),
@@ -92,6 +96,26 @@ class Store:
                     f"{root}: array {name} has shape {shape} {getattr(arr, 'dtype', '')}, expected "
                     f"({self.rows}+, {', '.join(map(str, tail))}) {np.dtype(dtype)}"
                 )
+            if name in ("features", "style") or self.all_chunks_written:
+                self._check_chunk_files(name, arr, self.rows)
+        arrays_dir = root / ARRAYS_DIR
+        self._style_reader = ShardedRows.for_array(arrays_dir / "style", "style")
+        self._mask_reader = ShardedRows.for_array(arrays_dir / "mask", "mask", missing_ok=not self.all_chunks_written)
+        self._mask_chunks: dict[int, np.ndarray] = {}
+        self._areas: np.ndarray | None = None
+
+    def _check_chunk_files(self, name: str, arr: zarr.Array, rows: int) -> None:
+        """Every chunk (or shard) file that holds committed rows must exist: zarr would read a
+        missing one as its fill value, silently."""
+        if rows == 0:
+            return
+        outer = arr.shards or arr.chunks
+        array_dir = self.root / ARRAYS_DIR / arr.path
+        for i in range((rows - 1) // outer[0] + 1):
+            key = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
+            if not (array_dir / key).is_file():
+                raise StoreFormatError(f"{self.root}: array {name} is missing its chunk file {key} "
+                                       f"(rows {i * outer[0]} to {min(rows, (i + 1) * outer[0]) - 1})")
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> "Store":
@@ -253,8 +277,13 @@ class Store:
         return np.asarray(self._read("features", slice(0, self.rows)), np.float32)
 
     def masks(self) -> np.ndarray:
-        """All committed bit-packed masks, ``(N, ceil(S*S/8))`` uint8."""
-        return np.asarray(self._read("mask", slice(0, self.rows)), np.uint8)
+        """All committed bit-packed masks, ``(N, ceil(S*S/8))`` uint8 (checked against
+        ``mask_area``)."""
+        if self._mask_reader is not None:
+            masks = self._mask_reader.read_range(0, self.rows)
+        else:
+            masks = np.asarray(self._read("mask", slice(0, self.rows)), np.uint8)
+        return self._verified_masks(np.arange(self.rows), masks)
 
     def mask_areas(self) -> np.ndarray:
         """Lesion pixel count of every committed mask, ``(N,)`` int64."""
@@ -265,32 +294,77 @@ class Store:
         stop = min(stop, self.rows)
         return self.codec.decode(self._read("style", slice(start, stop)))
 
-    def style_rows(self, rows: Sequence[int]) -> np.ndarray:
-        """Decoded style vectors of the given rows (read one by one: fast for wide rows)."""
+    def stored_style_rows(self, rows: Sequence[int]) -> np.ndarray:
+        """Style rows as stored (float16 by default, undecoded), read by bytes: one request per
+        run of adjacent rows of a shard, every checksum verified."""
         self._check_rows(rows)
-        out = np.empty((len(rows), self.style_dim), np.float32)
+        if self._style_reader is not None:
+            return self._style_reader.read(rows)
+        out = np.empty((len(rows), self.style_dim), self.manifest.arrays.style_dtype)
         for i, row in enumerate(rows):
-            out[i] = self.codec.decode(self._read("style", int(row)))
+            out[i] = self._read("style", int(row))
         return out
 
-    def iter_style_blocks(self, *, start: int = 0, max_bytes: int = 64 << 20) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(start, decoded_block)`` over committed rows from ``start``, shard-aligned."""
+    def style_rows(self, rows: Sequence[int]) -> np.ndarray:
+        """Decoded style vectors of the given rows, float32."""
+        return self.codec.decode(self.stored_style_rows(rows))
+
+    def iter_style_blocks(self, *, start: int = 0, max_bytes: int = 64 << 20,
+                          stored: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start, block)`` over committed rows from ``start``, shard-aligned blocks of
+        about ``max_bytes`` (decoded float32, or as stored with ``stored=True``)."""
         shard = self.manifest.arrays.style_shard_rows
         per_row = self.style_dim * 4
         block = max(shard, (max_bytes // per_row) // shard * shard)
         first = start
         while first < self.rows:
             stop = min(self.rows, (first // block + 1) * block)
-            yield first, self.style_block(first, stop)
+            if self._style_reader is not None:
+                raw = self._style_reader.read_range(first, stop)
+            else:
+                raw = self._read("style", slice(first, stop))
+            yield first, (raw if stored else self.codec.decode(raw))
             first = stop
 
     def mask_rows(self, rows: Sequence[int]) -> np.ndarray:
-        """Bit-packed masks of the given rows, ``(len(rows), ceil(S*S/8))`` uint8."""
+        """Bit-packed masks of the given rows, ``(len(rows), ceil(S*S/8))`` uint8.
+
+        Stores whose masks are chunked one row per chunk are read by bytes; older stores (256
+        rows per compressed chunk) decompress each chunk once and keep the last few.
+        """
         self._check_rows(rows)
+        if self._mask_reader is not None:
+            return self._verified_masks(rows, self._mask_reader.read(rows))
+        arr = self._arrays["mask"]
+        chunk = arr.chunks[0]
         out = np.empty((len(rows), self.mask_row_bytes), np.uint8)
         for i, row in enumerate(rows):
-            out[i] = self._read("mask", int(row))
-        return out
+            c = int(row) // chunk
+            block = self._mask_chunks.get(c)
+            if block is None:
+                block = np.asarray(self._read("mask", slice(c * chunk, min(self.rows, (c + 1) * chunk))), np.uint8)
+                if len(self._mask_chunks) >= 64:
+                    self._mask_chunks.pop(next(iter(self._mask_chunks)))
+                self._mask_chunks[c] = block
+            out[i] = block[int(row) - c * chunk]
+        return self._verified_masks(rows, out)
+
+    def _verified_masks(self, rows, masks: np.ndarray) -> np.ndarray:
+        """Masks whose lesion pixel count disagrees with ``mask_area`` are damaged (a missing
+        chunk, read as zeros, is the usual cause)."""
+        areas = self._mask_areas()[np.asarray(rows, np.int64)]
+        counts = np.bitwise_count(masks).sum(axis=1, dtype=np.int64)
+        bad = np.flatnonzero(counts != areas)
+        if len(bad):
+            row = int(np.asarray(rows)[bad[0]])
+            raise StoreFormatError(f"{self.root}: array mask is damaged at row {row} "
+                                   f"({counts[bad[0]]} lesion pixels, mask_area says {areas[bad[0]]})")
+        return masks
+
+    def _mask_areas(self) -> np.ndarray:
+        if self._areas is None:
+            self._areas = self.mask_areas()
+        return self._areas
 
     def mask_blocks(self) -> tuple[np.ndarray, int]:
         """Per-row lesion pixel counts on the block grid, and the grid size.

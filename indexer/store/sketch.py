@@ -26,8 +26,8 @@ __all__ = [
     "project_style",
 ]
 
-MASK_GRID = 8
-"""Cells per side of the mask block-count grid."""
+MASK_GRID = 16
+"""Cells per side of the mask block-count grid of new stores (stores made before use 8)."""
 
 
 def mask_block_counts(masks: np.ndarray, grid: int = MASK_GRID) -> np.ndarray:

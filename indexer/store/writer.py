@@ -81,19 +81,24 @@ def _initialise_arrays(root: Path, model_config: ModelConfig, layout: StyleLayou
     shard_rows = max(1, min(1024, _STYLE_SHARD_BYTES // (dim * np.dtype(style_dtype).itemsize)))
     grid = MASK_GRID if size % MASK_GRID == 0 else 1
     group = zarr.open_group(str(root / ARRAYS_DIR), mode="w")
+    # Every chunk is written, even one equal to the fill value, so that a missing chunk file is
+    # always damage (zarr would read it as zeros).
+    every = {"config": {"write_empty_chunks": True}, "fill_value": 0}
     group.create_array("features", shape=(0, feature_dim), dtype="float32",
                        chunks=(max(1, (4 << 20) // (4 * feature_dim)), feature_dim), compressors=_checksummed(),
-                       fill_value=0)
+                       **every)
     group.create_array("style", shape=(0, dim), dtype=style_dtype, chunks=(1, dim), shards=(shard_rows, dim),
-                       compressors=_checksummed(), fill_value=0)
-    group.create_array("mask", shape=(0, mask_bytes), dtype="uint8", chunks=(256, mask_bytes),
-                       compressors=_checksummed(zstd=True), fill_value=0)
+                       compressors=_checksummed(), **every)
+    # one mask per chunk (so reading a row never decompresses others), 1,024 per shard file
+    group.create_array("mask", shape=(0, mask_bytes), dtype="uint8", chunks=(1, mask_bytes),
+                       shards=(1024, mask_bytes), compressors=_checksummed(zstd=True), **every)
     group.create_array("mask_area", shape=(0,), dtype="int32", chunks=(1 << 16,),
-                       compressors=_checksummed(zstd=True), fill_value=0)
+                       compressors=_checksummed(zstd=True), **every)
     group.create_array("mask_blocks", shape=(0, grid * grid), dtype="int32", chunks=(1 << 12, grid * grid),
-                       compressors=_checksummed(zstd=True), fill_value=0)
+                       compressors=_checksummed(zstd=True), **every)
     group.attrs["dermris_format_version"] = 1
     group.attrs["dermris_generation"] = generation
+    group.attrs["dermris_all_chunks_written"] = True
     return ArraySpec(feature_dim=feature_dim, style_dim=dim, style_dtype=style_dtype, style_shard_rows=shard_rows,
                      mask_size=size, mask_bytes=mask_bytes, mask_grid=grid)
 
@@ -387,10 +392,11 @@ class StoreWriter:
         columns = [("features", features), ("style", encoded), ("mask", packed), ("mask_area", areas)]
         if blocks is not None:
             columns.append(("mask_blocks", blocks))
-        for name, data in columns:
-            arr = self._group[name]
-            arr.resize((n1, *arr.shape[1:]))
-            arr[n0:n1] = data
+        with zarr.config.set({"array.write_empty_chunks": True}):  # a missing chunk is always damage
+            for name, data in columns:
+                arr = self._group[name]
+                arr.resize((n1, *arr.shape[1:]))
+                arr[n0:n1] = data
         for name, _ in columns:  # the chunks reach the disk before the manifest that commits them
             _fsync_rows(arrays_dir / name, self._group[name], n0, n1)
 
