@@ -28,11 +28,11 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from dermris.models import DermrisModel, build_model, get_preset, load_model
-from dermris.models.errors import StoreMismatchError
+from dermris.models.errors import DataError, StoreMismatchError
 
 from .embed import Embedder, resolve_device
 from .loader import ImageLoader
-from .sources import LoadedImage, MetadataTable, list_images
+from .sources import IMAGE_EXTENSIONS, LoadedImage, MetadataTable, list_images
 from .store import StoreWriter, store_exists
 
 __all__ = ["IndexReport", "index_folder"]
@@ -198,6 +198,8 @@ def index_folder(
     if commit_every < 1 or batch_size < 1:
         raise ValueError("commit_every and batch_size must be >= 1")
     files = list_images(images)
+    if not files:
+        raise DataError(f"no image files ({', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) under {images}")
     table = MetadataTable(metadata, id_column=id_column) if metadata is not None else None
     torch_device = resolve_device(device)
     writer, model = _open_or_create(Path(store), preset=preset, weights=weights,
@@ -220,6 +222,11 @@ def index_folder(
         return report
     finally:
         writer.close()
+
+
+def _printable(path: str) -> str:
+    """A path as text that can be printed and written to JSON (undecodable bytes escaped)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 @dataclass
@@ -342,6 +349,12 @@ class _Committer:
 
 def _run(writer: StoreWriter, embedder: Embedder, files, table, report: IndexReport, *, commit_every: int,
          workers: int | None, progress: bool) -> None:
+    # metadata columns are agreed on before any image is embedded (a mismatch fails now)
+    _, missing = writer.prepare_metadata(table.schema if table is not None else None)
+    if missing and writer.rows:
+        log.warning("%d metadata columns of the store are not in %s; new rows get nulls there: %s",
+                    len(missing), "the CSV" if table is not None else "this run (no --metadata)",
+                    ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
     committed = writer.committed_metadata(["image_id", "sha256", "path"])
     known_sha = set(committed.column("sha256").to_pylist())
     purged_sha = set(writer.removed_sha256)
@@ -366,7 +379,7 @@ def _run(writer: StoreWriter, embedder: Embedder, files, table, report: IndexRep
             keep = []
             position = -1
             for item in batch.items:
-                path = str(item.file.path)
+                path = _printable(str(item.file.path))
                 if item.status == "ok":
                     position += 1
                 if item.status == "rejected":

@@ -156,7 +156,11 @@ class LoadedImage:
 
 
 class MetadataTable:
-    """User metadata from a CSV, keyed by image id, columns kept with their inferred types.
+    """User metadata from a UTF-8 CSV, keyed by image id.
+
+    The id column is always text (``0001`` stays ``0001``); other columns keep the types pyarrow
+    infers, and a column that is empty in every row is text. Duplicate column names, non-UTF-8
+    bytes, empty and duplicate ids are errors, raised before any image is embedded.
 
     Parameters
     ----------
@@ -177,10 +181,26 @@ class MetadataTable:
         if not path.is_file():
             raise MetadataError(f"metadata CSV not found: {path}")
         try:
-            table = pacsv.read_csv(path)
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise MetadataError(f"cannot read metadata CSV {path}: {exc.strerror or exc}") from None
+        if raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]  # a UTF-8 byte-order mark (spreadsheet exports)
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MetadataError(
+                f"{path} is not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
+                "save it as UTF-8 (values would otherwise be stored as bytes)"
+            ) from None
+        parse = pacsv.ParseOptions(newlines_in_values=True)
+        try:
+            columns = pacsv.open_csv(pa.BufferReader(raw), parse_options=parse).schema.names
         except (pa.ArrowInvalid, OSError) as exc:
-            raise MetadataError(f"cannot read metadata CSV {path}: {exc}") from None
-        columns = table.column_names
+            raise MetadataError(f"cannot read metadata CSV {path}: {str(exc).splitlines()[0]}") from None
+        duplicated = sorted({c for c in columns if columns.count(c) > 1})
+        if duplicated:
+            raise MetadataError(f"{path}: column names appear more than once: {', '.join(map(repr, duplicated))}")
         if id_column is None:
             id_column = next((c for c in ID_COLUMN_CANDIDATES if c in columns), None)
             if id_column is None:
@@ -192,10 +212,20 @@ class MetadataTable:
             raise MetadataError(
                 f"{path}: no column {id_column!r} (columns: {', '.join(columns)})"
             )
-        ids = table.column(id_column).cast(pa.string())
-        if ids.null_count:
-            raise MetadataError(f"{path}: {ids.null_count} rows have an empty {id_column!r}")
-        id_list = ids.to_pylist()
+        try:
+            # ids are text, always: '0001' stays '0001' and '1e3' stays '1e3'
+            table = pacsv.read_csv(pa.BufferReader(raw), parse_options=parse,
+                                   convert_options=pacsv.ConvertOptions(column_types={id_column: pa.string()}))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise MetadataError(f"cannot read metadata CSV {path}: {str(exc).splitlines()[0]}") from None
+        # a column empty in every row has no type yet: store it as text, so later runs can fill it
+        for i, field in enumerate(table.schema):
+            if pa.types.is_null(field.type):
+                table = table.set_column(i, field.name, table.column(i).cast(pa.string()))
+        id_list = table.column(id_column).to_pylist()
+        empty = sum(1 for v in id_list if v is None or not v.strip())
+        if empty:
+            raise MetadataError(f"{path}: {empty} rows have an empty {id_column!r}")
         index: dict[str, int] = {}
         duplicates = []
         for i, value in enumerate(id_list):
@@ -208,6 +238,9 @@ class MetadataTable:
         renamed = [
             f"csv_{c}" if c in RESERVED_COLUMNS and c != id_column else c for c in columns
         ]
+        clash = sorted({c for c in renamed if renamed.count(c) > 1})
+        if clash:
+            raise MetadataError(f"{path}: columns {', '.join(map(repr, clash))} clash with dermris's own columns")
         table = table.rename_columns(renamed)
         self.path = path
         self.id_column = id_column

@@ -58,7 +58,8 @@ class ImageDecodeError(DermrisError, ValueError):
 
 
 class DataError(DermrisError, ValueError):
-    """A training set that cannot be read or split (missing labels, unmatched masks, ...)."""
+    """Images or a training set that cannot be used as asked (an empty folder, missing labels,
+    unmatched masks, ...)."""
 
 
 # -- indexer and store ---------------------------------------------------------------------

@@ -39,12 +39,16 @@ from .measures import MEASURE_COMPONENTS, cosine_score, dice_score, harmonic_mea
 __all__ = ["CostModel", "SearchStats", "StoreIndex", "QueryVectors", "QueryBatch", "MASK_MEMORY_BYTES"]
 
 _FEATURE_BLOCK = 8192
-_PROJECTION_BLOCK = 4096  # basis columns widened to float64 at a time (stays in cache)
 _LS_BLOCK = 64  # style rows turned into float64 at a time
 _FLOAT64_SLACK = 1e-9  # relative to ||q - mu||^2 + ||x - mu||^2: float64 rounding of length-D sums
 
 MASK_MEMORY_BYTES = 1 << 30
-"""Masks are kept in memory (and Dice computed exactly for every row) up to this many bytes."""
+"""Masks are kept in memory (no mask is read from disk during a search) up to this many bytes."""
+
+EXACT_DICE_BYTES = 32 << 20
+"""Up to this many bytes of masks, Dice is computed exactly for every row at once (a popcount
+of a few milliseconds); above it, Dice is bounded from block counts first and computed exactly,
+from memory, only for the rows the threshold algorithm visits."""
 
 
 @dataclass(frozen=True)
@@ -175,29 +179,34 @@ class StoreIndex:
     use_faiss : bool
         Answer the Euclidean and cosine measures (and ``ED_max``) through certified FAISS
         searches instead of a full pass over the features.
+    exact_dice_bytes : int
+        Up to this size of the masks in memory, Dice is computed for every row at once.
     """
 
     def __init__(self, store: Store, *, device: torch.device | str = "cpu",
                  mask_memory_bytes: int = MASK_MEMORY_BYTES, cost_model: CostModel = CostModel(),
-                 use_faiss: bool = True) -> None:
+                 use_faiss: bool = True, exact_dice_bytes: int = EXACT_DICE_BYTES) -> None:
         self.store = store
         self.device = torch.device(device)
         self.cost = cost_model
         self.rows = store.rows
         self.features = store.features()
-        self.feature_norms = np.concatenate(
-            [np.sqrt(np.sum(b * b, axis=1)) for b in
+        self.feature_sq = np.concatenate(
+            [np.sum(b * b, axis=1) for b in
              (self.features[a:a + _FEATURE_BLOCK].astype(np.float64) for a in range(0, self.rows, _FEATURE_BLOCK))]
         ) if self.rows else np.zeros(0)
+        self.feature_norms = np.sqrt(self.feature_sq)
         self.live = store.live
         self.mask_areas = store.mask_areas()
         self.style_row_bytes = store.style_row_bytes
         self.mask_row_bytes = store.mask_row_bytes
+        self.masks: np.ndarray | None = None
         if self.rows * self.mask_row_bytes <= mask_memory_bytes:
-            self.masks: np.ndarray | None = store.masks()
-            self.mask_blocks, self.mask_grid = np.zeros((self.rows, 1), np.int32), 1
+            self.masks = store.masks()
+        self.exact_dice = self.masks is not None and self.rows * self.mask_row_bytes <= exact_dice_bytes
+        if self.exact_dice:
+            self.mask_blocks, self.mask_grid = np.zeros((self.rows, 1), np.uint16), 1
         else:
-            self.masks = None
             blocks, self.mask_grid = store.mask_blocks()
             # cells hold at most (S / grid)^2 pixels: uint16 halves the memory of large stores
             self.mask_blocks = blocks.astype(np.uint16) if blocks.size and blocks.max() < 65536 else blocks
@@ -214,9 +223,9 @@ class StoreIndex:
         self.sketch_sq_norms = sketch.sq_norms
         self.sketch_error = sketch.orthonormality_error
         dev = self.device
-        # The basis stays float32 as stored (half the bytes a query reads); products are formed
-        # in float64 a block of columns at a time, so the projection is float64-accurate.
-        self.components_t = torch.from_numpy(np.ascontiguousarray(sketch.components)).to(dev, torch.float32)
+        # The basis, widened once to float64 (its float32 values are exact there): a query reads
+        # it once (the residual comes from an identity, not from a second pass).
+        self.components_t = torch.from_numpy(np.ascontiguousarray(sketch.components)).to(dev, torch.float64)
         self.mean_t = torch.from_numpy(sketch.mean).to(dev, torch.float64)
         self.projections_t = torch.from_numpy(sketch.projections).to(dev, torch.float64)
         self.projection_sq_t = (self.projections_t * self.projections_t).sum(dim=1)
@@ -243,19 +252,15 @@ class StoreIndex:
         if self._gram_error is None:
             p = self.components_t
             d = p.shape[0]
-            gram = torch.zeros((d, d), dtype=torch.float64, device=self.device)
-            for a in range(0, p.shape[1], _PROJECTION_BLOCK):
-                block = p[:, a:a + _PROJECTION_BLOCK].to(torch.float64)
-                gram += block @ block.T
-            self._gram_error = gram - torch.eye(d, dtype=torch.float64, device=self.device)
+            self._gram_error = p @ p.T - torch.eye(d, dtype=torch.float64, device=self.device)
         return self._gram_error
 
     def project(self, styles: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Sketch a batch of query style vectors, reading the basis once.
 
-        ``y = P z`` is formed in float64 from the float32 basis block by block, and the
-        residual norm from ``r^2 = ||z||^2 - ||y||^2 + y^T (P P^T - I) y`` (exact for any ``P``),
-        so no second pass over the basis is needed.
+        ``y = P z`` in float64, and the residual norm from
+        ``r^2 = ||z||^2 - ||y||^2 + y^T (P P^T - I) y`` (exact for any ``P``), so no second pass
+        over the basis is needed (half the memory traffic of forming ``z - P^T y``).
 
         Returns
         -------
@@ -266,10 +271,8 @@ class StoreIndex:
         z = torch.from_numpy(np.atleast_2d(styles)).to(self.device, torch.float64) - self.mean_t
         sq = (z * z).sum(dim=1)
         d = self.components_t.shape[0]
-        y = torch.zeros((len(z), d), dtype=torch.float64, device=self.device)
+        y = z @ self.components_t.T
         if d:
-            for a in range(0, z.shape[1], _PROJECTION_BLOCK):
-                y += z[:, a:a + _PROJECTION_BLOCK] @ self.components_t[:, a:a + _PROJECTION_BLOCK].to(torch.float64).T
             correction = ((y @ self._basis_gram_error()) * y).sum(dim=1)
         else:
             correction = torch.zeros_like(sq)
@@ -291,6 +294,26 @@ class StoreIndex:
                 cos[i, a:a + len(block)] = _cosine(dots, self.feature_norms[a:a + len(block)], q)
         return ed, cos
 
+    def feature_bounds(self, feature: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Bounds on every row's Euclidean distance and cosine to ``feature`` from one float32
+        BLAS pass, widened by the worst-case float32 error of a length-F dot product
+        (``F u ||x|| ||q||``): ``(ed_low, ed_high, cos_low, cos_high)``, float64."""
+        q32 = np.asarray(feature, np.float32)
+        q64 = q32.astype(np.float64)
+        qsq = float(np.sum(q64 * q64))
+        qn = np.sqrt(qsq)
+        dots = (self.features @ q32).astype(np.float64)
+        f = self.features.shape[1]
+        err = 1.01 * f * 2.0 ** -24 * self.feature_norms * qn + 1e-12 * (self.feature_sq + qsq) + 1e-300
+        ed2 = self.feature_sq + qsq - 2.0 * dots
+        ed_low = np.sqrt(np.maximum(ed2 - 2.0 * err, 0.0))
+        ed_high = np.sqrt(np.maximum(ed2 + 2.0 * err, 0.0))
+        denom = self.feature_norms * qn
+        safe = np.where(denom > 0, denom, 1.0)
+        cos = np.where(denom > 0, dots / safe, 0.0)
+        dcos = np.where(denom > 0, err / safe, 0.0)
+        return ed_low, ed_high, np.clip(cos - dcos, -1.0, 1.0), np.clip(cos + dcos, -1.0, 1.0)
+
     def feature_search(self):
         """FAISS flat indexes over the features (built on first use), or None without FAISS."""
         if self._feature_search is None:
@@ -311,12 +334,21 @@ class StoreIndex:
         ed, dots = _distance_and_dot(self.features[rows].astype(np.float64), q)
         return ed, _cosine(dots, self.feature_norms[rows], q)
 
-    def dice_all(self, mask: np.ndarray, area: int) -> np.ndarray:
-        """Exact Dice of every row against a packed mask (masks in memory), float64."""
-        inter = np.zeros(self.rows, np.int64)
-        for a in range(0, self.rows, 4096):
-            inter[a:a + 4096] = np.bitwise_count(self.masks[a:a + 4096] & mask).sum(axis=1, dtype=np.int64)
-        return dice_score(inter, self.mask_areas, area)
+    def dice_rows(self, mask: np.ndarray, area: int, rows: np.ndarray | None = None) -> np.ndarray:
+        """Exact Dice of ``rows`` (default: every row) against a packed mask, from the masks in
+        memory, float64."""
+        masks = self.masks if rows is None else self.masks[rows]
+        areas = self.mask_areas if rows is None else self.mask_areas[rows]
+        words = masks.shape[1] // 8 * 8
+        inter = np.zeros(len(masks), np.int64)
+        q64 = np.ascontiguousarray(mask[:words]).view(np.uint64)
+        for a in range(0, len(masks), 1024):  # 64-bit words: 8x fewer elements than bytes
+            block = masks[a:a + 1024]
+            inter[a:a + 1024] = np.bitwise_count(np.ascontiguousarray(block[:, :words]).view(np.uint64) & q64).sum(
+                axis=1, dtype=np.int64)
+            if words < masks.shape[1]:
+                inter[a:a + 1024] += np.bitwise_count(block[:, words:] & mask[words:]).sum(axis=1, dtype=np.int64)
+        return dice_score(inter, areas, area)
 
 
 def _distance_and_dot(block: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -359,6 +391,7 @@ class _Query:
         self.es: np.ndarray | None = None
         self.cs: np.ndarray | None = None
         self.ed_max: float | None = None
+        self.feature_bounds: dict | None = None  # float32 bounds on es and cs, exact values per row
         # style loss bounds from the sketch (widened for float rounding and the basis' error)
         residuals = index.sketch_residuals
         slack = 4.0 * index.sketch_error * dy2 + _FLOAT64_SLACK * (sq_q + index.sketch_sq_norms)
@@ -366,10 +399,10 @@ class _Query:
         self.ls_upper = dy2 + (r_q + residuals) ** 2 + slack
         self.ls = np.full(n, np.nan)
         self._ls_max: float | None = None
-        if index.masks is not None:  # exact Dice for every row: no bounds needed
-            self.dc = index.dice_all(q.mask, q.mask_area)
+        if index.exact_dice:  # exact Dice for every row: no bounds needed
+            self.dc = index.dice_rows(q.mask, q.mask_area)
             self.dc_upper = self.dc
-        else:  # dice bounds from block counts
+        else:  # dice bounds from block counts, exact values as rows are visited
             size = index.store.mask_size
             q_blocks = _mask_block_counts_of(q.mask, size, index.mask_grid)
             inter_upper = np.minimum(index.mask_blocks, q_blocks[None, :]).sum(axis=1)
@@ -488,6 +521,12 @@ class QueryBatch:
         if len(rows) == 0:
             return
         started = time.perf_counter()
+        if self.index.masks is not None:  # in memory: nothing to read
+            for other in self.queries:
+                todo = rows[np.isnan(other.dc[rows])]
+                other.dc[todo] = self.index.dice_rows(other.q.mask, other.q.mask_area, todo)
+            query.stats.add_time("dice", started)
+            return
         masks = self.index.store.mask_rows(rows)
         areas = self.index.mask_areas[rows]
         for other in self.queries:
@@ -513,6 +552,16 @@ class QueryBatch:
     def _component_bounds(self, query: _Query, name: str) -> tuple[np.ndarray, np.ndarray]:
         """Lower and upper bounds of a component for every row (exact where known)."""
         if name in ("es", "cs"):
+            if query.es is None and self.index.feature_search() is not None:
+                if query.feature_bounds is None:
+                    ed_low, ed_high, cos_low, cos_high = self.index.feature_bounds(query.q.feature)
+                    ed_max = self.ed_max(query)
+                    query.feature_bounds = {
+                        "es": (normalised_score(ed_high, ed_max), normalised_score(ed_low, ed_max)),
+                        "cs": (cosine_score(cos_low), cosine_score(cos_high)),
+                    }
+                if query.es is None:  # ed_max may have needed the full pass after all
+                    return query.feature_bounds[name]
             self._all_features()
             values = query.es if name == "es" else query.cs
             return values, values
@@ -601,7 +650,9 @@ class QueryBatch:
             rest = order[pos:]
             contention = rest[upper[rest] >= kth]
             unread = int(self._unknown(query, names, contention).sum())
-            if "ss" in names and self.index.cost.prefer_scan(unread, self.index.rows, row_bytes):
+            # once a first batch has set the k-th score, compare reading what is still in
+            # contention with scanning everything (before that, every row looks in contention)
+            if "ss" in names and np.isfinite(kth) and self.index.cost.prefer_scan(unread, self.index.rows, row_bytes):
                 self._scan_style(query)  # cheaper than reading the rows still in contention
                 chunk = np.sort(contention)
                 pos = len(order)

@@ -7,8 +7,9 @@ its order can differ from the exact float64 order by rounding. Each answer is th
 return is provably worse, i.e. its float32 distance minus the worst-case rounding error
 (``4 (F + 1) 2^-24`` times the magnitudes involved) is still beyond the exact k-th. Otherwise
 the candidate count doubles, and past a point the exact full pass answers. ED_max uses the
-inner-product trick ``argmax_x ||q - x||^2 = argmax_x <[x, ||x||^2], [-2q, 1]>`` on an
-augmented flat index.
+inner-product trick on one augmented flat index of ``[x, ||x||^2]``: the nearest rows maximise
+``<., [2q, -1]> = ||q||^2 - ||q - x||^2`` and the farthest ``<., [-2q, 1]>``. A second flat
+index of unit vectors answers cosine.
 
 With faiss-gpu installed and a CUDA device, the flat indexes live on the GPU.
 """
@@ -52,31 +53,32 @@ class FeatureSearch:
         self.faiss = faiss
         x = np.ascontiguousarray(features, np.float32)
         self.n, self.dim = x.shape
-        x64 = x.astype(np.float64)
-        self.sq = np.einsum("ij,ij->i", x64, x64)
+        self.sq = np.concatenate([np.einsum("ij,ij->i", b, b) for b in
+                                  (x[a:a + 65536].astype(np.float64) for a in range(0, self.n, 65536))]) \
+            if self.n else np.zeros(0)
         self.norms = np.sqrt(self.sq)
         self.features = x
         self.max_sq = float(self.sq.max(initial=0.0))
-        unit = x.copy()
-        faiss.normalize_L2(unit)
-        self.l2 = faiss.IndexFlatL2(self.dim)
-        self.l2.add(x)
-        self.ip = faiss.IndexFlatIP(self.dim)
-        self.ip.add(unit)
-        augmented = np.concatenate([x, self.sq.astype(np.float32)[:, None]], axis=1)
+        # [x, ||x||^2]: nearest rows by <., [2q, -1]>, farthest by <., [-2q, 1]> (one index for both)
         self.far = faiss.IndexFlatIP(self.dim + 1)
-        self.far.add(augmented)
+        self.ip = faiss.IndexFlatIP(self.dim)  # unit vectors: cosine
+        for a in range(0, self.n, 65536):  # in blocks: no full-size temporaries
+            block = x[a:a + 65536]
+            self.far.add(np.concatenate([block, self.sq[a:a + 65536].astype(np.float32)[:, None]], axis=1))
+            unit = block.copy()
+            faiss.normalize_L2(unit)
+            self.ip.add(unit)
         self.on_gpu = False
         if use_gpu and hasattr(faiss, "StandardGpuResources"):
             res = faiss.StandardGpuResources()
-            self.l2, self.ip, self.far = (faiss.index_cpu_to_gpu(res, 0, i) for i in (self.l2, self.ip, self.far))
+            self.ip, self.far = (faiss.index_cpu_to_gpu(res, 0, i) for i in (self.ip, self.far))
             self._gpu_resources = res
             self.on_gpu = True
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the three flat indexes and the float64 norms."""
-        return int(self.n * (3 * self.dim + 1) * 4 + self.sq.nbytes * 2)
+        """Bytes held by the two flat indexes and the float64 norms."""
+        return int(self.n * (2 * self.dim + 1) * 4 + self.sq.nbytes * 2)
 
     def _search(self, index, q: np.ndarray, k: int, allowed: np.ndarray | None):
         k = min(k, self.n)
@@ -123,7 +125,9 @@ class FeatureSearch:
             return np.zeros(0, np.int64), np.zeros(0)
         qsq = float(q64 @ q64)
         if by == "euclidean":
-            index, err = self.l2, 4 * (self.dim + 1) * _U * (qsq + self.max_sq + 2 * np.sqrt(qsq * self.max_sq))
+            # FAISS gives v = 2 q.x - ||x||^2 = ||q||^2 - ||q - x||^2 (largest first)
+            index, err = self.far, 4 * (self.dim + 2) * _U * (qsq + self.max_sq + 2 * np.sqrt(qsq * self.max_sq))
+            q = np.concatenate([2.0 * q64, [-1.0]]).astype(np.float32)
         else:
             index, err = self.ip, 4 * (self.dim + 1) * _U * 2  # unit vectors (the query normalised too)
             norm = np.sqrt(qsq)
@@ -137,7 +141,7 @@ class FeatureSearch:
                 if len(ids) >= available:
                     return ids[order[:k]], exact[order[:k]]
                 kth = exact[order[k - 1]] ** 2
-                beyond = float(values[-1])  # every row not returned has a float32 distance >= this
+                beyond = qsq - float(values[-1])  # every row not returned has a squared distance >= ~this
                 if beyond - err > kth + err:
                     return ids[order[:k]], exact[order[:k]]
             else:

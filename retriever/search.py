@@ -26,7 +26,7 @@ from dermris.indexer.sources import decode_image, to_rgb
 from dermris.indexer.store import Store
 from dermris.models.errors import QueryError
 
-from .bounds import MASK_MEMORY_BYTES, CostModel, QueryBatch, QueryVectors, SearchStats, StoreIndex
+from .bounds import EXACT_DICE_BYTES, MASK_MEMORY_BYTES, CostModel, QueryBatch, QueryVectors, SearchStats, StoreIndex
 from .filters import rows_matching
 from .measures import COMPONENTS, check_measures
 
@@ -130,10 +130,12 @@ class Retriever:
     """
 
     def __init__(self, store: Store, *, device: str = "auto", mask_memory_bytes: int = MASK_MEMORY_BYTES,
-                 cost_model: CostModel = CostModel(), use_faiss: bool = True) -> None:
+                 cost_model: CostModel = CostModel(), use_faiss: bool = True,
+                 exact_dice_bytes: int = EXACT_DICE_BYTES) -> None:
         self.store = store
         self.device = resolve_device(device)
-        self._options = {"mask_memory_bytes": mask_memory_bytes, "cost_model": cost_model, "use_faiss": use_faiss}
+        self._options = {"mask_memory_bytes": mask_memory_bytes, "cost_model": cost_model, "use_faiss": use_faiss,
+                         "exact_dice_bytes": exact_dice_bytes}
         self._embedder: Embedder | None = None
         meta = store.metadata(columns=["image_id", "path"])
         self._image_ids: list[str] = meta.column("image_id").to_pylist()
@@ -143,7 +145,8 @@ class Retriever:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, device: str = "auto", mask_memory_bytes: int = MASK_MEMORY_BYTES,
-             cost_model: CostModel = CostModel(), use_faiss: bool = True) -> "Retriever":
+             cost_model: CostModel = CostModel(), use_faiss: bool = True,
+             exact_dice_bytes: int = EXACT_DICE_BYTES) -> "Retriever":
         """Open the store at ``path`` (the model is loaded on the first image query).
 
         Parameters
@@ -160,9 +163,12 @@ class Retriever:
         use_faiss : bool
             Answer the Euclidean and cosine measures and ``ED_max`` through certified FAISS
             searches (faiss-gpu on CUDA when installed) rather than a pass over all features.
+        exact_dice_bytes : int
+            Up to this size of masks, Dice is computed for every row at once; above it, Dice is
+            bounded from block counts and computed only for the rows visited.
         """
         return cls(Store.open(path), device=device, mask_memory_bytes=mask_memory_bytes, cost_model=cost_model,
-                   use_faiss=use_faiss)
+                   use_faiss=use_faiss, exact_dice_bytes=exact_dice_bytes)
 
     def refresh(self) -> "Retriever":
         """Re-open the store to see rows committed (or compaction done) since it was opened."""
@@ -201,6 +207,27 @@ class Retriever:
     def resident_bytes(self) -> int:
         """Approximate bytes the retriever keeps in memory for the bounds."""
         return self._index.nbytes()
+
+    @property
+    def image_root(self) -> str:
+        """The deepest folder holding every indexed file (as indexed)."""
+        if not hasattr(self, "_image_root"):
+            paths = [p for p in self._paths if p]
+            self._image_root = os.path.commonpath(paths) if paths else ""
+            if len(paths) == 1:
+                self._image_root = os.path.dirname(paths[0])
+        return self._image_root
+
+    def locate(self, path: str, image_root: str | os.PathLike | None = None) -> str:
+        """Where an indexed file is now: ``path`` if it exists, else the same file under
+        ``image_root`` (the indexed folder's new place), else ``path``."""
+        if image_root is None or os.path.isfile(path) or not self.image_root:
+            return path
+        try:
+            moved = Path(image_root) / os.path.relpath(path, self.image_root)
+        except ValueError:
+            return path
+        return str(moved) if moved.is_file() else path
 
     def metadata(self) -> pa.Table:
         """The store's metadata table (row order), read once and kept."""

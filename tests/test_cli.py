@@ -160,3 +160,23 @@ def test_warnings_and_diagnostics_go_to_stderr(runner, tmp_path, synthetic_set):
     assert "WARNING: 1 images have no row in the metadata CSV" in loud.stderr
     verbose = runner.invoke(main, ["info", str(tmp_path / "store2"), "-v"])
     assert verbose.exit_code == 0 and "INFO" not in verbose.stdout
+
+
+def test_delete_compact_ids_file_and_locked_store_through_the_cli(runner, tmp_path):
+    from conftest import make_random_store
+    from dermris.indexer import Store, StoreWriter
+
+    store = make_random_store(tmp_path / "s", n=12, seed=21)
+    ids = tmp_path / "ids.txt"
+    ids.write_text("IMG_21_0002\n\nIMG_21_0005\n")
+    result = runner.invoke(main, ["delete", str(store), "--ids-file", str(ids)])
+    assert result.exit_code == 0 and "deleted 2 images" in result.stdout
+    assert Store.open(store).deleted_rows.tolist() == [2, 5]
+    with StoreWriter.open(store):  # another writer holds the lock
+        result = runner.invoke(main, ["compact", str(store)])
+        assert result.exit_code == 1 and "another process is writing" in result.stderr
+        assert result.stderr.count("\n") == 1
+    result = runner.invoke(main, ["compact", str(store)])
+    assert result.exit_code == 0 and "removed 2 rows; store has 10 rows" in result.stdout
+    assert Store.open(store).rows == 10
+    assert runner.invoke(main, ["delete", str(store)]).exit_code == 2  # usage: no ids

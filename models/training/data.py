@@ -125,7 +125,8 @@ def read_classification_set(
 def read_segmentation_set(
     images: str | os.PathLike, masks: str | os.PathLike | None = None
 ) -> list[SegmentationItem]:
-    """Image/mask pairs matched by file stem (``_segmentation`` / ``_lesion`` suffixes understood).
+    """Image/mask pairs matched by file stem: ``ISIC_x.jpg`` with ``ISIC_x_segmentation.png`` or
+    ``IMDx_lesion.bmp``, and, when the masks have a folder of their own, ``x.jpg`` with ``x.png``.
 
     Parameters
     ----------
@@ -135,6 +136,7 @@ def read_segmentation_set(
         Folder of masks; by default masks are looked for under ``images`` too (PH2 layout).
     """
     images = Path(images)
+    separate = masks is not None and Path(masks).resolve() != images.resolve()
     masks = Path(masks) if masks is not None else images
     mask_files = {}
     for p in masks.rglob("*"):
@@ -144,6 +146,9 @@ def read_segmentation_set(
                 if stem.endswith(suffix):
                     mask_files[stem[: -len(suffix)]] = p
                     break
+            else:
+                if separate:  # a mask folder of its own: the same file stem as the image pairs too
+                    mask_files.setdefault(stem, p)
     pairs = []
     for p in sorted(images.rglob("*")):
         if p.suffix.lower() not in _IMAGE_ENDINGS or any(p.stem.endswith(s) for s in _MASK_SUFFIXES):

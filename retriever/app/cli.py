@@ -192,9 +192,12 @@ def index_cmd(images, store, metadata, id_column, preset, weights, backbone_weig
 @click.option("--exclude", "exclude", multiple=True, type=click.IntRange(min=0), help="A row never to return.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), help="Write a contact sheet PNG.")
+@click.option("--image-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Where the indexed image folder is now, if it moved (for --sheet).")
 @click.option("--stats", is_flag=True, help="Also print rows re-ranked, bytes read and time per stage.")
 @click.option("--device", type=_DEVICES, default="auto", show_default=True)
-def search_cmd(store, image, row, k, measures, all_measures, where, columns, exclude, as_json, sheet, stats, device):
+def search_cmd(store, image, row, k, measures, all_measures, where, columns, exclude, as_json, sheet, image_root,
+               stats, device):
     """Rank the images of STORE by similarity to IMAGE (or to a stored --row).
 
     ED_max and LS_max are maxima over the whole store, also with --where.
@@ -211,11 +214,13 @@ def search_cmd(store, image, row, k, measures, all_measures, where, columns, exc
     if image is not None:
         query_source, query_name = image, str(image)
     else:
-        query_source, query_name = retriever.paths[row], f"row {row} ({retriever.image_ids[row]})"
+        query_source = retriever.locate(retriever.paths[row], image_root)
+        query_name = f"row {row} ({retriever.image_ids[row]})"
     if sheet is not None:
         from .sheet import contact_sheet
 
-        contact_sheet(query_source, result, sheet, query_label=Path(str(query_source)).stem)
+        contact_sheet(query_source, result, sheet, query_label=Path(str(query_source)).stem,
+                      resolve=lambda p: retriever.locate(p, image_root))
     if as_json:
         payload = {"store": str(store), "query": query_name, "k": k, "where": where,
                    "results": {m: [h.to_dict() for h in hits] for m, hits in result.items()}}
@@ -275,8 +280,13 @@ def rebuild_cmd(store, sketch_dim):
 @click.option("--id", "ids", multiple=True, help="Image id to delete (repeatable).")
 @click.option("--ids-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A file with one image id per line.")
-def delete_cmd(store, ids, ids_file):
-    """Delete images from STORE: no search returns them from now on (compact frees the space)."""
+@click.option("--missing-ok", is_flag=True, help="Skip ids that are not in the store instead of refusing.")
+def delete_cmd(store, ids, ids_file, missing_ok):
+    """Delete images from STORE: no search returns them from now on (compact frees the space).
+
+    All or nothing: an id that is not in the store refuses the whole deletion (exit 1, nothing
+    deleted) unless --missing-ok.
+    """
     from dermris.indexer.store import StoreWriter
 
     wanted = list(ids)
@@ -285,12 +295,10 @@ def delete_cmd(store, ids, ids_file):
     if not wanted:
         raise click.UsageError("give --id or --ids-file")
     with StoreWriter.open(store) as writer:
-        rows, unknown = writer.delete(wanted)
+        rows, unknown = writer.delete(wanted, missing_ok=missing_ok)
     click.echo(f"deleted {len(rows)} images; run `dermris compact {store}` to remove their data")
     for image_id in unknown:
-        click.echo(f"  not in the store (or already deleted): {image_id}")
-    if unknown:
-        sys.exit(1)
+        click.echo(f"  not in the store (or already deleted), skipped: {image_id}")
 
 
 @_command(main, "compact")
@@ -391,7 +399,8 @@ def judge_cmd(store, out, queries, seed, k, host, port, no_serve, score_dir, as_
                    f"({score.judged_items} of {score.total_items} images)")
         click.echo(f"{'similarity measure':<20}{'success rate':>14}{'paper (Table 1)':>17}")
         for m, rate in score.success.items():
-            click.echo(f"{m:<20}{rate:>13.2f}%{judge.PAPER_TABLE1[m]:>16.2f}%")
+            shown = f"{rate:>13.2f}%" if rate is not None else f"{'-':>14}"
+            click.echo(f"{m:<20}{shown}{judge.PAPER_TABLE1[m]:>16.2f}%")
         return
     if out is None:
         raise click.UsageError("give --out DIR (and STORE to prepare a new session)")

@@ -158,15 +158,36 @@ fetch('/tasks').then(r=>r.json()).then(d=>{tasks=d.tasks;judged=d.judged;
 """
 
 
-def _handler_for(out: Path, lock: threading.Lock):
+def _handler_for(out: Path, lock: threading.Lock, request_timeout: float = 10.0):
     key = json.loads((out / KEY_FILE).read_text())
     tasks = json.loads((out / TASKS_FILE).read_text())
     images = key["images"]
     valid = {(t["query"], i) for t in tasks["queries"] for i in t["items"]}
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = request_timeout  # seconds a client may take to send its request: a short body never holds a thread
+
         def log_message(self, *args):  # quiet
             pass
+
+        def _allowed_hosts(self) -> set[str]:
+            host, port = self.server.server_address[:2]
+            names = {"127.0.0.1", "localhost", "[::1]", str(host)}
+            return {f"{n}:{port}" for n in names} | ({n for n in names} if port == 80 else set())
+
+        def _foreign(self) -> bool:
+            """A request whose Host or Origin is not this server (DNS rebinding, other sites)."""
+            hosts = self._allowed_hosts()
+            if self.headers.get("Host", "") not in hosts:
+                return True
+            origin = self.headers.get("Origin")
+            return origin is not None and origin not in {f"http://{h}" for h in hosts}
+
+        def handle_one_request(self):
+            try:
+                super().handle_one_request()
+            except TimeoutError:
+                self.close_connection = True
 
         def _send(self, status, body: bytes, ctype: str) -> None:
             self.send_response(status)
@@ -177,6 +198,8 @@ def _handler_for(out: Path, lock: threading.Lock):
             self.wfile.write(body)
 
         def do_GET(self):
+            if self._foreign():
+                return self._send(HTTPStatus.FORBIDDEN, b"forbidden host or origin", "text/plain")
             if self.path == "/":
                 return self._send(HTTPStatus.OK, _PAGE.encode(), "text/html; charset=utf-8")
             if self.path == "/tasks":
@@ -198,13 +221,23 @@ def _handler_for(out: Path, lock: threading.Lock):
             return self._send(HTTPStatus.NOT_FOUND, b"not found", "text/plain")
 
         def do_POST(self):
+            if self._foreign():
+                return self._send(HTTPStatus.FORBIDDEN, b"forbidden host or origin", "text/plain")
             if self.path != "/judge":
                 return self._send(HTTPStatus.NOT_FOUND, b"not found", "text/plain")
             try:
                 length = int(self.headers.get("Content-Length", "0"))
                 if not 0 < length <= 4096:
                     raise ValueError("bad length")
-                entry = json.loads(self.rfile.read(length))
+                body = self.rfile.read(length)
+                if len(body) != length:
+                    raise ValueError("body shorter than its Content-Length")
+                try:
+                    entry = json.loads(body)
+                except RecursionError:
+                    raise ValueError("JSON nested too deeply") from None
+                if not isinstance(entry, dict):
+                    raise ValueError("expected a JSON object")
                 record = {"query": str(entry["query"]), "item": str(entry["item"]), "similar": bool(entry["similar"])}
                 if (record["query"], record["item"]) not in valid or not isinstance(entry["similar"], bool):
                     raise ValueError("unknown query or item")
@@ -217,23 +250,27 @@ def _handler_for(out: Path, lock: threading.Lock):
     return Handler
 
 
-def serve(out: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
+def serve(out: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8765,
+          request_timeout: float = 10.0) -> ThreadingHTTPServer:
     """Return an HTTP server for the session in ``out`` (call ``serve_forever`` on it).
 
     It binds to ``host`` (localhost unless told otherwise) and serves only the session's page,
     its task list, thumbnails of the session's images by token, and the judgment endpoint.
+    Requests whose Host or Origin is not this server are refused (403: DNS rebinding), bodies
+    are limited to 4 KB of non-nested JSON, and a client that stops sending is dropped after
+    ``request_timeout`` seconds.
     """
     out = Path(out)
     if not (out / KEY_FILE).exists() or not (out / TASKS_FILE).exists():
         raise JudgeError(f"{out} holds no judgment session (run dermris judge STORE --out {out})")
-    return ThreadingHTTPServer((host, port), _handler_for(out, threading.Lock()))
+    return ThreadingHTTPServer((host, port), _handler_for(out, threading.Lock(), request_timeout))
 
 
 @dataclass
 class JudgeScore:
     """Success rate per measure (percent), over the queries whose results are all judged."""
 
-    success: dict[str, float]
+    success: dict[str, float | None]
     complete_queries: int
     total_queries: int
     judged_items: int
@@ -268,6 +305,6 @@ def score_session(out: str | os.PathLike) -> JudgeScore:
         complete += 1
         for m, ranking in q["rankings"].items():
             rates[m].append(100.0 * sum(judged[(q["query"], t)] for t in ranking) / k)
-    success = {m: float(np.mean(v)) if v else float("nan") for m, v in rates.items()}
+    success = {m: float(np.mean(v)) if v else None for m, v in rates.items()}  # None: nothing judged yet
     return JudgeScore(success=success, complete_queries=complete, total_queries=len(key["queries"]),
                       judged_items=judged_items, total_items=total_items)

@@ -8,12 +8,16 @@ from typing import Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+import logging
+
 from dermris.indexer import decode_image
 from dermris.models.errors import ImageDecodeError
 
 from ..search import Hit
 
 __all__ = ["contact_sheet"]
+
+log = logging.getLogger(__name__)
 
 _LABEL_HEIGHT = 30
 _NAME_WIDTH = 90
@@ -55,6 +59,7 @@ def contact_sheet(
     *,
     thumb: int = 128,
     query_label: str = "query",
+    resolve=None,
 ) -> Path:
     """Draw and save a contact sheet as PNG.
 
@@ -70,12 +75,18 @@ def contact_sheet(
         Thumbnail side in pixels.
     query_label : str
         Caption under the query.
+    resolve : callable, optional
+        ``resolve(stored_path) -> path`` where the image is now (e.g. after the indexed folder
+        moved: :meth:`~dermris.retriever.Retriever.locate`).
 
     Returns
     -------
     Path
-        ``out``.
+        ``out``. Images that could not be read are drawn as grey "missing" tiles and logged
+        as a warning on stderr.
     """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # an unwritable place fails before any drawing
     font = _font()
     k = max((len(h) for h in results.values()), default=0)
     cell_w, cell_h = thumb + _PAD, thumb + _LABEL_HEIGHT + _PAD
@@ -93,11 +104,17 @@ def contact_sheet(
 
     draw.text((_PAD, _PAD + thumb // 2), "query", fill=(0, 0, 0), font=font)
     place(0, 0, query, [query_label])
+    missing: list[str] = []
     for r, (measure, hits) in enumerate(results.items(), start=1):
         draw.text((_PAD, _PAD + r * cell_h + thumb // 2), measure, fill=(0, 0, 0), font=font)
         for c, hit in enumerate(hits):
-            place(r, c, hit.path, [hit.image_id, f"{hit.score:.4f}"])
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+            source = resolve(hit.path) if resolve is not None else hit.path
+            if not os.path.isfile(source):
+                missing.append(hit.path)
+            place(r, c, source, [hit.image_id, f"{hit.score:.4f}"])
+    if missing:
+        unique = list(dict.fromkeys(missing))
+        log.warning("%d result images are missing (drawn grey): %s%s; if the indexed folder moved, give its new "
+                    "place with --image-root", len(unique), ", ".join(unique[:3]), " ..." if len(unique) > 3 else "")
     sheet.save(out, format="PNG")
     return out
