@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
@@ -266,3 +267,54 @@ def test_scores_do_not_depend_on_the_path_taken(random_store):
         results.append([{m: [(h.row, h.score, dict(h.components)) for h in hits] for m, hits in
                          retriever.search(row, measures="all", k=7).items()} for row in (0, 45, 89)])
     assert all(r == results[0] for r in results[1:])
+
+
+def _near_tie_store(path, seed):
+    """60 near-duplicates of row 0 (a few components one float32 ulp apart: LS ~ 1e-14) and a far
+    cluster that puts the mean far away: the bounds' float64 rounding (~1e-9 here) dwarfs the
+    true losses, and every near-duplicate ties at SS = 1.0."""
+    from dermris.indexer.store import StoreWriter
+    from dermris.models import StyleLayout, get_preset
+
+    rng = np.random.default_rng(seed)
+    layout = StyleLayout.from_channels((128,), (1.0,))
+    config = get_preset("tiny").replace(feature_dim=4, image_size=32)
+    writer = StoreWriter.create(path, model_config=config, style_layout=layout, style_dtype="float32")
+    x = rng.normal(size=layout.dim).astype(np.float32)
+    far = rng.normal(size=layout.dim).astype(np.float32) * 30
+    rows = [x]
+    for _ in range(60):
+        y = x.copy()
+        for j in rng.integers(0, layout.dim, 3):
+            y[j] = np.nextafter(y[j], np.float32(np.inf) if rng.random() < 0.5 else np.float32(-np.inf))
+        rows.append(y)
+    rows += [(x + far + rng.normal(size=layout.dim) * 0.01).astype(np.float32) for _ in range(60)]
+    n = len(rows)
+    records = pa.table({"image_id": [f"r{i}" for i in range(n)], "path": ["x"] * n,
+                        "sha256": [f"{i:064x}" for i in range(n)], "width": pa.array([1] * n, pa.int32()),
+                        "height": pa.array([1] * n, pa.int32())})
+    writer.append(features=rng.normal(size=(n, 4)).astype(np.float32), style=np.array(rows),
+                  masks=rng.random((n, 32, 32)) < 0.3, records=records)
+    writer.update_sketch(dim=4)
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_near_ties_need_the_rounding_slack(tmp_path, seed):
+    """Bounds contain every row's exact loss, and the search equals brute force, on a store where
+    the float64 rounding of the bounds is a million times the losses (without the slack the
+    lower bounds exceed the true losses and a near-tie row is lost)."""
+    from dermris.retriever.bounds import QueryBatch, _squared_distances
+
+    path = _near_tie_store(tmp_path / "s", seed)
+    retriever = Retriever.open(path, device="cpu", cost_model=CostModel.never_scan())
+    query = QueryBatch(retriever._index, [retriever.vectors(0)]).queries[0]
+    styles = retriever.store.style_rows(np.arange(retriever.store.rows)).astype(np.float64)
+    exact = _squared_distances(styles, styles[0])
+    assert (query.ls_lower <= exact).all() and (exact <= query.ls_upper).all()
+    data = load_store(path)
+    expected = brute_force(data, *row_query(data, 0), exclude_row=0, k=5)
+    got = retriever.search(0, measures=("style", "i1_se", "i1_sd"), k=5)
+    for name in ("style", "i1_se", "i1_sd"):
+        assert_same(got[name], expected[name])
