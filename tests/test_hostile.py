@@ -323,6 +323,29 @@ def test_cli_one_line_errors(tmp_path, synthetic_set, random_store):
     assert result.exit_code == 0 and Store.open(path).deleted_rows.tolist() == [1]
     assert "no image files" in runner.invoke(main, ["index", str(tmp_path / "empty"), str(tmp_path / "s")]).stderr
     assert not (tmp_path / "s").exists()
+    # judge --out where no folder can be made
+    result = runner.invoke(main, ["judge", str(path), "--out", str(blocker / "session"), "--no-serve"])
+    assert result.exit_code == 1 and result.stderr.startswith("Error:") and result.stderr.count("\n") == 1
+
+
+def test_writer_commands_on_a_store_that_cannot_be_written(random_store, monkeypatch):
+    """A store on a read-only mount (simulated: the lock file cannot be opened for writing)."""
+    import filelock
+
+    path = random_store(n=4, seed=9)
+    listing = _listing(path)
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Read-only file system", str(path / ".writer.lock"))
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", refuse)
+    runner = CliRunner()
+    for args in (["delete", str(path), "--id", "IMG_9_0001"], ["compact", str(path)], ["rebuild", str(path)]):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 1 and result.stderr.startswith("Error: cannot write to"), result.output
+        assert result.stderr.count("\n") == 1
+    assert runner.invoke(main, ["search", str(path), "--row", "1", "-k", "2"]).exit_code == 0  # reading works
+    assert _listing(path) == listing
 
 
 def test_sheet_after_the_image_folder_moved(tmp_path, synthetic_set):
