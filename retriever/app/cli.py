@@ -423,6 +423,22 @@ def judge_cmd(store, out, queries, seed, k, host, port, no_serve, score_dir, as_
         server.server_close()
 
 
+# -- the search page ---------------------------------------------------------------------
+@_command(main, "serve")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; beyond loopback a token is required.")
+@click.option("--port", type=click.IntRange(min=1, max=65535), default=8000, show_default=True)
+@click.option("--token", default=None, help="Access token required on every request [default: $DERMRIS_TOKEN].")
+@click.option("--device", type=_DEVICES, default="auto", show_default=True)
+def serve_cmd(store, host, port, token, device):
+    """Serve a search page and an HTTP API over STORE (OpenAPI docs at /api/docs)."""
+    from .server import serve
+
+    click.echo(f"dermris: http://{host}:{port}/ (API docs: /api/docs; Ctrl-C to stop)", err=True)
+    serve(store, host=host, port=port, token=token, device=device)
+
+
 # -- training ----------------------------------------------------------------------------
 @main.group("train")
 def train_group() -> None:

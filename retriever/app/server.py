@@ -1,0 +1,231 @@
+"""``dermris serve``: one process that keeps a store's Retriever and model loaded, with an HTTP
+API (FastAPI, OpenAPI docs at ``/api/docs``) and a search page for clinicians.
+
+Safety: binds 127.0.0.1 unless told otherwise; requests whose ``Host`` or ``Origin`` is not this
+server are refused (DNS rebinding); a token (``--token`` or ``DERMRIS_TOKEN``), required when
+binding beyond loopback, is checked on every request; uploads are limited in bytes and, through
+PIL's decompression-bomb limit, in pixels; images are served by row, never by path.
+
+Needs the ``serve`` extra: ``pip install 'dermris[serve]'`` (fastapi, uvicorn, python-multipart).
+"""
+
+
+import base64
+import io
+import ipaddress
+import os
+import secrets
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+from PIL import Image
+
+from dermris.models.errors import (
+    DermrisError,
+    ImageDecodeError,
+    ModelUnavailableError,
+    OptionalDependencyError,
+    QueryError,
+    StoreChangedError,
+    UnknownMeasureError,
+)
+from dermris.models.imageio import decode_image, decode_image_bytes
+
+from ..explain import mask_outline, style_stages
+from ..measures import MEASURES
+from ..search import Retriever
+
+__all__ = ["create_app", "is_loopback", "MAX_UPLOAD_BYTES", "TOKEN_ENV"]
+
+MAX_UPLOAD_BYTES = 32 << 20
+"""Largest upload accepted (a full-size ISIC JPEG is a few MB)."""
+
+TOKEN_ENV = "DERMRIS_TOKEN"
+"""Environment variable holding the access token (instead of ``--token``)."""
+
+_PAGE = Path(__file__).with_name("search_page.html")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address or ``localhost``."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _outline_png(packed: np.ndarray, size: int, colour=(255, 230, 0, 255)) -> bytes:
+    outline = mask_outline(packed, size)
+    rgba = np.zeros((size, size, 4), np.uint8)
+    rgba[outline] = colour
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
+               device: str = "auto", max_upload_bytes: int = MAX_UPLOAD_BYTES):
+    """The FastAPI application serving ``store``.
+
+    Parameters
+    ----------
+    store : path-like
+        The store.
+    host, port : str, int
+        Where the server is reached: requests must name this host (or loopback) in ``Host``.
+    token : str, optional
+        Required on every request (``Authorization: Bearer TOKEN`` or ``?token=TOKEN``).
+    device : str
+        Where queries are embedded and ranked.
+    max_upload_bytes : int
+        Larger uploads are refused (413).
+    """
+    try:
+        from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+        from fastapi.responses import HTMLResponse, JSONResponse, Response
+    except ImportError:
+        raise OptionalDependencyError("dermris serve needs FastAPI: pip install 'dermris[serve]'") from None
+
+    retriever = Retriever.open(store, device=device)
+    lock = threading.Lock()  # one search at a time: the retriever and the model are not shared state-safe
+    names = {host, "127.0.0.1", "localhost", "[::1]"}
+    allowed_hosts = {f"{n}:{port}" for n in names} | ({n for n in names} if port == 80 else set())
+    allowed_origins = {f"http://{h}" for h in allowed_hosts} | {f"https://{h}" for h in allowed_hosts}
+
+    from .. import __version__
+
+    app = FastAPI(title="dermris", version=__version__, docs_url="/api/docs", openapi_url="/api/openapi.json",
+                  redoc_url=None,
+                  description="Content-based image retrieval for dermoscopy: nine exact similarity measures.")
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if request.headers.get("host", "") not in allowed_hosts:
+            return JSONResponse({"detail": "forbidden host"}, status_code=403)
+        origin = request.headers.get("origin")
+        if origin is not None and origin not in allowed_origins:
+            return JSONResponse({"detail": "forbidden origin"}, status_code=403)
+        if token is not None:
+            given = request.query_params.get("token") or ""
+            auth = request.headers.get("authorization", "")
+            if auth.lower().startswith("bearer "):
+                given = auth[7:].strip()
+            if not secrets.compare_digest(given.encode(), token.encode()):
+                return JSONResponse({"detail": "a valid token is required"}, status_code=401)
+        return await call_next(request)
+
+    def fail(exc: DermrisError):
+        if isinstance(exc, (QueryError, UnknownMeasureError, ImageDecodeError)):
+            raise HTTPException(400, str(exc).splitlines()[0])
+        if isinstance(exc, (ModelUnavailableError, StoreChangedError)):
+            raise HTTPException(409, str(exc).splitlines()[0])
+        raise HTTPException(500, str(exc).splitlines()[0])
+
+    def live_row(row: int) -> int:
+        if not 0 <= row < len(retriever) or not retriever.live[row]:
+            raise HTTPException(404, f"no row {row}")
+        return row
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page():
+        return HTMLResponse(_PAGE.read_text("utf-8"), headers={"Cache-Control": "no-store"})
+
+    @app.get("/api/health", summary="Liveness and store size")
+    def health():
+        return {"status": "ok", "rows": len(retriever), "version": __version__}
+
+    @app.get("/api/info", summary="What the store holds")
+    def info():
+        summary = retriever.store.describe()
+        summary.pop("store", None)  # no server paths
+        summary["measures"] = list(MEASURES)
+        return summary
+
+    @app.post("/api/search", summary="Search by an uploaded image or a stored row")
+    def search(
+        file: Annotated[UploadFile | None, File(description="A dermoscopy image (JPEG, PNG, BMP, TIFF)")] = None,
+        row: Annotated[int | None, Form(description="A stored row as the query (excluded from its results)")] = None,
+        measures: Annotated[list[str] | None, Form(description="Measures (default: all nine)")] = None,
+        k: Annotated[int, Form(ge=1, le=1000)] = 5,
+        where: Annotated[str | None, Form(description="Metadata filter, e.g. diagnosis == 'melanoma'")] = None,
+        columns: Annotated[list[str] | None, Form(description="Metadata columns to return")] = None,
+        exclude: Annotated[list[int] | None, Form(description="Rows never returned")] = None,
+        explain: Annotated[bool, Form(description="Add style-stage breakdowns and mask outlines")] = False,
+    ):
+        if (file is None) == (row is None):
+            raise HTTPException(400, "give either an image file or a row")
+        try:
+            with lock:
+                if file is not None:
+                    data = file.file.read(max_upload_bytes + 1)
+                    if len(data) > max_upload_bytes:
+                        raise HTTPException(413, f"upload over {max_upload_bytes} bytes")
+                    draft = 2 * retriever.store.model_config.image_size
+                    image = decode_image_bytes(data, name=file.filename or "upload", draft_size=draft)[0]
+                    query = vectors = retriever.embed(image)  # embedded once, for the search and the explanation
+                else:
+                    query, vectors = int(row), (retriever.vectors(int(row)) if explain else None)
+                result = retriever.search(query, measures=measures or list(MEASURES), k=k, where=where or None,
+                                          columns=columns or (), exclude=exclude or ())
+        except DermrisError as exc:
+            fail(exc)
+        payload = result.to_dict()
+        payload["query"] = {"row": row, "image_id": retriever.image_ids[row] if row is not None else None,
+                            "filename": file.filename if file is not None else None}
+        if explain:
+            size = retriever.store.mask_size
+            payload["query"]["mask_outline_png"] = base64.b64encode(_outline_png(vectors.mask, size)).decode()
+            rows = sorted({h["row"] for hits in payload["results"].values() for h in hits})
+            styles = dict(zip(rows, retriever.store.style_rows(rows))) if rows else {}
+            for hits in payload["results"].values():
+                for hit in hits:
+                    hit["style_stages"] = [s.to_dict() for s in
+                                           style_stages(retriever.store.layout, vectors.style, styles[hit["row"]])]
+        return payload
+
+    @app.get("/api/image/{row}", summary="An indexed image by row (never by path)")
+    def image(row: int, size: Annotated[int | None, Query(ge=16, le=4096)] = None):
+        live_row(row)
+        try:
+            picture = decode_image(retriever.paths[row])[0]
+        except ImageDecodeError:
+            raise HTTPException(404, f"the image file of row {row} is not available") from None
+        if size is not None:
+            picture.thumbnail((size, size))
+        buf = io.BytesIO()
+        picture.save(buf, format="JPEG", quality=90)
+        return Response(buf.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/api/mask/{row}", summary="The outline of a row's lesion mask (transparent PNG)")
+    def mask(row: int):
+        live_row(row)
+        packed = retriever.store.mask_rows([row])[0]
+        return Response(_outline_png(packed, retriever.store.mask_size), media_type="image/png")
+
+    @app.get("/api/explain", summary="Which style stages make up the style loss between two stored rows")
+    def explain_rows(a: int, b: int):
+        live_row(a)
+        live_row(b)
+        sa, sb = retriever.store.style_rows([a, b])
+        stages = style_stages(retriever.store.layout, sa, sb)
+        return {"a": a, "b": b, "style_loss": sum(s.loss for s in stages), "stages": [s.to_dict() for s in stages]}
+
+    return app
+
+
+def serve(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
+          device: str = "auto") -> None:
+    """Run the server until interrupted (uvicorn)."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise OptionalDependencyError("dermris serve needs uvicorn: pip install 'dermris[serve]'") from None
+    token = token or os.environ.get(TOKEN_ENV) or None
+    if not is_loopback(host) and token is None:
+        raise QueryError(f"binding to {host} (beyond loopback) needs --token or {TOKEN_ENV}")
+    app = create_app(store, host=host, port=port, token=token, device=device)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
