@@ -34,7 +34,7 @@ import torch
 
 from dermris.indexer.store import Store, StyleSketch, mask_block_counts
 
-from .measures import MEASURE_COMPONENTS, cosine_score, dice_score, harmonic_mean, measure_score, normalised_score, rank
+from .measures import MEASURE_COMPONENTS, cosine_score, dice_score, measure_score, normalised_score, rank
 
 __all__ = ["CostModel", "SearchStats", "StoreIndex", "QueryVectors", "QueryBatch", "MASK_MEMORY_BYTES"]
 

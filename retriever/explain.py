@@ -15,7 +15,8 @@ import numpy as np
 
 from dermris.models.gram import StyleLayout
 
-__all__ = ["StageLoss", "style_stages", "mask_outline"]
+__all__ = ["Explanation", "StageLoss", "explain_result", "mask_outline", "outline_of", "style_stages",
+           "unpack_mask"]
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,15 @@ def style_stages(layout: StyleLayout, a: np.ndarray, b: np.ndarray) -> list[Stag
             for s, (c, loss) in enumerate(zip(layout.channels, losses))]
 
 
-def mask_outline(packed: np.ndarray, size: int) -> np.ndarray:
-    """The boundary pixels of a bit-packed ``size x size`` mask, ``(size, size)`` bool."""
-    mask = np.unpackbits(np.asarray(packed, np.uint8), count=size * size).astype(bool).reshape(size, size)
+def unpack_mask(packed: np.ndarray, size: int) -> np.ndarray:
+    """A bit-packed ``size x size`` mask as ``(size, size)`` bool."""
+    return np.unpackbits(np.asarray(packed, np.uint8), count=size * size).astype(bool).reshape(size, size)
+
+
+def outline_of(mask: np.ndarray) -> np.ndarray:
+    """The boundary pixels of a 2-d bool mask (mask pixels with a 4-neighbour outside it or on
+    the image border)."""
+    mask = np.asarray(mask, bool)
     interior = mask.copy()
     interior[1:, :] &= mask[:-1, :]
     interior[:-1, :] &= mask[1:, :]
@@ -79,3 +86,58 @@ def mask_outline(packed: np.ndarray, size: int) -> np.ndarray:
     interior[0, :] = interior[-1, :] = False
     interior[:, 0] = interior[:, -1] = False
     return mask & ~interior
+
+
+def mask_outline(packed: np.ndarray, size: int) -> np.ndarray:
+    """The boundary pixels of a bit-packed ``size x size`` mask, ``(size, size)`` bool."""
+    return outline_of(unpack_mask(packed, size))
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why a search ranked its hits as it did, for every row in a result.
+
+    Attributes
+    ----------
+    mask_size : int
+        Side of the masks (they cover the whole image, resized to a square).
+    query_mask : np.ndarray
+        The query's bit-packed lesion mask.
+    masks : dict of int to np.ndarray
+        Row -> its bit-packed lesion mask (Dice compares it with ``query_mask``).
+    stages : dict of int to list of StageLoss
+        Row -> the style loss between the query and the row, split by block stage.
+    """
+
+    mask_size: int
+    query_mask: np.ndarray
+    masks: dict
+    stages: dict
+
+    def top_stages(self, row: int, n: int = 3) -> list[StageLoss]:
+        """The ``n`` stages that make up most of the style loss to ``row``, largest first."""
+        return sorted(self.stages[row], key=lambda s: -s.loss)[:n]
+
+
+def explain_result(retriever, query, result) -> Explanation:
+    """Explain every hit of ``result`` (from ``retriever.search(query, ...)``).
+
+    Parameters
+    ----------
+    retriever : Retriever
+        The retriever that searched.
+    query : QueryVectors
+        The query's vectors (``retriever.embed(image)`` or ``retriever.vectors(row)``).
+    result : Mapping of str to list of Hit
+        The search result.
+    """
+    rows = sorted({h.row for hits in result.values() for h in hits})
+    store = retriever.store
+    styles = store.style_rows(rows) if rows else []
+    masks = store.mask_rows(rows) if rows else []
+    return Explanation(
+        mask_size=store.mask_size,
+        query_mask=np.asarray(query.mask),
+        masks=dict(zip(rows, masks)),
+        stages={r: style_stages(store.layout, query.style, s) for r, s in zip(rows, styles)},
+    )

@@ -102,6 +102,9 @@ def test_upload_size_host_origin_and_token(indexed_store):
     small = TestClient(create_app(indexed_store, device="cpu", max_upload_bytes=1000), base_url=BASE)
     response = small.post("/api/search", files={"file": ("q.jpg", b"\xff" * 2000, "image/jpeg")})
     assert response.status_code == 413
+    # refused from its Content-Length, before the body is read
+    huge = small.post("/api/search", content=b"\0" * ((1 << 20) + 2000), headers={"content-type": "multipart/form-data"})
+    assert huge.status_code == 413 and "request body over" in huge.json()["detail"]
     assert small.get("/api/health", headers={"Host": "evil.example"}).status_code == 403  # DNS rebinding
     assert small.get("/api/health", headers={"Origin": "http://evil.example"}).status_code == 403
     assert small.get("/api/health", headers={"Origin": BASE}).status_code == 200
@@ -139,3 +142,39 @@ def test_page_escapes_store_strings(client):
     script = esc + '\nprocess.stdout.write(esc(`<img src=x onerror="alert(1)">&\'`) + "|" + esc(null));'
     out = subprocess.run([node, "-e", script], capture_output=True, text=True, check=True).stdout
     assert out == "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;&amp;&#39;|–"
+
+
+def test_search_cli_explain_json_text_and_sheet(indexed_store, tmp_path):
+    """--explain: the seven stage losses add up to the style loss (from an independent reading of
+    the store); the text names the largest stages; the sheet draws lesion outlines."""
+    import json
+
+    from click.testing import CliRunner
+
+    from reference import load_store
+    from dermris.retriever.app.cli import main
+
+    data = load_store(indexed_store)
+    runner = CliRunner()
+    result = runner.invoke(main, ["search", str(indexed_store), "--row", "5", "--measure", "style",
+                                  "--measure", "i1_sd", "-k", "3", "--explain", "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    for hits in json.loads(result.stdout)["results"].values():
+        for hit in hits:
+            stages = hit["style_stages"]
+            style_loss = float(np.sum((data["style"][5].astype(np.float64) - data["style"][hit["row"]]) ** 2))
+            assert len(stages) == 7 and sum(s["loss"] for s in stages) == pytest.approx(style_loss, rel=1e-9)
+            assert [s["channels"] for s in stages] == sorted(s["channels"] for s in stages)
+    text = runner.invoke(main, ["search", str(indexed_store), "--row", "5", "-k", "2", "--explain", "--device", "cpu"])
+    assert text.exit_code == 0 and text.output.count("style loss from: stage") == 9 * 2
+
+    yellow = []
+    for flag in ([], ["--explain"]):
+        sheet = tmp_path / f"sheet{len(flag)}.png"
+        run = runner.invoke(main, ["search", str(indexed_store), "--row", "5", "-k", "2", "--measure", "style",
+                                   "--sheet", str(sheet), "--device", "cpu", *flag])
+        assert run.exit_code == 0, run.output
+        pixels = np.asarray(Image.open(sheet).convert("RGB"))
+        yellow.append(int(np.all(pixels == (255, 230, 0), axis=-1).sum()))
+    areas = [int(np.count_nonzero(m)) for m in data["masks"]]
+    assert yellow[0] == 0 and (yellow[1] > 0 or max(areas) == 0)

@@ -85,7 +85,7 @@ def _command(group: click.Group, name: str, **kwargs):
     return decorate
 
 
-def _print_results(results, *, file=None) -> None:
+def _print_results(results, *, file=None, explanation=None) -> None:
     comp_header = "".join(f"{c:>8}" for c in COMPONENTS)
     columns = []
     for hits in results.values():
@@ -102,6 +102,9 @@ def _print_results(results, *, file=None) -> None:
             )
             meta = "".join(f"  {str(hit.metadata.get(c))[:16]:<16}" for c in columns)
             click.echo(f"  {i:>2} {hit.row:>6}  {hit.image_id[:27]:<28}{hit.score:9.4f}{comps}{meta}", file=file)
+            if explanation is not None:
+                shares = " · ".join(f"stage {s.stage + 1} {100 * s.share:.0f}%" for s in explanation.top_stages(hit.row))
+                click.echo(f"{'':>12}style loss from: {shares or '-'}", file=file)
 
 
 def _print_stats(stats) -> None:
@@ -195,9 +198,11 @@ def index_cmd(images, store, metadata, id_column, preset, weights, backbone_weig
 @click.option("--image-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Where the indexed image folder is now, if it moved (for --sheet).")
 @click.option("--stats", is_flag=True, help="Also print rows re-ranked, bytes read and time per stage.")
+@click.option("--explain", is_flag=True,
+              help="Per hit, the style stages that make up most of the style loss; lesion outlines on --sheet.")
 @click.option("--device", type=_DEVICES, default="auto", show_default=True)
 def search_cmd(store, image, row, k, measures, all_measures, where, columns, exclude, as_json, sheet, image_root,
-               stats, device):
+               stats, explain, device):
     """Rank the images of STORE by similarity to IMAGE (or to a stored --row).
 
     ED_max and LS_max are maxima over the whole store, also with --where.
@@ -210,7 +215,16 @@ def search_cmd(store, image, row, k, measures, all_measures, where, columns, exc
         measures = MEASURES
     retriever = Retriever.open(store, device=device)
     query = image if image is not None else row
+    vectors = None
+    if explain:  # the query's vectors, computed once for the search and the explanation
+        vectors = retriever.embed(image) if image is not None else retriever.vectors(row)
+        query = vectors if image is not None else row
     result = retriever.search(query, measures=measures, k=k, where=where, columns=columns, exclude=exclude)
+    why = None
+    if explain:
+        from ..explain import explain_result
+
+        why = explain_result(retriever, vectors, result)
     if image is not None:
         query_source, query_name = image, str(image)
     else:
@@ -220,10 +234,14 @@ def search_cmd(store, image, row, k, measures, all_measures, where, columns, exc
         from .sheet import contact_sheet
 
         contact_sheet(query_source, result, sheet, query_label=Path(str(query_source)).stem,
-                      resolve=lambda p: retriever.locate(p, image_root))
+                      resolve=lambda p: retriever.locate(p, image_root), explanation=why)
     if as_json:
         payload = {"store": str(store), "query": query_name, "k": k, "where": where,
                    "results": {m: [h.to_dict() for h in hits] for m, hits in result.items()}}
+        if why is not None:
+            for hits in payload["results"].values():
+                for hit in hits:
+                    hit["style_stages"] = [s.to_dict() for s in why.stages[hit["row"]]]
         if sheet is not None:
             payload["sheet"] = str(sheet)
         if stats:
@@ -231,7 +249,7 @@ def search_cmd(store, image, row, k, measures, all_measures, where, columns, exc
         click.echo(json.dumps(payload, indent=1))
         return
     click.echo(f"query: {query_name}   store: {store} ({len(retriever)} rows)" + (f"   where: {where}" if where else ""))
-    _print_results(result)
+    _print_results(result, explanation=why)
     if stats:
         _print_stats(result.stats)
     if sheet is not None:
@@ -381,26 +399,34 @@ def evaluate_cmd(store, label_column, group_column, k, queries, all_rows, seed, 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the page binds to.")
-@click.option("--port", type=click.IntRange(min=0, max=65535), default=8765, show_default=True)
+@click.option("--port", type=click.IntRange(min=1, max=65535), default=8765, show_default=True)
+@click.option("--token", default=None, help="Access token required on every request [default: $DERMRIS_TOKEN].")
 @click.option("--no-serve", is_flag=True, help="Only prepare the session.")
 @click.option("--score", "score_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Score the judgments in this session folder instead.")
+@click.option("--rater", default=None, help="With --score: only this rater's judgments.")
 @click.option("--json", "as_json", is_flag=True)
-def judge_cmd(store, out, queries, seed, k, host, port, no_serve, score_dir, as_json):
+def judge_cmd(store, out, queries, seed, k, host, port, token, no_serve, score_dir, rater, as_json):
     """Blinded manual judgment (paper 4.1): prepare and serve a session, or --score it."""
     from . import judge
 
     if score_dir is not None:
-        score = judge.score_session(score_dir)
+        score = judge.score_session(score_dir, rater=rater)
         if as_json:
             click.echo(json.dumps(score.to_dict(), indent=1))
             return
+        raters = ", ".join(r or "(no id)" for r in score.per_rater) or "none"
         click.echo(f"{score.complete_queries} of {score.total_queries} queries fully judged "
-                   f"({score.judged_items} of {score.total_items} images)")
+                   f"({score.judged_items} of {score.total_items} images; raters: {raters})")
         click.echo(f"{'similarity measure':<20}{'success rate':>14}{'paper (Table 1)':>17}")
         for m, rate in score.success.items():
             shown = f"{rate:>13.2f}%" if rate is not None else f"{'-':>14}"
             click.echo(f"{m:<20}{shown}{judge.PAPER_TABLE1[m]:>16.2f}%")
+        for pair in score.agreement:
+            kappa = f"{pair.kappa:.3f}" if pair.kappa is not None else "-"
+            percent = f"{pair.percent:.1f}%" if pair.percent is not None else "-"
+            click.echo(f"agreement {pair.raters[0]} / {pair.raters[1]}: {percent} of {pair.items} images, "
+                       f"Cohen's kappa {kappa}")
         return
     if out is None:
         raise click.UsageError("give --out DIR (and STORE to prepare a new session)")
@@ -413,14 +439,8 @@ def judge_cmd(store, out, queries, seed, k, host, port, no_serve, score_dir, as_
         click.echo(f"prepared {out}")
     if no_serve:
         return
-    server = judge.serve(out, host=host, port=port)
-    click.echo(f"judge at http://{host}:{server.server_address[1]}/ (Ctrl-C to stop; every click is saved)")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    click.echo(f"judge at http://{host}:{port}/judge/ (Ctrl-C to stop; every click is saved)", err=True)
+    judge.serve(out, host=host, port=port, token=token)
 
 
 # -- the search page ---------------------------------------------------------------------
@@ -431,12 +451,14 @@ def judge_cmd(store, out, queries, seed, k, host, port, no_serve, score_dir, as_
 @click.option("--port", type=click.IntRange(min=1, max=65535), default=8000, show_default=True)
 @click.option("--token", default=None, help="Access token required on every request [default: $DERMRIS_TOKEN].")
 @click.option("--device", type=_DEVICES, default="auto", show_default=True)
-def serve_cmd(store, host, port, token, device):
+@click.option("--judge", "judge_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also serve this judgment session (dermris judge --out) at /judge/.")
+def serve_cmd(store, host, port, token, device, judge_dir):
     """Serve a search page and an HTTP API over STORE (OpenAPI docs at /api/docs)."""
     from .server import serve
 
     click.echo(f"dermris: http://{host}:{port}/ (API docs: /api/docs; Ctrl-C to stop)", err=True)
-    serve(store, host=host, port=port, token=token, device=device)
+    serve(store, host=host, port=port, token=token, device=device, judge_session=judge_dir)
 
 
 # -- training ----------------------------------------------------------------------------

@@ -4,11 +4,12 @@
 an image returned by several measures is judged once, the pool is shuffled per query, and every
 image gets an opaque random token. What the judge sees (``tasks.json``, the page, the image
 URLs) carries no measure names and no row numbers; the mapping lives in ``key.json``, read only
-by :func:`score_session`. ``serve`` runs a small page on 127.0.0.1 where each click is appended
-to ``judgments.jsonl`` and fsynced at once, so a closed browser loses nothing.
+by :func:`score_session`. The judging page (:func:`judge_router`, on ``dermris judge`` or
+``dermris serve --judge``) asks each rater for an id; every click is appended to
+``judgments.jsonl`` with the rater id and a UTC timestamp and fsynced at once, so a closed
+browser loses nothing, and agreement between raters can be measured (:class:`RaterAgreement`).
 """
 
-from __future__ import annotations
 
 import io
 import json
@@ -16,9 +17,7 @@ import os
 import re
 import secrets
 import threading
-from dataclasses import dataclass
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +28,10 @@ from dermris.models.errors import ImageDecodeError, JudgeError
 
 from ..measures import MEASURES
 from ..search import Retriever
+from . import _web
 
-__all__ = ["PAPER_TABLE1", "JudgeError", "prepare_session", "serve", "score_session", "JudgeScore"]
+__all__ = ["PAPER_TABLE1", "JudgeError", "JudgeScore", "RaterAgreement", "create_judge_app", "judge_router",
+           "prepare_session", "score_session", "serve"]
 
 PAPER_TABLE1 = {
     "euclidean": 40.8, "cosine": 34.0, "style": 61.2, "i1_ed": 18.0, "i1_cd": 10.0,
@@ -92,8 +93,15 @@ def prepare_session(
     return out
 
 
-def _load_judgments(out: Path) -> dict[tuple[str, str], bool]:
-    """Latest judgment per (query, item); torn last lines (a crash mid-write) are ignored."""
+RATER_PATTERN = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+"""What a rater id may be: letters, digits and ``_ . @ -``, up to 64 characters."""
+
+ANONYMOUS = ""
+"""The rater of judgments recorded before rater ids existed."""
+
+
+def _load_judgments(out: Path) -> dict[tuple[str, str, str], bool]:
+    """Latest judgment per (rater, query, item); torn last lines (a crash mid-write) are ignored."""
     judged = {}
     path = out / JUDGMENTS_FILE
     if not path.exists():
@@ -101,180 +109,200 @@ def _load_judgments(out: Path) -> dict[tuple[str, str], bool]:
     for line in path.read_text().splitlines():
         try:
             entry = json.loads(line)
-            judged[(entry["query"], entry["item"])] = bool(entry["similar"])
-        except (json.JSONDecodeError, KeyError, TypeError):
+            judged[(str(entry.get("rater", ANONYMOUS)), entry["query"], entry["item"])] = bool(entry["similar"])
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             continue
     return judged
 
 
-_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>dermris judge</title>
-<style>
-body{font-family:sans-serif;margin:16px;background:#fafafa}
-#bar{display:flex;gap:12px;align-items:center;margin-bottom:12px}
-.grid{display:flex;flex-wrap:wrap;gap:10px}
-.card{background:#fff;border:3px solid #ddd;border-radius:6px;padding:6px;text-align:center}
-.card.yes{border-color:#2a9d4b}.card.no{border-color:#c0392b}
-.card img{width:200px;height:200px;object-fit:contain;display:block}
-.query img{width:260px;height:260px}
-button{margin:4px;padding:6px 12px;font-size:14px}
-#main{display:flex;gap:24px;align-items:flex-start}
-</style></head><body>
-<div id="bar"><button id="prev">&larr; previous</button><span id="title"></span>
-<button id="next">next &rarr;</button><span id="progress"></span></div>
-<p>Is each image similar to the query lesion (colour, spread density, texture first; then shape,
-size, other characteristics, background, location)? Every click is saved at once.</p>
-<div id="main"><div class="card query"><img id="qimg"><div>query</div></div><div class="grid" id="grid"></div></div>
-<script>
-let tasks=null, judged={}, current=0;
-function key(q,i){return q+'/'+i}
-function done(t){return t.items.every(i=>key(t.query,i) in judged)}
-function render(){
-  const t=tasks.queries[current];
-  document.getElementById('title').textContent='query '+(current+1)+' of '+tasks.queries.length;
-  const complete=tasks.queries.filter(done).length;
-  document.getElementById('progress').textContent=complete+' queries complete';
-  document.getElementById('qimg').src='/image/'+t.query_image;
-  const grid=document.getElementById('grid'); grid.innerHTML='';
-  for(const item of t.items){
-    const v=judged[key(t.query,item)];
-    const card=document.createElement('div');
-    card.className='card'+(v===true?' yes':v===false?' no':'');
-    card.innerHTML='<img src="/image/'+item+'"><button data-v="1">similar</button><button data-v="0">not similar</button>';
-    card.querySelectorAll('button').forEach(b=>b.onclick=()=>send(t.query,item,b.dataset.v==='1'));
-    grid.appendChild(card);
-  }
-}
-async function send(q,i,v){
-  const r=await fetch('/judge',{method:'POST',headers:{'Content-Type':'application/json'},
-    body:JSON.stringify({query:q,item:i,similar:v})});
-  if(r.ok){judged[key(q,i)]=v;render();}else{alert('not saved: '+await r.text());}
-}
-document.getElementById('prev').onclick=()=>{current=Math.max(0,current-1);render()};
-document.getElementById('next').onclick=()=>{current=Math.min(tasks.queries.length-1,current+1);render()};
-fetch('/tasks').then(r=>r.json()).then(d=>{tasks=d.tasks;judged=d.judged;
-  const first=tasks.queries.findIndex(t=>!done(t)); current=first<0?0:first; render();});
-</script></body></html>
-"""
+def _session(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    if not (out / KEY_FILE).exists() or not (out / TASKS_FILE).exists():
+        raise JudgeError(f"{out} holds no judgment session (run dermris judge STORE --out {out})")
+    return out
 
 
-def _handler_for(out: Path, lock: threading.Lock, request_timeout: float = 10.0):
+_PAGE = Path(__file__).with_name("judge_page.html")
+MAX_JUDGMENT_BYTES = 4096
+"""Largest judgment request body."""
+FULL_SIZE_LIMIT = 4096
+"""Longest side of an image shown at full resolution (larger ones are scaled down to it)."""
+
+
+def judge_router(out: str | os.PathLike):
+    """The judging page and its endpoints, as a FastAPI router (mounted at ``/judge``).
+
+    Serves only the session's page, its task list, the session's images by opaque token (a
+    thumbnail, or the full resolution with ``?full=true``), and the judgment endpoint. Each
+    judgment is appended to ``judgments.jsonl`` with the rater id and the server's UTC time, and
+    fsynced before the answer, so a closed browser loses nothing.
+    """
+    from datetime import datetime, timezone
+
+    from fastapi import APIRouter, HTTPException, Request
+    from fastapi.responses import HTMLResponse, Response
+
+    out = _session(out)
     key = json.loads((out / KEY_FILE).read_text())
     tasks = json.loads((out / TASKS_FILE).read_text())
     images = key["images"]
     valid = {(t["query"], i) for t in tasks["queries"] for i in t["items"]}
+    lock = threading.Lock()
+    router = APIRouter(tags=["judging"])
 
-    class Handler(BaseHTTPRequestHandler):
-        timeout = request_timeout  # seconds a client may take to send its request: a short body never holds a thread
+    def rater_id(value) -> str:
+        if not isinstance(value, str) or not RATER_PATTERN.match(value):
+            raise HTTPException(400, "a rater id (letters, digits, _ . @ -; up to 64 characters) is required")
+        return value
 
-        def log_message(self, *args):  # quiet
-            pass
+    @router.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page():
+        return HTMLResponse(_PAGE.read_text("utf-8"), headers={"Cache-Control": "no-store"})
 
-        def _allowed_hosts(self) -> set[str]:
-            host, port = self.server.server_address[:2]
-            names = {"127.0.0.1", "localhost", "[::1]", str(host)}
-            return {f"{n}:{port}" for n in names} | ({n for n in names} if port == 80 else set())
+    @router.get("/api/tasks", summary="The blinded tasks and one rater's judgments so far")
+    def session_tasks(rater: str):
+        rater = rater_id(rater)
+        judged = {f"{q}/{i}": v for (r, q, i), v in _load_judgments(out).items() if r == rater}
+        return Response(json.dumps({"tasks": tasks, "judged": judged}), media_type="application/json",
+                        headers={"Cache-Control": "no-store"})
 
-        def _foreign(self) -> bool:
-            """A request whose Host or Origin is not this server (DNS rebinding, other sites)."""
-            hosts = self._allowed_hosts()
-            if self.headers.get("Host", "") not in hosts:
-                return True
-            origin = self.headers.get("Origin")
-            return origin is not None and origin not in {f"http://{h}" for h in hosts}
+    @router.post("/api/judgments", summary="Record one judgment (fsynced before the answer)")
+    async def record(request: Request):
+        body = await request.body()
+        if not 0 < len(body) <= MAX_JUDGMENT_BYTES:
+            raise HTTPException(400, f"a judgment is a JSON object of at most {MAX_JUDGMENT_BYTES} bytes")
+        try:
+            entry = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise HTTPException(400, "bad judgment: not JSON (or nested too deeply)") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("similar"), bool):
+            raise HTTPException(400, "bad judgment: expected {query, item, similar: true|false, rater}")
+        query, item = entry.get("query"), entry.get("item")
+        if not isinstance(query, str) or not isinstance(item, str) or (query, item) not in valid:
+            raise HTTPException(400, "bad judgment: unknown query or item")
+        record = {"rater": rater_id(entry.get("rater")), "query": query, "item": item, "similar": entry["similar"],
+                  "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
+        with lock:
+            append_durably(out / JUDGMENTS_FILE, json.dumps(record) + "\n")
+        return {"ok": True, "time": record["time"]}
 
-        def handle_one_request(self):
-            try:
-                super().handle_one_request()
-            except TimeoutError:
-                self.close_connection = True
+    @router.get("/image/{token}", summary="A session image by its opaque token")
+    def image(token: str, full: bool = False):
+        if not _TOKEN.match(token) or token not in images:
+            raise HTTPException(404, "unknown image")
+        try:
+            picture = decode_image(images[token])[0]
+        except ImageDecodeError:
+            raise HTTPException(404, "image file unavailable") from None
+        picture.thumbnail((FULL_SIZE_LIMIT, FULL_SIZE_LIMIT) if full else (400, 400))
+        buf = io.BytesIO()
+        picture.save(buf, format="JPEG", quality=92 if full else 90)
+        return Response(buf.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
-        def _send(self, status, body: bytes, ctype: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self):
-            if self._foreign():
-                return self._send(HTTPStatus.FORBIDDEN, b"forbidden host or origin", "text/plain")
-            if self.path == "/":
-                return self._send(HTTPStatus.OK, _PAGE.encode(), "text/html; charset=utf-8")
-            if self.path == "/tasks":
-                judged = {f"{q}/{i}": v for (q, i), v in _load_judgments(out).items()}
-                return self._send(HTTPStatus.OK, json.dumps({"tasks": tasks, "judged": judged}).encode(),
-                                  "application/json")
-            if self.path.startswith("/image/"):
-                token = self.path[len("/image/"):]
-                if not _TOKEN.match(token) or token not in images:
-                    return self._send(HTTPStatus.NOT_FOUND, b"unknown image", "text/plain")
-                try:
-                    image = decode_image(images[token])[0]
-                except ImageDecodeError:
-                    return self._send(HTTPStatus.NOT_FOUND, b"image file unavailable", "text/plain")
-                image.thumbnail((400, 400))
-                buf = io.BytesIO()
-                image.save(buf, format="JPEG", quality=90)
-                return self._send(HTTPStatus.OK, buf.getvalue(), "image/jpeg")
-            return self._send(HTTPStatus.NOT_FOUND, b"not found", "text/plain")
-
-        def do_POST(self):
-            if self._foreign():
-                return self._send(HTTPStatus.FORBIDDEN, b"forbidden host or origin", "text/plain")
-            if self.path != "/judge":
-                return self._send(HTTPStatus.NOT_FOUND, b"not found", "text/plain")
-            try:
-                length = int(self.headers.get("Content-Length", "0"))
-                if not 0 < length <= 4096:
-                    raise ValueError("bad length")
-                body = self.rfile.read(length)
-                if len(body) != length:
-                    raise ValueError("body shorter than its Content-Length")
-                try:
-                    entry = json.loads(body)
-                except RecursionError:
-                    raise ValueError("JSON nested too deeply") from None
-                if not isinstance(entry, dict):
-                    raise ValueError("expected a JSON object")
-                record = {"query": str(entry["query"]), "item": str(entry["item"]), "similar": bool(entry["similar"])}
-                if (record["query"], record["item"]) not in valid or not isinstance(entry["similar"], bool):
-                    raise ValueError("unknown query or item")
-            except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
-                return self._send(HTTPStatus.BAD_REQUEST, f"bad judgment: {exc}".encode(), "text/plain")
-            with lock:
-                append_durably(out / JUDGMENTS_FILE, json.dumps(record) + "\n")
-            return self._send(HTTPStatus.OK, b'{"ok": true}', "application/json")
-
-    return Handler
+    return router
 
 
-def serve(out: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8765,
-          request_timeout: float = 10.0) -> ThreadingHTTPServer:
-    """Return an HTTP server for the session in ``out`` (call ``serve_forever`` on it).
+def create_judge_app(out: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8765,
+                     token: str | None = None):
+    """A FastAPI application serving only the judging page of session ``out`` at ``/judge/``.
 
-    It binds to ``host`` (localhost unless told otherwise) and serves only the session's page,
-    its task list, thumbnails of the session's images by token, and the judgment endpoint.
-    Requests whose Host or Origin is not this server are refused (403: DNS rebinding), bodies
-    are limited to 4 KB of non-nested JSON, and a client that stops sending is dropped after
-    ``request_timeout`` seconds.
+    Requests whose Host or Origin is not this server are refused (403: DNS rebinding), bodies are
+    limited to 4 KB of JSON, and ``token`` (when given) is required on every request.
     """
-    out = Path(out)
-    if not (out / KEY_FILE).exists() or not (out / TASKS_FILE).exists():
-        raise JudgeError(f"{out} holds no judgment session (run dermris judge STORE --out {out})")
-    return ThreadingHTTPServer((host, port), _handler_for(out, threading.Lock(), request_timeout))
+    _web.require_fastapi()
+    from fastapi import FastAPI
+    from fastapi.responses import RedirectResponse
+
+    router = judge_router(out)
+    app = FastAPI(title="dermris judge", docs_url=None, redoc_url=None, openapi_url=None)
+    _web.install_guard(app, host=host, port=port, token=token, max_body_bytes=MAX_JUDGMENT_BYTES)
+    app.include_router(router, prefix="/judge")
+
+    @app.get("/", include_in_schema=False)
+    def root():
+        return RedirectResponse("/judge/")
+
+    return app
+
+
+def serve(out: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8765, token: str | None = None) -> None:
+    """Serve the judging page of session ``out`` until interrupted (uvicorn).
+
+    It binds to ``host`` (loopback unless told otherwise; beyond loopback a token is required).
+    """
+    token = _web.resolve_token(host, token)
+    _web.run(create_judge_app(out, host=host, port=port, token=token), host=host, port=port)
+
+
+@dataclass(frozen=True)
+class RaterAgreement:
+    """How two raters agree on the images both judged.
+
+    Attributes
+    ----------
+    raters : tuple of str
+        The two rater ids.
+    items : int
+        Images (query, image pairs) both judged.
+    percent : float or None
+        Share of those on which they agree (percent); None when they judged none in common.
+    kappa : float or None
+        Cohen's kappa (agreement beyond chance); None when undefined (no common items, or both
+        raters gave one answer throughout).
+    """
+
+    raters: tuple[str, str]
+    items: int
+    percent: float | None
+    kappa: float | None
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {"raters": list(self.raters), "items": self.items, "percent": self.percent, "kappa": self.kappa}
+
+
+def _agreement(a: str, b: str, ja: dict, jb: dict) -> RaterAgreement:
+    common = sorted(set(ja) & set(jb))
+    if not common:
+        return RaterAgreement((a, b), 0, None, None)
+    x = np.array([ja[c] for c in common], bool)
+    y = np.array([jb[c] for c in common], bool)
+    observed = float(np.mean(x == y))
+    chance = float(x.mean() * y.mean() + (1 - x.mean()) * (1 - y.mean()))
+    kappa = (observed - chance) / (1 - chance) if chance < 1 else None
+    return RaterAgreement((a, b), len(common), 100.0 * observed, kappa)
 
 
 @dataclass
 class JudgeScore:
-    """Success rate per measure (percent), over the queries whose results are all judged."""
+    """Success rate per measure (percent), over the queries whose results are all judged.
+
+    With several raters, every (rater, query) whose results that rater judged completely counts
+    once: ``success`` is the mean over those; ``per_rater`` gives each rater's own rates and
+    ``agreement`` each pair's agreement. With one rater this is the paper's Table 1 protocol.
+
+    Attributes
+    ----------
+    success : dict of str to float or None
+        Per measure; None while nothing is complete.
+    complete_queries : int
+        Queries complete for at least one rater.
+    total_queries, judged_items, total_items : int
+        Queries in the session; (query, image) pairs judged by anyone; pairs in the session.
+    per_rater : dict of str to dict
+        Rater id (``""`` for judgments recorded before rater ids) -> ``success``,
+        ``complete_queries``, ``judged_items``.
+    agreement : list of RaterAgreement
+        One per pair of raters.
+    """
 
     success: dict[str, float | None]
     complete_queries: int
     total_queries: int
     judged_items: int
     total_items: int
+    per_rater: dict[str, dict] = field(default_factory=dict)
+    agreement: list[RaterAgreement] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """JSON-ready form, with the paper's numbers beside."""
@@ -282,29 +310,61 @@ class JudgeScore:
             "success_rate_percent": self.success, "paper_table1_percent": PAPER_TABLE1,
             "complete_queries": self.complete_queries, "total_queries": self.total_queries,
             "judged_items": self.judged_items, "total_items": self.total_items,
+            "per_rater": self.per_rater, "agreement": [a.to_dict() for a in self.agreement],
         }
 
 
-def score_session(out: str | os.PathLike) -> JudgeScore:
-    """Turn the judgments into Table 1: per measure, the mean over queries of similar / k."""
+def score_session(out: str | os.PathLike, *, rater: str | None = None) -> JudgeScore:
+    """Turn the judgments into Table 1: per measure, the mean over queries of similar / k.
+
+    Parameters
+    ----------
+    out : path-like
+        The session folder.
+    rater : str, optional
+        Score only this rater's judgments (default: every rater, see :class:`JudgeScore`).
+    """
     out = Path(out)
     if not (out / KEY_FILE).exists():
         raise JudgeError(f"{out} holds no judgment session")
     key = json.loads((out / KEY_FILE).read_text())
-    judged = _load_judgments(out)
+    by_rater: dict[str, dict[tuple[str, str], bool]] = {}
+    for (r, q, i), v in _load_judgments(out).items():
+        by_rater.setdefault(r, {})[(q, i)] = v
+    if rater is not None:
+        if rater not in by_rater:
+            raise JudgeError(f"no judgments by rater {rater!r} (raters: {', '.join(sorted(by_rater)) or 'none'})")
+        by_rater = {rater: by_rater[rater]}
     k = key["k"]
-    rates: dict[str, list[float]] = {m: [] for m in MEASURES}
-    complete = 0
-    total_items = judged_items = 0
-    for q in key["queries"]:
-        items = list(q["items"])
-        total_items += len(items)
-        judged_items += sum((q["query"], i) in judged for i in items)
-        if not all((q["query"], i) in judged for i in items):
-            continue
-        complete += 1
-        for m, ranking in q["rankings"].items():
-            rates[m].append(100.0 * sum(judged[(q["query"], t)] for t in ranking) / k)
-    success = {m: float(np.mean(v)) if v else None for m, v in rates.items()}  # None: nothing judged yet
-    return JudgeScore(success=success, complete_queries=complete, total_queries=len(key["queries"]),
-                      judged_items=judged_items, total_items=total_items)
+
+    def rates_of(judged: dict) -> tuple[dict[str, list[float]], set[str]]:
+        rates: dict[str, list[float]] = {m: [] for m in MEASURES}
+        complete = set()
+        for q in key["queries"]:
+            if not all((q["query"], i) in judged for i in q["items"]):
+                continue
+            complete.add(q["query"])
+            for m, ranking in q["rankings"].items():
+                rates[m].append(100.0 * sum(judged[(q["query"], t)] for t in ranking) / k)
+        return rates, complete
+
+    def mean(values: list[float]) -> float | None:
+        return float(np.mean(values)) if values else None  # None: nothing judged yet (valid JSON, no NaN)
+
+    pooled: dict[str, list[float]] = {m: [] for m in MEASURES}
+    complete_any: set[str] = set()
+    per_rater = {}
+    for r, judged in sorted(by_rater.items()):
+        rates, complete = rates_of(judged)
+        complete_any |= complete
+        for m in MEASURES:
+            pooled[m] += rates[m]
+        per_rater[r] = {"success_rate_percent": {m: mean(v) for m, v in rates.items()},
+                        "complete_queries": len(complete), "judged_items": len(judged)}
+    names = sorted(by_rater)
+    agreement = [_agreement(a, b, by_rater[a], by_rater[b]) for x, a in enumerate(names) for b in names[x + 1:]]
+    total_items = sum(len(q["items"]) for q in key["queries"])
+    judged_any = set().union(*by_rater.values()) if by_rater else set()
+    return JudgeScore(success={m: mean(v) for m, v in pooled.items()}, complete_queries=len(complete_any),
+                      total_queries=len(key["queries"]), judged_items=len(judged_any), total_items=total_items,
+                      per_rater=per_rater, agreement=agreement)

@@ -12,9 +12,7 @@ Needs the ``serve`` extra: ``pip install 'dermris[serve]'`` (fastapi, uvicorn, p
 
 import base64
 import io
-import ipaddress
 import os
-import secrets
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -26,36 +24,24 @@ from dermris.models.errors import (
     DermrisError,
     ImageDecodeError,
     ModelUnavailableError,
-    OptionalDependencyError,
     QueryError,
     StoreChangedError,
     UnknownMeasureError,
 )
 from dermris.models.imageio import decode_image, decode_image_bytes
 
-from ..explain import mask_outline, style_stages
+from ..explain import explain_result, mask_outline, style_stages
 from ..measures import MEASURES
 from ..search import Retriever
+from . import _web
+from ._web import TOKEN_ENV, is_loopback
 
-__all__ = ["create_app", "is_loopback", "MAX_UPLOAD_BYTES", "TOKEN_ENV"]
+__all__ = ["create_app", "serve", "is_loopback", "MAX_UPLOAD_BYTES", "TOKEN_ENV"]
 
 MAX_UPLOAD_BYTES = 32 << 20
 """Largest upload accepted (a full-size ISIC JPEG is a few MB)."""
 
-TOKEN_ENV = "DERMRIS_TOKEN"
-"""Environment variable holding the access token (instead of ``--token``)."""
-
 _PAGE = Path(__file__).with_name("search_page.html")
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is a loopback address or ``localhost``."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _outline_png(packed: np.ndarray, size: int, colour=(255, 230, 0, 255)) -> bytes:
@@ -68,7 +54,8 @@ def _outline_png(packed: np.ndarray, size: int, colour=(255, 230, 0, 255)) -> by
 
 
 def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-               device: str = "auto", max_upload_bytes: int = MAX_UPLOAD_BYTES):
+               device: str = "auto", max_upload_bytes: int = MAX_UPLOAD_BYTES,
+               judge_session: str | os.PathLike | None = None):
     """The FastAPI application serving ``store``.
 
     Parameters
@@ -83,18 +70,15 @@ def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
         Where queries are embedded and ranked.
     max_upload_bytes : int
         Larger uploads are refused (413).
+    judge_session : path-like, optional
+        A judgment session folder (``dermris judge --out``) to serve at ``/judge/`` as well.
     """
-    try:
-        from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
-        from fastapi.responses import HTMLResponse, JSONResponse, Response
-    except ImportError:
-        raise OptionalDependencyError("dermris serve needs FastAPI: pip install 'dermris[serve]'") from None
+    _web.require_fastapi()
+    from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
+    from fastapi.responses import HTMLResponse, Response
 
     retriever = Retriever.open(store, device=device)
     lock = threading.Lock()  # one search at a time: the retriever and the model are not shared state-safe
-    names = {host, "127.0.0.1", "localhost", "[::1]"}
-    allowed_hosts = {f"{n}:{port}" for n in names} | ({n for n in names} if port == 80 else set())
-    allowed_origins = {f"http://{h}" for h in allowed_hosts} | {f"https://{h}" for h in allowed_hosts}
 
     from .. import __version__
 
@@ -102,21 +86,12 @@ def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
                   redoc_url=None,
                   description="Content-based image retrieval for dermoscopy: nine exact similarity measures.")
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if request.headers.get("host", "") not in allowed_hosts:
-            return JSONResponse({"detail": "forbidden host"}, status_code=403)
-        origin = request.headers.get("origin")
-        if origin is not None and origin not in allowed_origins:
-            return JSONResponse({"detail": "forbidden origin"}, status_code=403)
-        if token is not None:
-            given = request.query_params.get("token") or ""
-            auth = request.headers.get("authorization", "")
-            if auth.lower().startswith("bearer "):
-                given = auth[7:].strip()
-            if not secrets.compare_digest(given.encode(), token.encode()):
-                return JSONResponse({"detail": "a valid token is required"}, status_code=401)
-        return await call_next(request)
+    # multipart framing around the file: a little over the upload limit
+    _web.install_guard(app, host=host, port=port, token=token, max_body_bytes=max_upload_bytes + (1 << 20))
+    if judge_session is not None:
+        from .judge import judge_router
+
+        app.include_router(judge_router(judge_session), prefix="/judge")
 
     def fail(exc: DermrisError):
         if isinstance(exc, (QueryError, UnknownMeasureError, ImageDecodeError)):
@@ -177,14 +152,11 @@ def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
         payload["query"] = {"row": row, "image_id": retriever.image_ids[row] if row is not None else None,
                             "filename": file.filename if file is not None else None}
         if explain:
-            size = retriever.store.mask_size
-            payload["query"]["mask_outline_png"] = base64.b64encode(_outline_png(vectors.mask, size)).decode()
-            rows = sorted({h["row"] for hits in payload["results"].values() for h in hits})
-            styles = dict(zip(rows, retriever.store.style_rows(rows))) if rows else {}
+            why = explain_result(retriever, vectors, result)
+            payload["query"]["mask_outline_png"] = base64.b64encode(_outline_png(why.query_mask, why.mask_size)).decode()
             for hits in payload["results"].values():
                 for hit in hits:
-                    hit["style_stages"] = [s.to_dict() for s in
-                                           style_stages(retriever.store.layout, vectors.style, styles[hit["row"]])]
+                    hit["style_stages"] = [s.to_dict() for s in why.stages[hit["row"]]]
         return payload
 
     @app.get("/api/image/{row}", summary="An indexed image by row (never by path)")
@@ -218,14 +190,8 @@ def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
 
 
 def serve(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-          device: str = "auto") -> None:
-    """Run the server until interrupted (uvicorn)."""
-    try:
-        import uvicorn
-    except ImportError:
-        raise OptionalDependencyError("dermris serve needs uvicorn: pip install 'dermris[serve]'") from None
-    token = token or os.environ.get(TOKEN_ENV) or None
-    if not is_loopback(host) and token is None:
-        raise QueryError(f"binding to {host} (beyond loopback) needs --token or {TOKEN_ENV}")
-    app = create_app(store, host=host, port=port, token=token, device=device)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+          device: str = "auto", judge_session: str | os.PathLike | None = None) -> None:
+    """Run the server until interrupted (uvicorn); beyond loopback a token is required."""
+    token = _web.resolve_token(host, token)
+    app = create_app(store, host=host, port=port, token=token, device=device, judge_session=judge_session)
+    _web.run(app, host=host, port=port)

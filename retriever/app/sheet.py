@@ -6,13 +6,15 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from PIL import Image, ImageDraw, ImageFont
-
 import logging
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from dermris.indexer import decode_image
 from dermris.models.errors import ImageDecodeError
 
+from ..explain import Explanation, outline_of, unpack_mask
 from ..search import Hit
 
 __all__ = ["contact_sheet"]
@@ -31,7 +33,12 @@ def _font(size: int = 11) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def _thumbnail(source, size: int) -> Image.Image:
+_OUTLINE = (255, 230, 0)
+
+
+def _thumbnail(source, size: int, mask: np.ndarray | None = None) -> Image.Image:
+    """A ``size`` square tile of ``source``; ``mask`` (a square bool lesion mask over the whole
+    image) is drawn as an outline, stretched to the image as the model saw it."""
     tile = Image.new("RGB", (size, size), (60, 60, 60))
     try:
         image = source if isinstance(source, Image.Image) else decode_image(source)[0]
@@ -40,6 +47,11 @@ def _thumbnail(source, size: int) -> Image.Image:
         return tile
     image = image.convert("RGB").copy()
     image.thumbnail((size, size))
+    if mask is not None:
+        scaled = np.asarray(Image.fromarray(mask).resize(image.size, Image.Resampling.NEAREST), bool)
+        pixels = np.array(image)
+        pixels[outline_of(scaled)] = _OUTLINE
+        image = Image.fromarray(pixels)
     tile.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
     return tile
 
@@ -60,6 +72,7 @@ def contact_sheet(
     thumb: int = 128,
     query_label: str = "query",
     resolve=None,
+    explanation: Explanation | None = None,
 ) -> Path:
     """Draw and save a contact sheet as PNG.
 
@@ -78,6 +91,10 @@ def contact_sheet(
     resolve : callable, optional
         ``resolve(stored_path) -> path`` where the image is now (e.g. after the indexed folder
         moved: :meth:`~dermris.retriever.Retriever.locate`).
+    explanation : Explanation, optional
+        From :func:`~dermris.retriever.explain.explain_result`: lesion outlines are drawn over
+        the query and every hit, and each hit's caption names the stage that makes up most of
+        its style loss.
 
     Returns
     -------
@@ -89,21 +106,25 @@ def contact_sheet(
     out.parent.mkdir(parents=True, exist_ok=True)  # an unwritable place fails before any drawing
     font = _font()
     k = max((len(h) for h in results.values()), default=0)
-    cell_w, cell_h = thumb + _PAD, thumb + _LABEL_HEIGHT + _PAD
+    label_height = _LABEL_HEIGHT + (13 if explanation is not None else 0)
+    cell_w, cell_h = thumb + _PAD, thumb + label_height + _PAD
     width = _NAME_WIDTH + max(1, k) * cell_w + _PAD
     height = (len(results) + 1) * cell_h + _PAD
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
 
-    def place(row: int, col: int, source, lines: Sequence[str]) -> None:
+    def mask_of(packed) -> np.ndarray | None:
+        return None if explanation is None else unpack_mask(packed, explanation.mask_size)
+
+    def place(row: int, col: int, source, lines: Sequence[str], mask: np.ndarray | None = None) -> None:
         x = _NAME_WIDTH + col * cell_w
         y = _PAD + row * cell_h
-        sheet.paste(_thumbnail(source, thumb), (x, y))
+        sheet.paste(_thumbnail(source, thumb, mask), (x, y))
         for i, line in enumerate(lines):
             draw.text((x, y + thumb + 2 + 13 * i), _fit(line, draw, font, thumb), fill=(0, 0, 0), font=font)
 
     draw.text((_PAD, _PAD + thumb // 2), "query", fill=(0, 0, 0), font=font)
-    place(0, 0, query, [query_label])
+    place(0, 0, query, [query_label], mask_of(explanation.query_mask) if explanation is not None else None)
     missing: list[str] = []
     for r, (measure, hits) in enumerate(results.items(), start=1):
         draw.text((_PAD, _PAD + r * cell_h + thumb // 2), measure, fill=(0, 0, 0), font=font)
@@ -111,7 +132,11 @@ def contact_sheet(
             source = resolve(hit.path) if resolve is not None else hit.path
             if not os.path.isfile(source):
                 missing.append(hit.path)
-            place(r, c, source, [hit.image_id, f"{hit.score:.4f}"])
+            lines = [hit.image_id, f"{hit.score:.4f}"]
+            if explanation is not None:
+                (top,) = explanation.top_stages(hit.row, 1) or [None]
+                lines.append(f"style: stage {top.stage + 1} {100 * top.share:.0f}%" if top is not None else "")
+            place(r, c, source, lines, mask_of(explanation.masks[hit.row]) if explanation is not None else None)
     if missing:
         unique = list(dict.fromkeys(missing))
         log.warning("%d result images are missing (drawn grey): %s%s; if the indexed folder moved, give its new "
