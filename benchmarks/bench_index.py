@@ -327,8 +327,13 @@ def main() -> None:
             runs = cluster_benchmark(args, workers, work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        payload = {"machine": _machine(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
-                   "runs": runs}
+        existing = json.loads(out.read_text()) if out.is_file() else {"runs": []}
+        fresh = {(r["preset"], r["cluster"]) for r in runs}
+        keep = [r for r in existing.get("runs", []) if (r["preset"], r["cluster"]) not in fresh]
+        for r in runs:
+            r["command"] = " ".join(sys.argv)
+            r["date"] = time.strftime("%Y-%m-%d")
+        payload = {"machine": _machine(), "runs": keep + runs}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(payload, indent=1))
         print(f"\nJSON: {out}")

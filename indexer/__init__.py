@@ -56,8 +56,8 @@ _EXPORTS = {
     "store_exists": ".store",
 }
 
-__all__ = sorted([*_EXPORTS, "ClusterError", "DermrisError", "ImageDecodeError", "MetadataError", "StoreChangedError", "StoreError",
-                  "StoreExistsError", "StoreFormatError", "StoreLockedError", "StoreMismatchError",
+__all__ = sorted([*_EXPORTS, "ClusterError", "DermrisError", "ImageDecodeError", "MetadataError", "StoreChangedError",
+                  "StoreError", "StoreExistsError", "StoreFormatError", "StoreLockedError", "StoreMismatchError",
                   "StoreNotFoundError", "StoreReadOnlyError"])
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -217,9 +218,12 @@ def _start(spec: ClusterSpec, stack: contextlib.ExitStack, connect_timeout_s: fl
         client = stack.enter_context(distributed.Client(cluster))
         return ClusterSession(client, str(spec))
     kwargs: dict[str, Any] = {"timeout": connect_timeout_s}
-    if spec.kind == "scheduler-file":
-        if not Path(str(spec.address)).is_file():
-            raise ClusterError(f"scheduler file not found: {spec.address}")
+    if spec.kind == "scheduler-file":  # written by a scheduler that may still be starting (a batch job)
+        deadline = time.monotonic() + connect_timeout_s
+        while not Path(str(spec.address)).is_file():
+            if time.monotonic() > deadline:
+                raise ClusterError(f"scheduler file not found: {spec.address} (waited {connect_timeout_s:.0f} s)")
+            time.sleep(0.2)
         kwargs["scheduler_file"] = spec.address
     else:
         kwargs["address"] = spec.address

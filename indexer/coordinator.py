@@ -196,7 +196,7 @@ def index_on_cluster(writer: StoreWriter, files: Sequence[ImageFile], table: Met
     _warm_up(session, options, token)
     size = run.block_size or default_block_size(shard_rows=writer.manifest.arrays.style_shard_rows,
                                                 files=len(files), workers=session.workers,
-                                                batch_size=run.batch_size)
+                                                batch_size=run.model.batch_size)
     blocks = _split(files, size)
     if writer.codec is None:  # a new store: its float16 scales come from the first batch, as in one process
         style = client.submit(first_batch_style, blocks[0], options, skip_arg, key=f"dermris-codec-{token}",

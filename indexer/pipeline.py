@@ -272,14 +272,14 @@ def index_folder(
 
 
 def _client_device(device: str):
-    """Where this process builds the derived data when the model runs on a cluster's workers
-    (``device`` names the workers' device, which this machine may not have)."""
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        resolve_device(device)  # raises ConfigError
+    """Where this process builds the derived data when the model runs on a cluster's workers:
+    ``device`` names the workers' device, which this machine may not have (then the CPU)."""
     try:
         return resolve_device(device)
     except ConfigError:
-        return torch.device("cpu")
+        if device == "cuda" or device.startswith("cuda:"):
+            return torch.device("cpu")
+        raise
 
 
 def _run(writer: StoreWriter, embedder: Embedder, files, table, report: IndexReport, *, commit_every: int,

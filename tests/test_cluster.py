@@ -123,8 +123,15 @@ def test_two_workers_give_the_store_of_one_process(folder, weights, single, clie
     assert {"setup", "cluster", "embed", "write", "derived"} <= set(report.stages)
     assert_same_store(store, single[0])
     assert_exact(store)
-    again = _cluster_index(images, store, csv, weights, client)  # nothing new: every file skipped by its bytes
-    assert again.indexed == 0 and again.already_indexed == 33 and again.rows == 32  # 32 + the copy
+    from click.testing import CliRunner
+
+    from dermris.retriever.app.cli import main
+
+    checked = CliRunner().invoke(main, ["check", str(store), "--full"])
+    assert checked.exit_code == 0, checked.output
+    again = index_folder(images, store, metadata=csv, device="cpu", cluster=client, progress=False)
+    assert again.indexed == 0 and again.already_indexed == 33 and again.rows == 32  # nothing new: 32 + the copy
+    assert again.cluster["block_size"] == 16 and again.cluster["blocks"] == 3  # at most 34 / (4 x 2), a batch at least
 
 
 class _KillOnce(distributed.WorkerPlugin):
@@ -219,6 +226,38 @@ def test_client_killed_then_rerun_resumes(folder, weights, single, tmp_path):
     assert_same_store(store, single[0], resumed=True)
 
 
+def test_scheduler_file(client, tmp_path):
+    from dermris.indexer.cluster import connect
+
+    scheduler_file = tmp_path / "scheduler.json"  # what `dask scheduler --scheduler-file` writes
+    scheduler_file.write_text(json.dumps({"type": "Scheduler", "address": client.scheduler_info()["address"]}))
+    with connect(str(scheduler_file)) as session:
+        assert session.workers == 2 and session.torch_threads is None
+
+
+def test_workers_undo_dasks_malloc_setting(monkeypatch):
+    """Dask's MALLOC_TRIM_THRESHOLD_ (set in every worker) made torch 2.4x slower there."""
+    import platform
+
+    from dermris.indexer.blocks import _restore_malloc
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    assert not _restore_malloc()  # not a Dask worker: left alone
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    assert _restore_malloc() == (platform.libc_ver()[0] == "glibc")
+
+
+def test_default_block_size():
+    from dermris.indexer.coordinator import default_block_size
+
+    # whole style shards (207 rows for tiny and lite0, 64 for paper), at least 256 files
+    assert default_block_size(shard_rows=207, files=100_000, workers=8, batch_size=16) == 414
+    assert default_block_size(shard_rows=64, files=100_000, workers=8, batch_size=64) == 256
+    # few files: about four blocks per worker, never less than a batch
+    assert default_block_size(shard_rows=64, files=512, workers=2, batch_size=16) == 64
+    assert default_block_size(shard_rows=64, files=40, workers=4, batch_size=16) == 16
+
+
 # -- the --cluster value, and clear errors --------------------------------------------------
 @pytest.mark.parametrize("text, spec", [
     ("local", ClusterSpec("local")),
@@ -255,7 +294,7 @@ def test_cluster_errors_are_one_line(tmp_path, synthetic_set, monkeypatch):
         with connect("tcp://127.0.0.1:1", connect_timeout_s=1):
             pass
     with pytest.raises(ClusterError, match="scheduler file not found"):
-        with connect(str(tmp_path / "scheduler.json")):
+        with connect(str(tmp_path / "scheduler.json"), connect_timeout_s=0.5):
             pass
     try:
         import dask_cuda  # noqa: F401

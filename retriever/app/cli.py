@@ -187,7 +187,9 @@ def index_cmd(images, store, metadata, id_column, preset, weights, backbone_weig
             f"indexed {report.indexed}, already in store {report.already_indexed}, "
             f"duplicates {len(report.duplicates)}, rejected {len(report.rejected)}, "
             f"previously deleted {len(report.previously_deleted)}; "
-            f"store has {report.rows} rows ({report.seconds:.1f} s on {report.device}, {report.precision})"
+            f"store has {report.rows} rows ({report.seconds:.1f} s on {report.device}, {report.precision}"
+            + (f"; {report.cluster.get('workers')} Dask workers, {report.cluster.get('blocks')} blocks" if report.cluster
+               else "") + ")"
         )
         for path, same in report.duplicates:
             click.echo(f"  duplicate: {path} (same bytes as {same})")
