@@ -186,11 +186,15 @@ def warm_up(options: BlockOptions) -> str:
 
 # -- reading ---------------------------------------------------------------------------------
 def _decode_threads(device_type: str) -> int:
-    """Reader threads next to the model: one on the CPU (the model has the cores), more on a GPU."""
+    """Reader threads next to the model: one on the CPU (the model has the cores); on a GPU the
+    cores this process may use shared among the GPUs it sees (dask-cuda shows each worker every
+    GPU of its machine, its own first), 8 at most."""
     if device_type != "cuda":
         return 1
+    import torch
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores - 1))
+    return max(1, min(8, cores // max(1, torch.cuda.device_count())))
 
 
 def _batches(files: Sequence[ImageFile], *, size: int, batch_size: int, skip_sha256: frozenset[str],

@@ -78,17 +78,17 @@ def parse_cluster(text: str) -> ClusterSpec:
         if not sep:
             return ClusterSpec(head)
         if not tail.isdigit() or int(tail) < 1:
-            raise ConfigError(f"--cluster {value!r}: the number after {head}: must be a positive integer")
+            raise ConfigError(f"{value!r}: the number after '{head}:' must be a positive integer")
         return ClusterSpec(head, workers=int(tail))
     if "://" in value:
         match = _ADDRESS.match(value)
         if match is None or match["scheme"] not in _SCHEMES or not 0 < int(match["port"]) < 65536:
-            raise ConfigError(f"--cluster {value!r} is not a scheduler address like tcp://HOST:PORT "
+            raise ConfigError(f"{value!r} is not a scheduler address like tcp://HOST:PORT "
                               f"(schemes: {', '.join(_SCHEMES)})")
         return ClusterSpec("address", address=value.rstrip("/"))
     if value.endswith(".json"):
         return ClusterSpec("scheduler-file", address=value)
-    raise ConfigError(f"--cluster {value!r}: expected {accepted}")
+    raise ConfigError(f"{value!r} is not a cluster: expected {accepted}")
 
 
 def as_cluster(cluster: Any) -> Any:

@@ -237,6 +237,8 @@ def _embed_blocks(session: ClusterSession, blocks: list[list[ImageFile]], option
     ran_on: set[str] = set()
     next_submit = next_commit = 0
     pending = as_completed()
+    # results come straight from the workers (not through the scheduler) unless configured otherwise
+    direct = client.direct_to_workers if client.direct_to_workers is not None else True
 
     def fill() -> None:
         nonlocal next_submit, options
@@ -255,7 +257,7 @@ def _embed_blocks(session: ClusterSession, blocks: list[list[ImageFile]], option
         for future in pending:
             index = in_flight.pop(future)
             try:
-                result = future.result()
+                result = client.gather(future, direct=direct)
             except Exception as exc:  # noqa: BLE001 - re-raised, in one line where it is the cluster's
                 failure = _failure(exc, index, blocks[index])
                 if failure is exc:
