@@ -36,7 +36,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -48,6 +48,9 @@ from .cluster import ClusterSession
 from .commit import Admission, Chunk, Committer
 from .sources import ImageFile, MetadataTable
 from .store import StoreWriter
+
+if TYPE_CHECKING:
+    from .pipeline import IndexReport
 
 __all__ = ["ClusterRun", "default_block_size", "index_on_cluster"]
 
@@ -153,7 +156,8 @@ def _commit_block(result: BlockResult, admission: Admission, writer: StoreWriter
     committer.put(chunk)
 
 
-def index_on_cluster(writer: StoreWriter, files: Sequence[ImageFile], table: MetadataTable | None, report: Any, *,
+def index_on_cluster(writer: StoreWriter, files: Sequence[ImageFile], table: MetadataTable | None,
+                     report: IndexReport, *,
                      session: ClusterSession, run: ClusterRun, progress: bool) -> None:
     """Embed ``files`` on a Dask cluster and commit their rows to ``writer`` in order.
 
@@ -222,7 +226,7 @@ def _warm_up(session: ClusterSession, options: BlockOptions, token: str) -> None
 
 
 def _embed_blocks(session: ClusterSession, blocks: list[list[ImageFile]], options: BlockOptions, skip_arg: Any,
-                  admission: Admission, writer: StoreWriter, table: MetadataTable | None, report: Any, *,
+                  admission: Admission, writer: StoreWriter, table: MetadataTable | None, report: IndexReport, *,
                   run: ClusterRun, token: str, progress: bool) -> None:
     from distributed import as_completed
 

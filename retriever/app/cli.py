@@ -183,13 +183,13 @@ def index_cmd(images, store, metadata, id_column, preset, weights, backbone_weig
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
     else:
+        ran = report.cluster
+        on_cluster = f"; {ran.get('workers')} Dask workers, {ran.get('blocks')} blocks" if ran else ""
         click.echo(
             f"indexed {report.indexed}, already in store {report.already_indexed}, "
             f"duplicates {len(report.duplicates)}, rejected {len(report.rejected)}, "
             f"previously deleted {len(report.previously_deleted)}; "
-            f"store has {report.rows} rows ({report.seconds:.1f} s on {report.device}, {report.precision}"
-            + (f"; {report.cluster.get('workers')} Dask workers, {report.cluster.get('blocks')} blocks" if report.cluster
-               else "") + ")"
+            f"store has {report.rows} rows ({report.seconds:.1f} s on {report.device}, {report.precision}{on_cluster})"
         )
         for path, same in report.duplicates:
             click.echo(f"  duplicate: {path} (same bytes as {same})")
