@@ -14,6 +14,12 @@ For each preset and input size it measures, in one run on one machine:
 relative error of features and style vectors, mask agreement, and the top-10 overlap of every
 measure (each image a query against all the others, brute force) against float32.
 
+``--cluster SPEC ...`` measures ``index_folder(cluster=SPEC)`` instead (``local:N``, ``cuda``,
+``tcp://HOST:PORT``), each against one process in the same run: images/s over the embedding
+phase (first block submitted to last block committed; the cluster's start, the model loading on
+every worker and the derived data are timed apart), and the ratio to the first spec given.
+Results go to ``results/index-cluster.json``.
+
 Inputs are JPEGs made from scikit-image's photographs (``photos.py``) at the preset's input
 size and at 1024 px (so decoding counts). Writes JSON and prints a table.
 
@@ -24,6 +30,8 @@ Examples
     python benchmarks/bench_index.py --preset tiny lite0 --images 384           # CPU
     python benchmarks/bench_index.py --preset paper --device cuda --images 2048 --batch-size 64 \\
         --compare-precision 256
+    python benchmarks/bench_index.py --preset tiny --cluster local:1 local:2 --images 512 --repeats 3
+    python benchmarks/bench_index.py --preset paper --cluster cuda --device cuda --images 4096 --batch-size 64
 """
 
 from __future__ import annotations
@@ -130,6 +138,67 @@ def pipeline(folder: Path, weights: Path, device, precision: str, batch: int, wo
     return out
 
 
+# -- cluster ----------------------------------------------------------------------------------
+def cluster_pipeline(folder: Path, weights: Path, cluster: str | None, device: str, batch: int, workers: int,
+                     block_size: int | None, commit_every: int, work: Path) -> dict:
+    """One ``index_folder`` run into a new store, on a cluster (or in this process for None)."""
+    store = work / f"store-{time.time_ns()}"
+    kwargs = {"cluster": cluster, "block_size": block_size} if cluster else {"workers": workers}
+    report = index_folder(folder, store, weights=weights, device=device, batch_size=batch,
+                          commit_every=commit_every, progress=False, **kwargs)
+    st = report.stages
+    if cluster:
+        embed_s = st["embed"]
+    else:
+        embed_s = report.seconds - st.get("setup", 0.0) - st.get("derived", 0.0)
+    out = {
+        "cluster": cluster or "none (one process)", "images": report.indexed, "rejected": len(report.rejected),
+        "seconds_total": round(report.seconds, 3), "seconds_embedding": round(embed_s, 3),
+        "images_per_s": round(report.indexed / embed_s, 2),
+        "images_per_s_with_start": round(report.indexed / (report.seconds - st.get("derived", 0.0)), 2),
+        "stages": {k: round(v, 3) for k, v in st.items()}, "device": report.device, "precision": report.precision,
+        **({"workers": report.cluster.get("workers"), "blocks": report.cluster.get("blocks"),
+            "block_size": report.cluster.get("block_size")} if cluster else {}),
+    }
+    shutil.rmtree(store, ignore_errors=True)
+    return out
+
+
+def cluster_benchmark(args, workers: int, work: Path) -> list[dict]:
+    """images/s of every --cluster spec and of one process, per preset, repeats alternating."""
+    runs = []
+    for preset_name in args.preset:
+        config = get_preset(preset_name)
+        weights = work / f"{preset_name}.safetensors"
+        save_model(build_model(config), weights)
+        px = config.image_size
+        folder = write_photo_set(args.workdir / f"photos-{px}", args.images, size=px)
+        if len(list_images(folder)) != args.images:
+            folder = work / f"photos-{px}-{args.images}"
+            folder.mkdir()
+            for f in list_images(args.workdir / f"photos-{px}")[: args.images]:
+                shutil.copy(f.path, folder / f.path.name)
+        specs = [None, *args.cluster]
+        results: dict = {spec: [] for spec in specs}
+        for _ in range(args.repeats):  # alternate, so every spec sees the same machine load
+            for spec in specs:
+                results[spec].append(cluster_pipeline(folder, weights, spec, args.device, args.batch_size, workers,
+                                                      args.block_size, args.commit_every, work))
+                print(json.dumps(results[spec][-1]))
+                sys.stdout.flush()
+        base = _median_run(results[args.cluster[0]])["images_per_s"]
+        for spec in specs:
+            run = {"preset": preset_name, "input_px": px, **_median_run(results[spec])}
+            run["ratio_to_" + args.cluster[0]] = round(run["images_per_s"] / base, 3)
+            runs.append(run)
+    print(f"\n{'preset':<7}{'cluster':>22}{'workers':>9}{'images/s':>10}{'with start':>12}{'ratio':>7}  repeats")
+    for r in runs:
+        ratio = r["ratio_to_" + args.cluster[0]]
+        print(f"{r['preset']:<7}{r['cluster']:>22}{r.get('workers') or '-':>9}{r['images_per_s']:>10.1f}"
+              f"{r['images_per_s_with_start']:>12.1f}{ratio:>7.2f}  {r['repeats_images_per_s']}")
+    return runs
+
+
 # -- precision ------------------------------------------------------------------------------
 def _rankings(features, style, masks, k: int, device) -> dict[str, np.ndarray]:
     """Top-k rows of every image (as a query, excluding itself) under the nine measures."""
@@ -216,6 +285,11 @@ def print_table(runs: list[dict]) -> None:
               f"{100 * r['model']['segmenter_share']:>7.0f}{r['model'].get('peak_gpu_memory_gb', 0):>8.1f}  {stages}")
 
 
+def _machine() -> dict:
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", nargs="+", default=["tiny", "lite0"])
@@ -234,6 +308,9 @@ def main() -> None:
                         help="measure model and pipeline this many times, alternating; report medians")
     parser.add_argument("--compare-precision", type=int, default=0, metavar="N",
                         help="also compare float32/bfloat16/float16 on N images (CUDA)")
+    parser.add_argument("--cluster", nargs="+", default=None, metavar="SPEC",
+                        help="measure indexing on these Dask clusters (local:N, cuda, tcp://HOST:PORT) instead")
+    parser.add_argument("--block-size", type=int, default=None, help="files per cluster task (default: dermris's)")
     parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("DERMRIS_BENCH_DIR", "/tmp/dermris-bench")))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -242,9 +319,25 @@ def main() -> None:
     from dermris.indexer.loader import default_workers
 
     workers = default_workers() if args.workers is None else args.workers
-    out = args.out or HERE / "results" / f"index-{device.type}.json"
+    out = args.out or HERE / "results" / (f"index-{device.type}.json" if not args.cluster else "index-cluster.json")
     args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=args.workdir))
+    if args.cluster:
+        try:
+            runs = cluster_benchmark(args, workers, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        existing = json.loads(out.read_text()) if out.is_file() else {"runs": []}
+        fresh = {(r["preset"], r["cluster"]) for r in runs}
+        keep = [r for r in existing.get("runs", []) if (r["preset"], r["cluster"]) not in fresh]
+        for r in runs:
+            r["command"] = " ".join(sys.argv)
+            r["date"] = time.strftime("%Y-%m-%d")
+        payload = {"machine": _machine(), "runs": keep + runs}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(payload, indent=1))
+        print(f"\nJSON: {out}")
+        return
     runs = []
     precision_report = {}
     try:
@@ -300,9 +393,7 @@ def main() -> None:
     keys = {key(r) for r in runs}
     keep = [r for r in existing.get("runs", []) if key(r) not in keys]
     payload = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        "machine": _machine(),
         "date": time.strftime("%Y-%m-%d"),
         "runs": keep + runs,
         "precision": {**existing.get("precision", {}), **precision_report},

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from dermris.models._lazy import lazy_exports
 from dermris.models.errors import (
+    ClusterError,
     DermrisError,
     ImageDecodeError,
     MetadataError,
@@ -43,6 +44,8 @@ _EXPORTS = {
     "to_pixels": ".sources",
     "to_rgb": ".sources",
     "ImageLoader": ".loader",
+    "ClusterSpec": ".cluster",
+    "parse_cluster": ".cluster",
     "FORMAT_VERSION": ".store",
     "CheckReport": ".store",
     "Manifest": ".store",
@@ -53,8 +56,8 @@ _EXPORTS = {
     "store_exists": ".store",
 }
 
-__all__ = sorted([*_EXPORTS, "DermrisError", "ImageDecodeError", "MetadataError", "StoreChangedError", "StoreError",
-                  "StoreExistsError", "StoreFormatError", "StoreLockedError", "StoreMismatchError",
+__all__ = sorted([*_EXPORTS, "ClusterError", "DermrisError", "ImageDecodeError", "MetadataError", "StoreChangedError",
+                  "StoreError", "StoreExistsError", "StoreFormatError", "StoreLockedError", "StoreMismatchError",
                   "StoreNotFoundError", "StoreReadOnlyError"])
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
@@ -62,6 +65,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 if TYPE_CHECKING:  # pragma: no cover
     from .embed import Embedder, Embeddings, preprocess, resolve_device
     from .pipeline import IndexReport, index_folder
+    from .cluster import ClusterSpec, parse_cluster
     from .loader import ImageLoader
     from .sources import (
         IMAGE_EXTENSIONS,

@@ -14,25 +14,24 @@ it has committed, and running the same command again skips every image already i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import queue
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
+import torch
 from tqdm.auto import tqdm
 
 from dermris.models import DermrisModel, build_model, get_preset, load_model
-from dermris.models.errors import DataError, StoreMismatchError
+from dermris.models.errors import ConfigError, DataError, StoreMismatchError
 
-from .embed import Embedder, resolve_device
+from .embed import Embedder, resolve_device, resolve_precision
+from .commit import Admission, Chunk, Committer
 from .loader import ImageLoader
-from .sources import IMAGE_EXTENSIONS, LoadedImage, MetadataTable, list_images
+from .sources import IMAGE_EXTENSIONS, MetadataTable, list_images
 from .store import StoreWriter, store_exists
 
 __all__ = ["IndexReport", "index_folder"]
@@ -67,7 +66,10 @@ class IndexReport:
         (forward passes and copies back), ``write`` (the writer thread, overlapped with the
         model), ``derived`` (FAISS and style sketch at the end), ``setup`` (model and store).
     device, precision : str
-        Where and at what precision the model ran.
+        Where and at what precision the model ran (on a cluster: every worker's, comma-separated).
+    cluster : dict
+        On a Dask cluster: its address and dashboard, the workers that ran blocks, and the number
+        of blocks (empty for a run in one process).
     """
 
     indexed: int = 0
@@ -81,6 +83,7 @@ class IndexReport:
     stages: dict[str, float] = field(default_factory=dict)
     device: str = ""
     precision: str = ""
+    cluster: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-ready summary."""
@@ -96,6 +99,7 @@ class IndexReport:
             "stages": {k: round(v, 3) for k, v in self.stages.items()},
             "device": self.device,
             "precision": self.precision,
+            **({"cluster": dict(self.cluster)} if self.cluster else {}),
         }
 
 
@@ -106,7 +110,10 @@ def _open_or_create(
     weights: str | os.PathLike | None,
     backbone_weights: str | os.PathLike | None,
     pretrained: bool,
-) -> tuple[StoreWriter, DermrisModel]:
+    need_model: bool = True,
+) -> tuple[StoreWriter, DermrisModel | None]:
+    """The store's writer, and its model (None for an existing store when ``need_model`` is
+    False: cluster workers load the model from the store themselves)."""
     if store_exists(store):
         writer = StoreWriter.open(store)
         log.info("extending %s (%d rows, preset %s)", store, writer.rows, writer.model_config.name)
@@ -116,7 +123,7 @@ def _open_or_create(
                 raise StoreMismatchError(
                     f"{store} was built with preset {stored.name!r}, not {preset!r}; use another store path"
                 )
-            model = writer.load_model()
+            model = writer.load_model() if need_model or weights is not None else None
             if weights is not None:
                 writer.check_model(load_model(weights))
             return writer, model
@@ -151,6 +158,8 @@ def index_folder(
     precision: str = "auto",
     compile: bool = False,
     progress: bool = True,
+    cluster=None,
+    block_size: int | None = None,
 ) -> IndexReport:
     """Index every image under ``images`` into ``store`` (created if absent).
 
@@ -189,6 +198,14 @@ def index_folder(
         ``torch.compile`` the model (CUDA; minutes of start-up, faster on long runs).
     progress : bool
         Show a progress bar on stderr.
+    cluster : str, ClusterSpec, distributed.Client or Dask cluster, optional
+        Embed on a Dask cluster (:mod:`.coordinator`): ``"local[:N]"``, ``"cuda[:N]"``, a
+        scheduler address ``"tcp://HOST:PORT"``, a scheduler file ``*.json``, or a client or
+        cluster object. None (the default) runs in this process. ``device``, ``precision``,
+        ``batch_size`` and ``compile`` then apply on every worker; ``workers`` does not.
+    block_size : int, optional
+        Files per Dask task (default: a multiple of the store's style shard rows, smaller when
+        there are few files for the workers). Only with ``cluster``.
 
     Returns
     -------
@@ -201,15 +218,44 @@ def index_folder(
     if not files:
         raise DataError(f"no image files ({', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) under {images}")
     table = MetadataTable(metadata, id_column=id_column) if metadata is not None else None
-    torch_device = resolve_device(device)
-    writer, model = _open_or_create(Path(store), preset=preset, weights=weights,
-                                    backbone_weights=backbone_weights, pretrained=pretrained)
+    if cluster is not None:
+        if block_size is not None and block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        resolve_precision(precision, torch.device("cpu"))
+        torch_device = _client_device(device)
+    else:
+        torch_device = resolve_device(device)
+    writer = None
     try:
-        embedder = Embedder(model, device=torch_device, batch_size=batch_size, precision=precision, compile=compile)
-        report = IndexReport(device=str(torch_device), precision=embedder.precision)
-        report.stages["setup"] = time.perf_counter() - started
-        _run(writer, embedder, files, table, report, commit_every=commit_every, workers=workers,
-             progress=progress)
+        with contextlib.ExitStack() as on_cluster:
+            session = None
+            if cluster is not None:  # reached (or started) before the store is touched
+                from .cluster import connect
+
+                t = time.perf_counter()
+                session = on_cluster.enter_context(connect(cluster))
+                connect_s = time.perf_counter() - t
+            writer, model = _open_or_create(Path(store), preset=preset, weights=weights,
+                                            backbone_weights=backbone_weights, pretrained=pretrained,
+                                            need_model=session is None)
+            if session is not None:
+                from .blocks import ModelSettings
+                from .coordinator import ClusterRun, index_on_cluster
+
+                del model  # the workers load the store's copy
+                report = IndexReport()
+                report.stages["setup"] = time.perf_counter() - started - connect_s
+                settings = ModelSettings(device=device, precision=precision, batch_size=batch_size, compile=compile)
+                index_on_cluster(writer, files, table, report, session=session, progress=progress, run=ClusterRun(
+                    images=os.path.abspath(images), model=settings, block_size=block_size, commit_every=commit_every))
+                report.stages["cluster"] += connect_s
+            else:
+                embedder = Embedder(model, device=torch_device, batch_size=batch_size, precision=precision,
+                                    compile=compile)
+                report = IndexReport(device=str(torch_device), precision=embedder.precision)
+                report.stages["setup"] = time.perf_counter() - started
+                _run(writer, embedder, files, table, report, commit_every=commit_every, workers=workers,
+                     progress=progress)
         t = time.perf_counter()
         if report.indexed or not writer.has_faiss:
             writer.build_faiss()
@@ -221,151 +267,30 @@ def index_folder(
                  ", ".join(f"{k} {v:.1f} s" for k, v in report.stages.items()))
         return report
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
 
 
-def _printable(path: str) -> str:
-    """A path as text that can be printed and written to JSON (undecodable bytes escaped)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-@dataclass
-class _Chunk:
-    """What the model made of one batch, on its way to the writer."""
-
-    items: list[LoadedImage]
-    features: np.ndarray | None = None
-    style: np.ndarray | None = None
-    masks: np.ndarray | None = None
-    encoded: bool = False
-    clipped: int = 0
-    rejected: list[tuple[str, str]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-
-class _Committer:
-    """The writer stage on its own thread: gathers chunks and commits every ``commit_every`` rows."""
-
-    def __init__(self, writer: StoreWriter, table: MetadataTable | None, report: IndexReport,
-                 commit_every: int) -> None:
-        self.writer = writer
-        self.table = table
-        self.report = report
-        self.commit_every = commit_every
-        self.seconds = 0.0
-        self.error: BaseException | None = None
-        self._aborted = False
-        self._queue: queue.Queue = queue.Queue(maxsize=8)
-        self._thread = threading.Thread(target=self._loop, name="dermris-writer", daemon=True)
-        self._thread.start()
-
-    def put(self, chunk: _Chunk) -> None:
-        while True:
-            if self.error is not None:
-                raise self.error
-            try:
-                self._queue.put(chunk, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-
-    def close(self) -> None:
-        """Commit what is left and stop; re-raise a writer error in the caller."""
-        if self._thread.is_alive():
-            self.put(None)  # type: ignore[arg-type]
-            self._thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def abort(self) -> None:
-        """Stop without committing what is pending (the run failed); waits for a commit in flight."""
-        self._aborted = True
-        while self._thread.is_alive():
-            try:
-                while True:
-                    self._queue.get_nowait()
-            except queue.Empty:
-                pass
-            try:
-                self._queue.put(None, timeout=0.1)
-            except queue.Full:
-                pass
-            self._thread.join(timeout=0.5)
-
-    def _loop(self) -> None:
-        pending: list[_Chunk] = []
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 5)  # Linux: this thread only
-        except (AttributeError, OSError):
-            pass
-        try:
-            while True:
-                chunk = self._queue.get()
-                if self._aborted:
-                    return
-                if chunk is None:
-                    break
-                pending.append(chunk)
-                if sum(len(c) for c in pending) >= self.commit_every:
-                    self._commit(pending)
-                    pending = []
-            self._commit(pending)
-        except BaseException as exc:  # handed to the main thread
-            self.error = exc
-
-    def _commit(self, chunks: list[_Chunk]) -> None:
-        started = time.perf_counter()
-        rejected = [r for c in chunks for r in c.rejected]
-        chunks = [c for c in chunks if len(c)]
-        if chunks:
-            items = [it for c in chunks for it in c.items]
-            records = pa.table({
-                "image_id": pa.array([it.file.image_id for it in items], pa.string()),
-                "path": pa.array([str(it.file.path) for it in items], pa.string()),
-                "sha256": pa.array([it.sha256 for it in items], pa.string()),
-                "width": pa.array([it.width for it in items], pa.int32()),
-                "height": pa.array([it.height for it in items], pa.int32()),
-            })
-            if self.table is not None:
-                ids = [it.file.image_id for it in items]
-                self.report.without_metadata += [i for i in ids if i not in self.table]
-                extra = self.table.rows_for(ids)
-                for name in extra.column_names:
-                    records = records.append_column(name, extra.column(name))
-            features = np.concatenate([c.features for c in chunks])
-            masks = np.concatenate([c.masks for c in chunks])
-            style = np.concatenate([c.style for c in chunks])
-            if all(c.encoded for c in chunks):
-                self.writer.append(features=features, encoded_style=style, masks=masks, records=records,
-                                   clipped=sum(c.clipped for c in chunks))
-            else:
-                self.writer.append(features=features, style=style, masks=masks, records=records)
-            self.report.indexed += len(items)
-        self.writer.record_rejected(rejected)
-        self.seconds += time.perf_counter() - started
+def _client_device(device: str):
+    """Where this process builds the derived data when the model runs on a cluster's workers:
+    ``device`` names the workers' device, which this machine may not have (then the CPU)."""
+    try:
+        return resolve_device(device)
+    except ConfigError:
+        if device == "cuda" or device.startswith("cuda:"):
+            return torch.device("cpu")
+        raise
 
 
 def _run(writer: StoreWriter, embedder: Embedder, files, table, report: IndexReport, *, commit_every: int,
          workers: int | None, progress: bool) -> None:
-    # metadata columns are agreed on before any image is embedded (a mismatch fails now)
-    _, missing = writer.prepare_metadata(table.schema if table is not None else None)
-    if missing and writer.rows:
-        log.warning("%d metadata columns of the store are not in %s; new rows get nulls there: %s",
-                    len(missing), "the CSV" if table is not None else "this run (no --metadata)",
-                    ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
-    committed = writer.committed_metadata(["image_id", "sha256", "path"])
-    known_sha = set(committed.column("sha256").to_pylist())
-    purged_sha = set(writer.removed_sha256)
-    seen_ids = dict(zip(committed.column("image_id").to_pylist(), committed.column("path").to_pylist()))
-    seen_sha: dict[str, str] = {}
+    admission = Admission(writer, table, report)
     device = embedder.device
     loader = ImageLoader(files, size=embedder.image_size, batch_size=embedder.batch_size, workers=workers,
-                         skip_sha256=known_sha | purged_sha, pin_memory=device.type == "cuda")
+                         skip_sha256=admission.skip_sha256, pin_memory=device.type == "cuda")
     encoder = writer.codec.torch_encoder(device) if writer.codec is not None else None
     batches = iter(loader)  # worker processes start here, before the writer thread exists
-    committer = _Committer(writer, table, report, commit_every)
+    committer = Committer(writer, table, report, commit_every)
     bar = tqdm(total=len(files), desc="indexing", unit="img", file=sys.stderr, disable=not progress)
     read_wait = model_s = 0.0
     try:
@@ -375,33 +300,8 @@ def _run(writer: StoreWriter, embedder: Embedder, files, table, report: IndexRep
             read_wait += time.perf_counter() - t
             if batch is None:
                 break
-            chunk = _Chunk(items=[])
-            keep = []
-            position = -1
-            for item in batch.items:
-                path = _printable(str(item.file.path))
-                if item.status == "ok":
-                    position += 1
-                if item.status == "rejected":
-                    report.rejected.append((path, item.reason or "rejected"))
-                    chunk.rejected.append((path, item.reason or "rejected"))
-                elif item.status == "known":
-                    if item.sha256 in purged_sha:
-                        report.previously_deleted.append(path)
-                    else:
-                        report.already_indexed += 1
-                elif item.sha256 in seen_sha:
-                    report.duplicates.append((path, seen_sha[item.sha256]))
-                    chunk.rejected.append((path, f"same bytes as {seen_sha[item.sha256]}"))
-                elif item.file.image_id in seen_ids:
-                    reason = f"image id {item.file.image_id!r} already used by {seen_ids[item.file.image_id]}"
-                    report.rejected.append((path, reason))
-                    chunk.rejected.append((path, reason))
-                else:
-                    seen_sha[item.sha256] = path
-                    seen_ids[item.file.image_id] = path
-                    chunk.items.append(item)
-                    keep.append(position)
+            chunk = Chunk(items=[])
+            keep = admission.admit_all(batch.items, chunk)
             if keep:
                 t = time.perf_counter()
                 pixels = batch.pixels if len(keep) == len(batch.pixels) else batch.pixels[keep]

@@ -28,6 +28,7 @@ __all__ = [
     "StoreLockedError",
     "StoreReadOnlyError",
     "StoreChangedError",
+    "ClusterError",
     "QueryError",
     "UnknownMeasureError",
     "ModelUnavailableError",
@@ -97,6 +98,11 @@ class StoreChangedError(StoreError, RuntimeError):
 
 class StoreReadOnlyError(StoreError, PermissionError):
     """A command that writes was asked of a store this process may not write to."""
+
+
+class ClusterError(DermrisError, RuntimeError):
+    """A Dask cluster that cannot be started or reached, or work that failed on it for good
+    (a block that kept failing, a worker that cannot read the model or the images)."""
 
 
 # -- retriever ---------------------------------------------------------------------------

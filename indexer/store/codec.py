@@ -70,8 +70,15 @@ class StyleCodec:
         clipped = int(np.count_nonzero(np.abs(scaled) > _FLOAT16_MAX))
         return np.clip(scaled, -_FLOAT16_MAX, _FLOAT16_MAX).astype(np.float16), clipped
 
-    def torch_encoder(self, device):
+    def torch_encoder(self, device, *, per_row: bool = False):
         """A function that encodes float32 style tensors on ``device`` exactly as :meth:`encode`.
+
+        Parameters
+        ----------
+        device : torch.device
+            Where the style tensors are.
+        per_row : bool
+            Count clipped values per row (a ``(B,)`` int64 tensor) instead of in total (an int).
 
         Returns
         -------
@@ -81,12 +88,14 @@ class StyleCodec:
         import torch
 
         scales = torch.from_numpy(self.column_scales.copy()).to(device)
-        if self.dtype == "float32":
-            return lambda style: (style.float() * scales, 0)
 
         def encode(style):
             scaled = style.float() * scales
-            clipped = int((scaled.abs() > _FLOAT16_MAX).sum())
+            if self.dtype == "float32":
+                clipped = torch.zeros(len(scaled), dtype=torch.int64, device=scaled.device)
+                return scaled, clipped if per_row else 0
+            over = (scaled.abs() > _FLOAT16_MAX).sum(dim=1)
+            clipped = over if per_row else int(over.sum())
             return scaled.clamp(-_FLOAT16_MAX, _FLOAT16_MAX).to(torch.float16), clipped
 
         return encode

@@ -247,6 +247,22 @@ class Store:
         """
         from dermris.models.weights import file_sha256, load_model
 
+        path, sha256 = self.model_file()
+        if sha256 and file_sha256(path) != sha256:
+            raise StoreFormatError(f"{path} does not match the sha256 in the manifest")
+        return load_model(path)
+
+    def model_file(self) -> tuple[Path, str | None]:
+        """The stored model's file (an absolute path inside the store) and its sha256 from the
+        manifest, for processes that load the model themselves (cluster workers).
+
+        Raises
+        ------
+        ModelUnavailableError
+            The store carries no model.
+        StoreFormatError
+            The model file is missing.
+        """
         record = self.manifest.model
         if record.weights_file is None:
             raise ModelUnavailableError(
@@ -255,9 +271,7 @@ class Store:
         path = inside(self.root, record.weights_file)
         if not path.is_file():
             raise StoreFormatError(f"{self.root}: {record.weights_file} is missing")
-        if record.weights_sha256 and file_sha256(path) != record.weights_sha256:
-            raise StoreFormatError(f"{path} does not match the sha256 in the manifest")
-        return load_model(path)
+        return Path(os.path.abspath(path)), record.weights_sha256
 
     # -- arrays --------------------------------------------------------------------------
     def _read(self, name: str, selection):

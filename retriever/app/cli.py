@@ -121,6 +121,18 @@ def main() -> None:
 
 
 # -- index, search, info -----------------------------------------------------------------
+def _cluster_option(ctx, param, value):
+    """Validate --cluster without importing dask (a malformed value is a usage error)."""
+    if value is None:
+        return None
+    from dermris.indexer.cluster import parse_cluster
+
+    try:
+        return parse_cluster(value)
+    except DermrisError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
 @_command(main, "index")
 @click.argument("images", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("store", type=click.Path(path_type=Path))
@@ -146,18 +158,26 @@ def main() -> None:
               show_default=True, help="Model precision on CUDA (auto: float32; the others trade exactness of "
                                       "the rankings for speed, see the README).")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (long runs on CUDA).")
+@click.option("--cluster", callback=_cluster_option, metavar="local[:N]|cuda[:N]|tcp://HOST:PORT|FILE.json",
+              help="Embed on a Dask cluster: N local worker processes, one worker per GPU, an existing "
+                   "scheduler, or its scheduler file [default: this process].")
+@click.option("--block-size", type=click.IntRange(min=1), default=None,
+              help="Files per cluster task [default: whole style shards, at least 256 files].")
 @click.option("--strict", is_flag=True, help="Exit with code 3 when any file was rejected.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
 def index_cmd(images, store, metadata, id_column, preset, weights, backbone_weights, pretrained,
-              device, batch_size, commit_every, sketch_dim, workers, precision, compile_model, strict, as_json):
+              device, batch_size, commit_every, sketch_dim, workers, precision, compile_model, cluster, block_size,
+              strict, as_json):
     """Index the images under IMAGES into STORE (created, or extended with new images)."""
     from dermris.indexer import index_folder
 
+    if block_size is not None and cluster is None:
+        raise click.UsageError("--block-size needs --cluster")
     report = index_folder(
         images, store, preset=preset, weights=weights, backbone_weights=backbone_weights,
         pretrained=pretrained, metadata=metadata, id_column=id_column, device=device,
         batch_size=batch_size, commit_every=commit_every, sketch_dim=sketch_dim, workers=workers,
-        precision=precision, compile=compile_model, progress=_progress(),
+        precision=precision, compile=compile_model, progress=_progress(), cluster=cluster, block_size=block_size,
     )
     if report.without_metadata:
         shown = ", ".join(report.without_metadata[:5])
@@ -166,11 +186,13 @@ def index_cmd(images, store, metadata, id_column, preset, weights, backbone_weig
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
     else:
+        ran = report.cluster
+        on_cluster = f"; {ran.get('workers')} Dask workers, {ran.get('blocks')} blocks" if ran else ""
         click.echo(
             f"indexed {report.indexed}, already in store {report.already_indexed}, "
             f"duplicates {len(report.duplicates)}, rejected {len(report.rejected)}, "
             f"previously deleted {len(report.previously_deleted)}; "
-            f"store has {report.rows} rows ({report.seconds:.1f} s on {report.device}, {report.precision})"
+            f"store has {report.rows} rows ({report.seconds:.1f} s on {report.device}, {report.precision}{on_cluster})"
         )
         for path, same in report.duplicates:
             click.echo(f"  duplicate: {path} (same bytes as {same})")

@@ -1,0 +1,307 @@
+"""Indexing on a Dask cluster gives the store one process gives, and faults lose or duplicate nothing.
+
+A LocalCluster of 2 worker processes (1 thread each) against the same folder indexed in one
+process: 32 synthetic lesions, a file that is no image and a copy of another file's bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from reference import NAMES, brute_force, load_store, row_query
+from dermris.indexer import ClusterError, ClusterSpec, Store, check_store, index_folder, parse_cluster
+from dermris.models.errors import ConfigError, OptionalDependencyError
+
+distributed = pytest.importorskip("distributed")
+
+BLOCK = 8
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def folder(synthetic_set, tmp_path_factory):
+    images, csv = synthetic_set
+    root = tmp_path_factory.mktemp("cluster") / "images"
+    shutil.copytree(images, root)
+    (root / "SYN_not_an_image.jpg").write_bytes(b"this is no JPEG")
+    shutil.copy(images / "SYN_globular_000.jpg", root / "zz_duplicate.jpg")
+    return root, csv
+
+
+@pytest.fixture(scope="module")
+def weights(tiny_model, tmp_path_factory):
+    from dermris.models import save_model
+
+    path = tmp_path_factory.mktemp("cluster-model") / "tiny.safetensors"
+    save_model(tiny_model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def single(folder, weights, tmp_path_factory):
+    """The folder indexed in one process: what every cluster run must reproduce."""
+    images, csv = folder
+    store = tmp_path_factory.mktemp("cluster-single") / "store"
+    report = index_folder(images, store, weights=weights, metadata=csv, device="cpu", batch_size=BATCH,
+                          workers=0, progress=False)
+    assert report.indexed == 32 and len(report.duplicates) == 1 and len(report.rejected) == 1
+    return store, report
+
+
+@pytest.fixture(scope="module")
+def client():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") \
+            as cluster, distributed.Client(cluster) as client:
+        yield client
+
+
+def _cluster_index(images, store, csv, weights, cluster, **kwargs):
+    return index_folder(images, store, weights=weights, metadata=csv, device="cpu", batch_size=BATCH,
+                        block_size=BLOCK, cluster=cluster, progress=False, **kwargs)
+
+
+def assert_same_store(got, expected, *, resumed=False):
+    """Same rows (by sha256, in order), metadata, rejects; vectors within float tolerance; equal masks.
+
+    After a resume, a copy of bytes committed before the kill is "already in the store", not a
+    duplicate (as in one process).
+    """
+    a, b = Store.open(got), Store.open(expected)
+    assert a.rows == b.rows > 0
+    ma, mb = a.metadata(), b.metadata()
+    assert ma.column_names == mb.column_names
+    for name in ma.column_names:
+        assert ma.column(name).to_pylist() == mb.column(name).to_pylist(), name
+    np.testing.assert_allclose(a.features(), b.features(), rtol=1e-4, atol=1e-5)
+    sa, sb = a.style_block(0, a.rows), b.style_block(0, b.rows)
+    scale = np.abs(sb).max(axis=1, keepdims=True)
+    np.testing.assert_allclose(sa / scale, sb / scale, rtol=0, atol=2e-3)
+    np.testing.assert_array_equal(a.masks(), b.masks())
+    np.testing.assert_array_equal(a.mask_areas(), b.mask_areas())
+    def rejects(store):
+        return sorted((r.path, r.reason) for r in store.rejected if not (resumed and r.reason.startswith("same bytes")))
+
+    assert rejects(a) == rejects(b)
+    report = check_store(got, full=True)
+    assert report.ok, report.problems
+
+
+def assert_exact(store):
+    """The retriever on the cluster's store equals the independent brute force."""
+    from dermris.retriever import MEASURES, Retriever
+
+    data = load_store(store)
+    retriever = Retriever.open(store, device="cpu")
+    for row in (0, data["n"] // 2, data["n"] - 1):
+        expected = brute_force(data, *row_query(data, row), exclude_row=row, k=5)
+        got = retriever.search(row, k=5, measures=MEASURES)
+        for name in NAMES:
+            assert [h.row for h in got[name]] == [r for r, _ in expected[name]], name
+            np.testing.assert_allclose([h.score for h in got[name]], [s for _, s in expected[name]], rtol=1e-9,
+                                       atol=1e-12)
+
+
+def test_two_workers_give_the_store_of_one_process(folder, weights, single, client, tmp_path):
+    images, csv = folder
+    store = tmp_path / "store"
+    report = _cluster_index(images, store, csv, weights, client)
+    expected = single[1]
+    assert report.indexed == expected.indexed == 32
+    assert report.duplicates == expected.duplicates and report.rejected == expected.rejected
+    assert report.cluster["blocks"] == 5 and report.cluster["block_size"] == BLOCK
+    assert report.cluster["workers"] == 2 and report.device == "cpu"
+    assert {"setup", "cluster", "embed", "write", "derived"} <= set(report.stages)
+    assert_same_store(store, single[0])
+    assert_exact(store)
+    from click.testing import CliRunner
+
+    from dermris.retriever.app.cli import main
+
+    checked = CliRunner().invoke(main, ["check", str(store), "--full"])
+    assert checked.exit_code == 0, checked.output
+    again = index_folder(images, store, metadata=csv, device="cpu", cluster=client, progress=False)
+    assert again.indexed == 0 and again.already_indexed == 33 and again.rows == 32  # nothing new: 32 + the copy
+    assert again.cluster["block_size"] == 16 and again.cluster["blocks"] == 3  # at most 34 / (4 x 2), a batch at least
+
+
+class _KillOnce(distributed.WorkerPlugin):
+    """SIGKILL the worker 0.1 s into the first block it runs (the model is loaded before any
+    block; a block of 16 tiny images takes several times that), once: the first worker there
+    creates the marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish != "executing" or "dermris-block-" not in str(key):
+            return
+        try:
+            fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.write(fd, str(key).encode())
+        os.close(fd)
+        threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGKILL)).start()
+
+
+def test_worker_killed_mid_block_loses_and_duplicates_nothing(folder, weights, single, client, tmp_path):
+    images, csv = folder
+    marker = tmp_path / "killed"
+    pids = set(client.run(os.getpid).values())
+    client.register_plugin(_KillOnce(str(marker)), name="dermris-kill-once")
+    try:
+        address = client.scheduler_info(n_workers=0)["address"]
+        store = tmp_path / "store"
+        report = index_folder(images, store, weights=weights, metadata=csv, device="cpu", batch_size=BATCH,
+                              block_size=16, cluster=address, progress=False)  # by address: tcp://HOST:PORT
+    finally:
+        client.unregister_worker_plugin("dermris-kill-once")
+    assert marker.is_file(), "no worker was killed"
+    killed_key = marker.read_text()
+    # the scheduler saw the killed block go to a worker twice: recomputed, and committed once
+    starts = [t for t in client.story(killed_key) if len(t) > 2 and t[2] == "processing"]
+    assert len(starts) >= 2, client.story(killed_key)
+    assert set(client.run(os.getpid).values()) != pids  # the nanny started a new worker
+    assert report.indexed == 32 and report.rows == 32
+    assert_same_store(store, single[0])
+
+
+def _cli(images, store, csv, weights):
+    code = "import sys; from dermris.retriever.app.cli import main; sys.exit(main())"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, "index", str(images), str(store), "--weights", str(weights), "--metadata",
+         str(csv), "--cluster", "local:2", "--block-size", "4", "--batch-size", str(BATCH), "--commit-every", "4",
+         "--device", "cpu", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )
+
+
+def test_client_killed_then_rerun_resumes(folder, weights, single, tmp_path):
+    images, csv = folder
+    store = tmp_path / "store"
+    proc = _cli(images, store, csv, weights)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if json.loads((store / "manifest.json").read_text())["rows"] >= 4:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)  # the client only: its worker processes see it die and exit
+        proc.wait()
+        group_gone = time.monotonic() + 30
+        while time.monotonic() < group_gone:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("the workers of a killed client kept running")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    committed = Store.open(store).rows
+    assert 4 <= committed < 32
+    rerun = _cli(images, store, csv, weights)
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err.decode()[-3000:]
+    assert out.decode().startswith(f"indexed {32 - committed}, ")  # only what was not committed
+    assert_same_store(store, single[0], resumed=True)
+
+
+def test_scheduler_file(client, tmp_path):
+    from dermris.indexer.cluster import connect
+
+    scheduler_file = tmp_path / "scheduler.json"  # what `dask scheduler --scheduler-file` writes
+    scheduler_file.write_text(json.dumps({"type": "Scheduler", "address": client.scheduler_info()["address"]}))
+    with connect(str(scheduler_file)) as session:
+        assert session.workers == 2 and session.torch_threads is None
+
+
+def test_workers_undo_dasks_malloc_setting(monkeypatch):
+    """Dask's MALLOC_TRIM_THRESHOLD_ (set in every worker) made torch 2.4x slower there."""
+    import platform
+
+    from dermris.indexer.blocks import _restore_malloc
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    assert not _restore_malloc()  # not a Dask worker: left alone
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
+    assert _restore_malloc() == (platform.libc_ver()[0] == "glibc")
+
+
+def test_default_block_size():
+    from dermris.indexer.coordinator import default_block_size
+
+    # whole style shards (207 rows for tiny and lite0, 64 for paper), at least 256 files
+    assert default_block_size(shard_rows=207, files=100_000, workers=8, batch_size=16) == 414
+    assert default_block_size(shard_rows=64, files=100_000, workers=8, batch_size=64) == 256
+    # few files: about four blocks per worker, never less than a batch
+    assert default_block_size(shard_rows=64, files=512, workers=2, batch_size=16) == 64
+    assert default_block_size(shard_rows=64, files=40, workers=4, batch_size=16) == 16
+
+
+# -- the --cluster value, and clear errors --------------------------------------------------
+@pytest.mark.parametrize("text, spec", [
+    ("local", ClusterSpec("local")),
+    ("local:3", ClusterSpec("local", workers=3)),
+    ("cuda", ClusterSpec("cuda")),
+    ("cuda:2", ClusterSpec("cuda", workers=2)),
+    ("tcp://10.0.0.5:8786", ClusterSpec("address", address="tcp://10.0.0.5:8786")),
+    ("tls://scheduler.example.org:8786/", ClusterSpec("address", address="tls://scheduler.example.org:8786")),
+    ("/shared/scheduler.json", ClusterSpec("scheduler-file", address="/shared/scheduler.json")),
+])
+def test_cluster_values(text, spec):
+    assert parse_cluster(text) == spec
+    assert parse_cluster(str(spec)) == spec
+
+
+@pytest.mark.parametrize("text", ["", "local:0", "local:two", "gpu", "tcp://host", "http://host:80", "tcp://h:99999"])
+def test_malformed_cluster_values(text):
+    with pytest.raises(ConfigError):
+        parse_cluster(text)
+
+
+def test_cluster_errors_are_one_line(tmp_path, synthetic_set, monkeypatch):
+    from click.testing import CliRunner
+
+    from dermris.indexer.cluster import connect
+    from dermris.retriever.app.cli import main
+
+    images, _ = synthetic_set
+    result = CliRunner().invoke(main, ["index", str(images), str(tmp_path / "s"), "--cluster", "local:x"])
+    assert result.exit_code == 2 and "must be a positive integer" in result.output
+    result = CliRunner().invoke(main, ["index", str(images), str(tmp_path / "s"), "--block-size", "4"])
+    assert result.exit_code == 2 and "--block-size needs --cluster" in result.output
+    with pytest.raises(ClusterError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:1"):
+        with connect("tcp://127.0.0.1:1", connect_timeout_s=1):
+            pass
+    with pytest.raises(ClusterError, match="scheduler file not found"):
+        with connect(str(tmp_path / "scheduler.json"), connect_timeout_s=0.5):
+            pass
+    try:
+        import dask_cuda  # noqa: F401
+    except ImportError:
+        with pytest.raises(OptionalDependencyError, match=r"dermris\[dask-cuda\]"):
+            with connect("cuda"):
+                pass
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    with pytest.raises(OptionalDependencyError, match=r"dermris\[dask\]"):
+        with connect("local:1"):
+            pass
+    assert not (tmp_path / "s").exists()  # nothing was created by a run that could not start
