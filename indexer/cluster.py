@@ -203,8 +203,14 @@ def _start(spec: ClusterSpec, stack: contextlib.ExitStack, connect_timeout_s: fl
         workers = spec.workers or _cores()
         threads = max(1, _cores() // workers)
         log.info("starting a local Dask cluster of %d worker processes (%d torch threads each)", workers, threads)
-        cluster = stack.enter_context(distributed.LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True))
+        try:
+            cluster = stack.enter_context(distributed.LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True))
+        except (RuntimeError, OSError, TimeoutError) as exc:
+            raise ClusterError(
+                f"the local Dask cluster did not start ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                "from a Python script, call index_folder(..., cluster=...) under `if __name__ == '__main__':` "
+                "(worker processes re-import the script)") from exc
         client = stack.enter_context(distributed.Client(cluster))
         return ClusterSession(client, str(spec), torch_threads=threads)
     if spec.kind == "cuda":
@@ -214,7 +220,11 @@ def _start(spec: ClusterSpec, stack: contextlib.ExitStack, connect_timeout_s: fl
             raise OptionalDependencyError(
                 "--cluster cuda needs dask-cuda: pip install 'dermris[dask-cuda]'") from None
         log.info("starting a local Dask CUDA cluster (one worker per GPU)")
-        cluster = stack.enter_context(LocalCUDACluster(n_workers=spec.workers))
+        try:
+            cluster = stack.enter_context(LocalCUDACluster(n_workers=spec.workers))
+        except (RuntimeError, OSError, TimeoutError, ValueError) as exc:
+            raise ClusterError(f"the local Dask CUDA cluster did not start ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
         client = stack.enter_context(distributed.Client(cluster))
         return ClusterSession(client, str(spec))
     kwargs: dict[str, Any] = {"timeout": connect_timeout_s}

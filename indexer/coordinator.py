@@ -203,7 +203,7 @@ def index_on_cluster(writer: StoreWriter, files: Sequence[ImageFile], table: Met
                                                 batch_size=run.model.batch_size)
     blocks = _split(files, size)
     if writer.codec is None:  # a new store: its float16 scales come from the first batch, as in one process
-        style = client.submit(first_batch_style, blocks[0], options, skip_arg, key=f"dermris-codec-{token}",
+        style = client.submit(first_batch_style, list(files), options, skip_arg, key=f"dermris-codec-{token}",
                               pure=False, retries=run.retries).result()
         if style is not None:
             options = dataclasses.replace(options, codec=writer.fit_codec(style))

@@ -15,7 +15,7 @@ import numpy as np
 
 from dermris.models.gram import StyleLayout
 
-__all__ = ["Explanation", "StageLoss", "explain_result", "mask_outline", "outline_of", "style_stages",
+__all__ = ["SAME_STYLE", "Explanation", "StageLoss", "explain_result", "stage_summary", "mask_outline", "outline_of", "style_stages",
            "unpack_mask"]
 
 
@@ -117,6 +117,19 @@ class Explanation:
     def top_stages(self, row: int, n: int = 3) -> list[StageLoss]:
         """The ``n`` stages that make up most of the style loss to ``row``, largest first."""
         return sorted(self.stages[row], key=lambda s: -s.loss)[:n]
+
+
+SAME_STYLE = 1e-6
+"""A hit whose style score ``ss`` is within this of 1 has the query's style up to the store's
+float16 rounding: its stage shares are rounding noise and are not shown."""
+
+
+def stage_summary(explanation: Explanation, hit, n: int = 3) -> list[StageLoss]:
+    """The stages worth naming for ``hit``: :meth:`Explanation.top_stages`, or none when the hit
+    has the query's style (``ss`` within :data:`SAME_STYLE` of 1)."""
+    if hit.components.get("ss", 0.0) > 1.0 - SAME_STYLE:
+        return []
+    return explanation.top_stages(hit.row, n)
 
 
 def explain_result(retriever, query, result) -> Explanation:

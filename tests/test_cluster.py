@@ -78,6 +78,7 @@ def assert_same_store(got, expected, *, resumed=False):
     """
     a, b = Store.open(got), Store.open(expected)
     assert a.rows == b.rows > 0
+    assert a.codec.stage_scales == b.codec.stage_scales  # fitted on the same first batch as in one process
     ma, mb = a.metadata(), b.metadata()
     assert ma.column_names == mb.column_names
     for name in ma.column_names:
@@ -305,3 +306,15 @@ def test_cluster_errors_are_one_line(tmp_path, synthetic_set, monkeypatch):
         with connect("local:1"):
             pass
     assert not (tmp_path / "s").exists()  # nothing was created by a run that could not start
+
+
+def test_blocks_smaller_than_a_batch_fit_the_codec_as_one_process(folder, weights, single, client, tmp_path):
+    """The float16 scales come from the first batch of the run, not from the first block."""
+    images, csv = folder
+    store = tmp_path / "store"
+    index_folder(images, store, weights=weights, metadata=csv, device="cpu", batch_size=BATCH * 4,
+                 block_size=2, cluster=client, progress=False)
+    expected = tmp_path / "single"
+    index_folder(images, expected, weights=weights, metadata=csv, device="cpu", batch_size=BATCH * 4,
+                 workers=0, progress=False)
+    assert_same_store(store, expected)

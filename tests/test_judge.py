@@ -190,6 +190,7 @@ def test_judge_refuses_bad_input_foreign_hosts_and_tokens(retriever, tmp_path):
 
     locked = _client(out, token="s3cret")
     assert locked.get("/judge/").status_code == 401
+    assert locked.get("/", params={"token": "s3cret"}, follow_redirects=False).headers["location"] == "/judge/?token=s3cret"
     assert locked.get("/judge/", params={"token": "s3cret"}).status_code == 200
     assert locked.get("/judge/api/tasks", params={"rater": "r1"},
                       headers={"authorization": "Bearer s3cret"}).status_code == 200

@@ -168,6 +168,12 @@ def test_search_cli_explain_json_text_and_sheet(indexed_store, tmp_path):
     text = runner.invoke(main, ["search", str(indexed_store), "--row", "5", "-k", "2", "--explain", "--device", "cpu"])
     assert text.exit_code == 0 and text.output.count("style loss from: stage") == 9 * 2
 
+    # an image that is itself in the store: its own copy has the same style, no stage shares of rounding noise
+    own = Retriever.open(indexed_store, device="cpu").paths[5]
+    same = runner.invoke(main, ["search", str(indexed_store), own, "-k", "1", "--measure", "style", "--explain",
+                                "--device", "cpu"])
+    assert same.exit_code == 0 and "style loss from: - (the same style)" in same.output, same.output
+
     yellow = []
     for flag in ([], ["--explain"]):
         sheet = tmp_path / f"sheet{len(flag)}.png"
@@ -178,3 +184,56 @@ def test_search_cli_explain_json_text_and_sheet(indexed_store, tmp_path):
         yellow.append(int(np.all(pixels == (255, 230, 0), axis=-1).sum()))
     areas = [int(np.count_nonzero(m)) for m in data["masks"]]
     assert yellow[0] == 0 and (yellow[1] > 0 or max(areas) == 0)
+
+
+def _chunks(total: int, size: int = 64 << 10):
+    for _ in range(total // size):
+        yield b"\0" * size
+
+
+def test_chunked_bodies_are_limited_too(indexed_store, tmp_path):
+    """A body without Content-Length (chunked) is refused as it passes the limit, on both apps."""
+    from dermris.retriever import Retriever
+    from dermris.retriever.app import judge
+
+    small = TestClient(create_app(indexed_store, device="cpu", max_upload_bytes=1000), base_url=BASE)
+    response = small.post("/api/search", content=_chunks(4 << 20),
+                          headers={"content-type": "multipart/form-data; boundary=x"})
+    assert response.status_code == 413 and "request body over" in response.json()["detail"]
+    assert small.get("/api/health").status_code == 200
+    out = tmp_path / "session"
+    judge.prepare_session(Retriever.open(indexed_store, device="cpu"), out, queries=1, k=2)
+    client = TestClient(judge.create_judge_app(out), base_url="http://127.0.0.1:8765")
+    response = client.post("/judge/api/judgments", content=_chunks(1 << 20))
+    assert response.status_code == 413
+    assert (out / "judgments.jsonl").read_text() == ""
+
+
+def test_hosts_beyond_loopback_and_same_origin(indexed_store):
+    from dermris.models.errors import QueryError
+
+    with pytest.raises(QueryError, match="needs a token"):
+        create_app(indexed_store, host="0.0.0.0", device="cpu")
+    lan = TestClient(create_app(indexed_store, host="0.0.0.0", device="cpu", token="t"),
+                     base_url="http://192.168.1.5:8000")
+    assert lan.get("/api/health").status_code == 401  # any Host, but the token always
+    assert lan.get("/api/health", params={"token": "t"}).status_code == 200
+    assert lan.get("/api/health", params={"token": "t"}, headers={"origin": "http://192.168.1.5:8000"}).status_code == 200
+    assert lan.get("/api/health", params={"token": "t"}, headers={"origin": "http://evil.example"}).status_code == 403
+    v6 = TestClient(create_app(indexed_store, host="fe80::1", device="cpu", token="t"), base_url="http://[fe80::1]:8000")
+    assert v6.get("/api/health", params={"token": "t"}).status_code == 200
+    named = create_app(indexed_store, device="cpu", extra_hosts=("dermris.example",))
+    assert TestClient(named, base_url="http://dermris.example:8000").get("/api/health").status_code == 200
+    assert TestClient(named, base_url="http://other.example:8000").get("/api/health").status_code == 403
+    # the API docs page fetches its schema with the token it was opened with
+    docs = lan.get("/api/docs", params={"token": "t"})
+    assert docs.status_code == 200 and "/api/openapi.json?token=t" in docs.text
+    assert lan.get("/api/openapi.json", params={"token": "t"}).status_code == 200
+
+
+def test_no_server_paths_in_answers(client):
+    payload = client.post("/api/search", data={"row": 2, "k": 3}).json()
+    assert all("path" not in hit for hits in payload["results"].values() for hit in hits)
+    assert "path" not in client.get("/api/info").json()["metadata_columns"]
+    refused = client.post("/api/search", data={"row": 2, "columns": ["path"]})
+    assert refused.status_code == 400 and "not served" in refused.json()["detail"]

@@ -13,7 +13,7 @@ import secrets
 
 from dermris.models.errors import OptionalDependencyError, QueryError
 
-__all__ = ["TOKEN_ENV", "is_loopback", "install_guard", "run"]
+__all__ = ["TOKEN_ENV", "BodyLimit", "allowed_hosts", "install_guard", "is_loopback", "resolve_token", "run"]
 
 TOKEN_ENV = "DERMRIS_TOKEN"
 """Environment variable holding the access token (instead of ``--token``)."""
@@ -38,7 +38,84 @@ def require_fastapi():
     return fastapi
 
 
-def install_guard(app, *, host: str, port: int, token: str | None, max_body_bytes: int | None = None) -> None:
+_WILDCARDS = {"0.0.0.0", "::", "[::]", ""}
+
+
+def _host_name(host: str) -> str:
+    """``host`` as it appears in a ``Host`` header (IPv6 literals bracketed)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def allowed_hosts(host: str, port: int, extra: tuple[str, ...] = ()) -> set[str] | None:
+    """The ``Host`` header values a server bound to ``host:port`` answers; None: any (a wildcard
+    bind, where every request must carry the token instead)."""
+    if host in _WILDCARDS:
+        return None
+    names = {_host_name(host), "127.0.0.1", "localhost", "[::1]"} | {_host_name(n) for n in extra}
+    return {f"{n}:{port}" for n in names} | (names if port == 80 else set())
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over ``max_bytes`` with 413, whether they declare a
+    ``Content-Length`` (refused before reading) or arrive chunked (refused as the count passes the
+    limit; nothing beyond it is read)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def _refuse(self, send) -> None:
+        body = b'{"detail":"request body over %d bytes"}' % self.max_bytes
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        try:
+            declared = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            declared = self.max_bytes + 1
+        if declared > self.max_bytes:
+            return await self._refuse(send)
+        received = 0
+        refused = False
+        started = False
+
+        async def limited_receive():
+            nonlocal received, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    refused = True
+                    raise _BodyTooLarge()
+            return message
+
+        async def guarded_send(message):
+            nonlocal started
+            if refused:  # the app's answer to the aborted read is replaced by the 413
+                return
+            started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _BodyTooLarge:
+            pass
+        if refused and not started:
+            await self._refuse(send)
+
+
+def install_guard(app, *, host: str, port: int, token: str | None, max_body_bytes: int | None = None,
+                  extra_hosts: tuple[str, ...] = ()) -> None:
     """Add the Host/Origin/token checks (and an optional body limit) to a FastAPI ``app``.
 
     Parameters
@@ -46,25 +123,34 @@ def install_guard(app, *, host: str, port: int, token: str | None, max_body_byte
     app : fastapi.FastAPI
         The application.
     host, port : str, int
-        Where the server is reached; requests must name this host or a loopback name.
+        Where the server is bound. Requests must name this host, a loopback name or one of
+        ``extra_hosts`` in ``Host``; bound to a wildcard address (``0.0.0.0``, ``::``) any
+        ``Host`` is accepted, and a token is then required. An ``Origin``, when sent, must be this
+        same server (scheme and the request's own ``Host``).
     token : str, optional
         Required on every request, as ``Authorization: Bearer TOKEN`` or ``?token=TOKEN``.
     max_body_bytes : int, optional
-        Requests declaring a larger ``Content-Length`` are refused (413) before their body is read.
+        Larger request bodies are refused (413): from ``Content-Length`` before any is read, and
+        chunked bodies as soon as they pass the limit.
+    extra_hosts : tuple of str
+        Further names the server is reached by (e.g. its DNS name behind a proxy).
     """
     from fastapi import Request
     from fastapi.responses import JSONResponse
 
-    names = {host, "127.0.0.1", "localhost", "[::1]"}
-    hosts = {f"{n}:{port}" for n in names} | (names if port == 80 else set())
-    origins = {f"{scheme}://{h}" for h in hosts for scheme in ("http", "https")}
+    hosts = allowed_hosts(host, port, extra_hosts)
+    if hosts is None and token is None:
+        raise QueryError(f"binding to {host or 'every address'} needs a token")
+    if max_body_bytes is not None:
+        app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        if request.headers.get("host", "") not in hosts:
+        seen = request.headers.get("host", "")
+        if not seen or (hosts is not None and seen not in hosts):
             return JSONResponse({"detail": "forbidden host"}, status_code=403)
         origin = request.headers.get("origin")
-        if origin is not None and origin not in origins:
+        if origin is not None and origin not in (f"http://{seen}", f"https://{seen}"):
             return JSONResponse({"detail": "forbidden origin"}, status_code=403)
         if token is not None:
             given = request.query_params.get("token") or ""
@@ -73,13 +159,6 @@ def install_guard(app, *, host: str, port: int, token: str | None, max_body_byte
                 given = auth[7:].strip()
             if not secrets.compare_digest(given.encode(), token.encode()):
                 return JSONResponse({"detail": "a valid token is required"}, status_code=401)
-        if max_body_bytes is not None:
-            try:
-                declared = int(request.headers.get("content-length", "0"))
-            except ValueError:
-                return JSONResponse({"detail": "bad Content-Length"}, status_code=400)
-            if declared > max_body_bytes:
-                return JSONResponse({"detail": f"request body over {max_body_bytes} bytes"}, status_code=413)
         return await call_next(request)
 
 

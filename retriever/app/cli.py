@@ -103,8 +103,10 @@ def _print_results(results, *, file=None, explanation=None) -> None:
             meta = "".join(f"  {str(hit.metadata.get(c))[:16]:<16}" for c in columns)
             click.echo(f"  {i:>2} {hit.row:>6}  {hit.image_id[:27]:<28}{hit.score:9.4f}{comps}{meta}", file=file)
             if explanation is not None:
-                shares = " · ".join(f"stage {s.stage + 1} {100 * s.share:.0f}%" for s in explanation.top_stages(hit.row))
-                click.echo(f"{'':>12}style loss from: {shares or '-'}", file=file)
+                from ..explain import stage_summary
+
+                shares = " · ".join(f"stage {s.stage + 1} {100 * s.share:.0f}%" for s in stage_summary(explanation, hit))
+                click.echo(f"{'':>12}style loss from: {shares or '- (the same style)'}", file=file)
 
 
 def _print_stats(stats) -> None:
@@ -423,12 +425,14 @@ def evaluate_cmd(store, label_column, group_column, k, queries, all_rows, seed, 
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the page binds to.")
 @click.option("--port", type=click.IntRange(min=1, max=65535), default=8765, show_default=True)
 @click.option("--token", default=None, help="Access token required on every request [default: $DERMRIS_TOKEN].")
+@click.option("--allowed-host", "extra_hosts", multiple=True,
+              help="Another name the page is reached by (e.g. a DNS name; repeatable).")
 @click.option("--no-serve", is_flag=True, help="Only prepare the session.")
 @click.option("--score", "score_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Score the judgments in this session folder instead.")
 @click.option("--rater", default=None, help="With --score: only this rater's judgments.")
 @click.option("--json", "as_json", is_flag=True)
-def judge_cmd(store, out, queries, seed, k, host, port, token, no_serve, score_dir, rater, as_json):
+def judge_cmd(store, out, queries, seed, k, host, port, token, extra_hosts, no_serve, score_dir, rater, as_json):
     """Blinded manual judgment (paper 4.1): prepare and serve a session, or --score it."""
     from . import judge
 
@@ -462,7 +466,7 @@ def judge_cmd(store, out, queries, seed, k, host, port, token, no_serve, score_d
     if no_serve:
         return
     click.echo(f"judge at http://{host}:{port}/judge/ (Ctrl-C to stop; every click is saved)", err=True)
-    judge.serve(out, host=host, port=port, token=token)
+    judge.serve(out, host=host, port=port, token=token, extra_hosts=extra_hosts)
 
 
 # -- the search page ---------------------------------------------------------------------
@@ -475,12 +479,14 @@ def judge_cmd(store, out, queries, seed, k, host, port, token, no_serve, score_d
 @click.option("--device", type=_DEVICES, default="auto", show_default=True)
 @click.option("--judge", "judge_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Also serve this judgment session (dermris judge --out) at /judge/.")
-def serve_cmd(store, host, port, token, device, judge_dir):
+@click.option("--allowed-host", "extra_hosts", multiple=True,
+              help="Another name the server is reached by (e.g. a DNS name; repeatable).")
+def serve_cmd(store, host, port, token, device, judge_dir, extra_hosts):
     """Serve a search page and an HTTP API over STORE (OpenAPI docs at /api/docs)."""
     from .server import serve
 
     click.echo(f"dermris: http://{host}:{port}/ (API docs: /api/docs; Ctrl-C to stop)", err=True)
-    serve(store, host=host, port=port, token=token, device=device, judge_session=judge_dir)
+    serve(store, host=host, port=port, token=token, device=device, judge_session=judge_dir, extra_hosts=extra_hosts)
 
 
 # -- training ----------------------------------------------------------------------------

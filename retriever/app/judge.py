@@ -203,35 +203,38 @@ def judge_router(out: str | os.PathLike):
 
 
 def create_judge_app(out: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8765,
-                     token: str | None = None):
+                     token: str | None = None, extra_hosts: tuple[str, ...] = ()):
     """A FastAPI application serving only the judging page of session ``out`` at ``/judge/``.
 
     Requests whose Host or Origin is not this server are refused (403: DNS rebinding), bodies are
     limited to 4 KB of JSON, and ``token`` (when given) is required on every request.
     """
     _web.require_fastapi()
-    from fastapi import FastAPI
+    from fastapi import FastAPI, Request
     from fastapi.responses import RedirectResponse
 
     router = judge_router(out)
     app = FastAPI(title="dermris judge", docs_url=None, redoc_url=None, openapi_url=None)
-    _web.install_guard(app, host=host, port=port, token=token, max_body_bytes=MAX_JUDGMENT_BYTES)
+    _web.install_guard(app, host=host, port=port, token=token, max_body_bytes=MAX_JUDGMENT_BYTES,
+                       extra_hosts=tuple(extra_hosts))
     app.include_router(router, prefix="/judge")
 
     @app.get("/", include_in_schema=False)
-    def root():
-        return RedirectResponse("/judge/")
+    def root(request: Request):
+        query = request.url.query  # keeps ?token=
+        return RedirectResponse("/judge/" + (f"?{query}" if query else ""))
 
     return app
 
 
-def serve(out: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8765, token: str | None = None) -> None:
+def serve(out: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
+          extra_hosts: tuple[str, ...] = ()) -> None:
     """Serve the judging page of session ``out`` until interrupted (uvicorn).
 
     It binds to ``host`` (loopback unless told otherwise; beyond loopback a token is required).
     """
     token = _web.resolve_token(host, token)
-    _web.run(create_judge_app(out, host=host, port=port, token=token), host=host, port=port)
+    _web.run(create_judge_app(out, host=host, port=port, token=token, extra_hosts=extra_hosts), host=host, port=port)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import io
 import os
 import threading
 from pathlib import Path
+from urllib.parse import quote
 from typing import Annotated
 
 import numpy as np
@@ -42,6 +43,8 @@ MAX_UPLOAD_BYTES = 32 << 20
 """Largest upload accepted (a full-size ISIC JPEG is a few MB)."""
 
 _PAGE = Path(__file__).with_name("search_page.html")
+_PRIVATE_COLUMNS = frozenset({"path"})
+"""Metadata the server never returns (where the images live on the server)."""
 
 
 def _outline_png(packed: np.ndarray, size: int, colour=(255, 230, 0, 255)) -> bytes:
@@ -55,7 +58,7 @@ def _outline_png(packed: np.ndarray, size: int, colour=(255, 230, 0, 255)) -> by
 
 def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
                device: str = "auto", max_upload_bytes: int = MAX_UPLOAD_BYTES,
-               judge_session: str | os.PathLike | None = None):
+               judge_session: str | os.PathLike | None = None, extra_hosts: tuple[str, ...] = ()):
     """The FastAPI application serving ``store``.
 
     Parameters
@@ -72,9 +75,12 @@ def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
         Larger uploads are refused (413).
     judge_session : path-like, optional
         A judgment session folder (``dermris judge --out``) to serve at ``/judge/`` as well.
+    extra_hosts : tuple of str
+        Further names the server is reached by (``--allowed-host``), besides ``host`` and loopback.
     """
     _web.require_fastapi()
-    from fastapi import FastAPI, File, Form, HTTPException, Query, UploadFile
+    from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+    from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.responses import HTMLResponse, Response
 
     retriever = Retriever.open(store, device=device)
@@ -82,12 +88,13 @@ def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
 
     from .. import __version__
 
-    app = FastAPI(title="dermris", version=__version__, docs_url="/api/docs", openapi_url="/api/openapi.json",
+    app = FastAPI(title="dermris", version=__version__, docs_url=None, openapi_url="/api/openapi.json",
                   redoc_url=None,
                   description="Content-based image retrieval for dermoscopy: nine exact similarity measures.")
 
     # multipart framing around the file: a little over the upload limit
-    _web.install_guard(app, host=host, port=port, token=token, max_body_bytes=max_upload_bytes + (1 << 20))
+    _web.install_guard(app, host=host, port=port, token=token, max_body_bytes=max_upload_bytes + (1 << 20),
+                       extra_hosts=tuple(extra_hosts))
     if judge_session is not None:
         from .judge import judge_router
 
@@ -109,6 +116,13 @@ def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
     def page():
         return HTMLResponse(_PAGE.read_text("utf-8"), headers={"Cache-Control": "no-store"})
 
+    @app.get("/api/docs", include_in_schema=False)
+    def docs(request: Request):
+        # the page fetches the schema itself: it carries the token the page was opened with
+        given = request.query_params.get("token")
+        schema = "/api/openapi.json" + (f"?token={quote(given, safe='')}" if given else "")
+        return get_swagger_ui_html(openapi_url=schema, title="dermris API")
+
     @app.get("/api/health", summary="Liveness and store size")
     def health():
         return {"status": "ok", "rows": len(retriever), "version": __version__}
@@ -117,6 +131,7 @@ def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
     def info():
         summary = retriever.store.describe()
         summary.pop("store", None)  # no server paths
+        summary["metadata_columns"] = [c for c in summary.get("metadata_columns", []) if c not in _PRIVATE_COLUMNS]
         summary["measures"] = list(MEASURES)
         return summary
 
@@ -133,6 +148,9 @@ def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
     ):
         if (file is None) == (row is None):
             raise HTTPException(400, "give either an image file or a row")
+        hidden = sorted(set(columns or ()) & _PRIVATE_COLUMNS)
+        if hidden:
+            raise HTTPException(400, f"column {hidden[0]!r} is not served (images are served by row)")
         try:
             with lock:
                 if file is not None:
@@ -146,13 +164,16 @@ def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
                     query, vectors = int(row), (retriever.vectors(int(row)) if explain else None)
                 result = retriever.search(query, measures=measures or list(MEASURES), k=k, where=where or None,
                                           columns=columns or (), exclude=exclude or ())
+                why = explain_result(retriever, vectors, result) if explain else None
         except DermrisError as exc:
             fail(exc)
         payload = result.to_dict()
+        for hits in payload["results"].values():
+            for hit in hits:
+                hit.pop("path", None)  # no server paths: images are served by row
         payload["query"] = {"row": row, "image_id": retriever.image_ids[row] if row is not None else None,
                             "filename": file.filename if file is not None else None}
-        if explain:
-            why = explain_result(retriever, vectors, result)
+        if why is not None:
             payload["query"]["mask_outline_png"] = base64.b64encode(_outline_png(why.query_mask, why.mask_size)).decode()
             for hits in payload["results"].values():
                 for hit in hits:
@@ -161,9 +182,11 @@ def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
 
     @app.get("/api/image/{row}", summary="An indexed image by row (never by path)")
     def image(row: int, size: Annotated[int | None, Query(ge=16, le=4096)] = None):
-        live_row(row)
+        with lock:
+            live_row(row)
+            path = retriever.paths[row]
         try:
-            picture = decode_image(retriever.paths[row])[0]
+            picture = decode_image(path)[0]
         except ImageDecodeError:
             raise HTTPException(404, f"the image file of row {row} is not available") from None
         if size is not None:
@@ -174,15 +197,17 @@ def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
 
     @app.get("/api/mask/{row}", summary="The outline of a row's lesion mask (transparent PNG)")
     def mask(row: int):
-        live_row(row)
-        packed = retriever.store.mask_rows([row])[0]
+        with lock:
+            live_row(row)
+            packed = retriever.store.mask_rows([row])[0]
         return Response(_outline_png(packed, retriever.store.mask_size), media_type="image/png")
 
     @app.get("/api/explain", summary="Which style stages make up the style loss between two stored rows")
     def explain_rows(a: int, b: int):
-        live_row(a)
-        live_row(b)
-        sa, sb = retriever.store.style_rows([a, b])
+        with lock:
+            live_row(a)
+            live_row(b)
+            sa, sb = retriever.store.style_rows([a, b])
         stages = style_stages(retriever.store.layout, sa, sb)
         return {"a": a, "b": b, "style_loss": sum(s.loss for s in stages), "stages": [s.to_dict() for s in stages]}
 
@@ -190,8 +215,10 @@ def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
 
 
 def serve(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-          device: str = "auto", judge_session: str | os.PathLike | None = None) -> None:
+          device: str = "auto", judge_session: str | os.PathLike | None = None,
+          extra_hosts: tuple[str, ...] = ()) -> None:
     """Run the server until interrupted (uvicorn); beyond loopback a token is required."""
     token = _web.resolve_token(host, token)
-    app = create_app(store, host=host, port=port, token=token, device=device, judge_session=judge_session)
+    app = create_app(store, host=host, port=port, token=token, device=device, judge_session=judge_session,
+                     extra_hosts=extra_hosts)
     _web.run(app, host=host, port=port)

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 from dermris.indexer import decode_image
 from dermris.models.errors import ImageDecodeError
 
-from ..explain import Explanation, outline_of, unpack_mask
+from ..explain import Explanation, outline_of, stage_summary, unpack_mask
 from ..search import Hit
 
 __all__ = ["contact_sheet"]
@@ -134,8 +134,8 @@ def contact_sheet(
                 missing.append(hit.path)
             lines = [hit.image_id, f"{hit.score:.4f}"]
             if explanation is not None:
-                (top,) = explanation.top_stages(hit.row, 1) or [None]
-                lines.append(f"style: stage {top.stage + 1} {100 * top.share:.0f}%" if top is not None else "")
+                (top,) = stage_summary(explanation, hit, 1) or [None]
+                lines.append(f"style: stage {top.stage + 1} {100 * top.share:.0f}%" if top is not None else "style: same")
             place(r, c, source, lines, mask_of(explanation.masks[hit.row]) if explanation is not None else None)
     if missing:
         unique = list(dict.fromkeys(missing))
