@@ -237,3 +237,17 @@ def test_judge_cli_prepare_only_and_score_json(indexed_store, tmp_path):
     assert all(v is None for v in payload["success_rate_percent"].values()) and payload["agreement"] == []
     refused = runner.invoke(main, ["judge", "--out", str(out), "--host", "0.0.0.0"])
     assert refused.exit_code == 1 and "needs --token" in refused.output
+
+
+def test_judgments_beside_the_search_page_keep_their_own_limit(indexed_store, retriever, tmp_path):
+    """Mounted in the search app (whose body limit is the 32 MiB upload), a judgment still stops at 4 KB."""
+    from dermris.retriever.app.server import create_app
+
+    out = tmp_path / "session"
+    judge.prepare_session(retriever, out, queries=1, seed=1, k=2)
+    client = TestClient(create_app(indexed_store, device="cpu", judge_session=out), base_url="http://127.0.0.1:8000")
+    response = client.post("/judge/api/judgments", content=b"{" + b" " * 100_000 + b"}")
+    assert response.status_code == 413 and (out / "judgments.jsonl").read_text() == ""
+    item = json.loads((out / "tasks.json").read_text())["queries"][0]["items"][0]
+    ok = client.post("/judge/api/judgments", json={"query": "Q001", "item": item, "similar": False, "rater": "x"})
+    assert ok.status_code == 200 and json.loads((out / "judgments.jsonl").read_text())["rater"] == "x"

@@ -140,6 +140,7 @@ def judge_router(out: str | os.PathLike):
     from datetime import datetime, timezone
 
     from fastapi import APIRouter, HTTPException, Request
+    from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse, Response
 
     out = _session(out)
@@ -149,6 +150,10 @@ def judge_router(out: str | os.PathLike):
     valid = {(t["query"], i) for t in tasks["queries"] for i in t["items"]}
     lock = threading.Lock()
     router = APIRouter(tags=["judging"])
+
+    def append(line: str) -> None:
+        with lock:
+            append_durably(out / JUDGMENTS_FILE, line)
 
     def rater_id(value) -> str:
         if not isinstance(value, str) or not RATER_PATTERN.match(value):
@@ -168,9 +173,13 @@ def judge_router(out: str | os.PathLike):
 
     @router.post("/api/judgments", summary="Record one judgment (fsynced before the answer)")
     async def record(request: Request):
-        body = await request.body()
-        if not 0 < len(body) <= MAX_JUDGMENT_BYTES:
-            raise HTTPException(400, f"a judgment is a JSON object of at most {MAX_JUDGMENT_BYTES} bytes")
+        body = b""
+        async for part in request.stream():  # read no further than the limit, whatever the server's body limit
+            body += part
+            if len(body) > MAX_JUDGMENT_BYTES:
+                raise HTTPException(413, f"a judgment is a JSON object of at most {MAX_JUDGMENT_BYTES} bytes")
+        if not body:
+            raise HTTPException(400, "a judgment is a JSON object: {query, item, similar, rater}")
         try:
             entry = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
@@ -182,8 +191,7 @@ def judge_router(out: str | os.PathLike):
             raise HTTPException(400, "bad judgment: unknown query or item")
         record = {"rater": rater_id(entry.get("rater")), "query": query, "item": item, "similar": entry["similar"],
                   "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
-        with lock:
-            append_durably(out / JUDGMENTS_FILE, json.dumps(record) + "\n")
+        await run_in_threadpool(append, json.dumps(record) + "\n")  # the fsync does not hold up the event loop
         return {"ok": True, "time": record["time"]}
 
     @router.get("/image/{token}", summary="A session image by its opaque token")
