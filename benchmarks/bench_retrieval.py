@@ -44,6 +44,17 @@ def _rss() -> int:
     return 0
 
 
+def nine_scores(es: np.ndarray, cs: np.ndarray, ss: np.ndarray, dc: np.ndarray) -> dict[str, np.ndarray]:
+    """The nine measures from the four component scores of every row (I1: harmonic means, 0 when
+    a component is 0)."""
+    def h(*c):
+        c = np.stack(c)
+        return np.where((c <= 0).any(0), 0.0, len(c) / (1 / np.where(c <= 0, 1, c)).sum(0))
+
+    return {"euclidean": es, "cosine": cs, "style": ss, "i1_ed": h(es, dc), "i1_cd": h(cs, dc),
+            "i1_ecd": h(es, cs, dc), "i1_se": h(ss, es), "i1_sc": h(ss, cs), "i1_sd": h(ss, dc)}
+
+
 def brute_force(store: Store, row: int, k: int) -> dict[str, list[tuple[int, float]]]:
     """Every measure by a full scan of the store (all style rows and masks), float64."""
     n = store.rows
@@ -66,12 +77,7 @@ def brute_force(store: Store, row: int, k: int) -> dict[str, list[tuple[int, flo
     ss = np.ones(n) if ls.max() == 0 else 1 - ls / ls.max()
     cs = (np.clip(cos, -1, 1) + 1) / 2
 
-    def h(*c):
-        c = np.stack(c)
-        return np.where((c <= 0).any(0), 0.0, len(c) / (1 / np.where(c <= 0, 1, c)).sum(0))
-
-    scores = {"euclidean": es, "cosine": cs, "style": ss, "i1_ed": h(es, dc), "i1_cd": h(cs, dc),
-              "i1_ecd": h(es, cs, dc), "i1_se": h(ss, es), "i1_sc": h(ss, cs), "i1_sd": h(ss, dc)}
+    scores = nine_scores(es, cs, ss, dc)
     out = {}
     for name, s in scores.items():
         s = s.copy()
@@ -110,12 +116,7 @@ class InMemoryBruteForce:
         ss = 1 - ls / max(ls.max(), 1e-30)
         cs = (np.clip(cos, -1, 1) + 1) / 2
 
-        def h(*c):
-            c = np.stack(c)
-            return np.where((c <= 0).any(0), 0.0, len(c) / (1 / np.where(c <= 0, 1, c)).sum(0))
-
-        scores = {"euclidean": es, "cosine": cs, "style": ss, "i1_ed": h(es, dc), "i1_cd": h(cs, dc),
-                  "i1_ecd": h(es, cs, dc), "i1_se": h(ss, es), "i1_sc": h(ss, cs), "i1_sd": h(ss, dc)}
+        scores = nine_scores(es, cs, ss, dc)
         out = {}
         for name, sc in scores.items():
             sc = sc.copy()

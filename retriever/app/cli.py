@@ -242,7 +242,7 @@ def search_cmd(store, image, row, k, measures, all_measures, where, columns, exc
     vectors = None
     if explain:  # the query's vectors, computed once for the search and the explanation
         vectors = retriever.embed(image) if image is not None else retriever.vectors(row)
-        query = vectors if image is not None else row
+        query = vectors  # a stored row's vectors carry the row: still excluded from its results
     result = retriever.search(query, measures=measures, k=k, where=where, columns=columns, exclude=exclude)
     why = None
     if explain:

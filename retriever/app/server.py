@@ -159,10 +159,11 @@ def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
                         raise HTTPException(413, f"upload over {max_upload_bytes} bytes")
                     draft = 2 * retriever.store.model_config.image_size
                     image = decode_image_bytes(data, name=file.filename or "upload", draft_size=draft)[0]
-                    query = vectors = retriever.embed(image)  # embedded once, for the search and the explanation
+                    vectors = retriever.embed(image)
                 else:
-                    query, vectors = int(row), (retriever.vectors(int(row)) if explain else None)
-                result = retriever.search(query, measures=measures or list(MEASURES), k=k, where=where or None,
+                    vectors = retriever.vectors(int(row))  # carries its row: excluded from its results
+                # the query's vectors, computed once for the search and the explanation
+                result = retriever.search(vectors, measures=measures or list(MEASURES), k=k, where=where or None,
                                           columns=columns or (), exclude=exclude or ())
                 why = explain_result(retriever, vectors, result) if explain else None
         except DermrisError as exc:
