@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dermris.retriever.bounds import _FEATURE_BLOCK, _cosine, _distance_and_dot
+from dermris.retriever.store_index import _FEATURE_BLOCK, cosine_of, distance_and_dot
 from dermris.retriever.feature_search import FeatureSearch
 from dermris.retriever.measures import rank
 
@@ -50,8 +50,8 @@ def full_pass(features: np.ndarray, norms: np.ndarray, q: np.ndarray, k: int):
     ed = np.empty(n)
     cos = np.empty(n)
     for a in range(0, n, _FEATURE_BLOCK):
-        ed[a:a + _FEATURE_BLOCK], dots = _distance_and_dot(features[a:a + _FEATURE_BLOCK].astype(np.float64), q64)
-        cos[a:a + _FEATURE_BLOCK] = _cosine(dots, norms[a:a + _FEATURE_BLOCK], q64)
+        ed[a:a + _FEATURE_BLOCK], dots = distance_and_dot(features[a:a + _FEATURE_BLOCK].astype(np.float64), q64)
+        cos[a:a + _FEATURE_BLOCK] = cosine_of(dots, norms[a:a + _FEATURE_BLOCK], q64)
     ed_max = float(ed.max())
     rows = np.arange(n)
     return rank(1 - ed / ed_max, k, rows=rows), rank((np.clip(cos, -1, 1) + 1) / 2, k, rows=rows), ed_max

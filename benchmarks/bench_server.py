@@ -45,7 +45,7 @@ def _free_port() -> int:
 def _start_server(store: Path, port: int) -> subprocess.Popen:
     import httpx
 
-    process = subprocess.Popen([sys.executable, "-c", "from dermris.retriever.app.cli import main; main()",
+    process = subprocess.Popen([sys.executable, "-c", "from dermris.app.cli import main; main()",
                                 "serve", str(store), "--port", str(port), "--device", "cpu"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300

@@ -23,7 +23,8 @@ import pyarrow as pa
 
 from dermris.indexer import Store, StoreWriter, index_folder, store_exists
 from dermris.indexer.synthetic import TEXTURE_CLASSES, synthetic_lesion, write_synthetic_set
-from dermris.models import StyleLayout, backbone_info, build_model, get_preset
+from dermris.core import StyleLayout
+from dermris.models import backbone_info, build_model, get_preset
 
 __all__ = ["pipeline_store", "photo_store", "measure_spectrum", "spectrum_store"]
 
@@ -146,7 +147,6 @@ def spectrum_store(
         writer.append(features=features, style=style, masks=masks, records=records)
         bar.update(b)
     bar.close()
-    writer.build_faiss()
     writer.update_sketch(dim=sketch_dim)
     writer.close()
     (path / "benchmark-source.json").write_text(json.dumps({"kind": "spectrum", "rank": rank, "seed": seed}))

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dermris.models._lazy import lazy_exports
-from dermris.models.errors import (
+from dermris.core._lazy import lazy_exports
+from dermris.core.errors import (
     ClusterError,
     DermrisError,
     ImageDecodeError,
@@ -31,7 +31,7 @@ _EXPORTS = {
     "Embeddings": ".embed",
     "preprocess": ".embed",
     "resolve_device": ".embed",
-    "IndexReport": ".pipeline",
+    "IndexReport": ".report",
     "index_folder": ".pipeline",
     "IMAGE_EXTENSIONS": ".sources",
     "ImageFile": ".sources",
@@ -64,7 +64,8 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .embed import Embedder, Embeddings, preprocess, resolve_device
-    from .pipeline import IndexReport, index_folder
+    from .pipeline import index_folder
+    from .report import IndexReport
     from .cluster import ClusterSpec, parse_cluster
     from .loader import ImageLoader
     from .sources import (

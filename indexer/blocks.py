@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from dermris.models.errors import ClusterError
+from dermris.core.errors import ClusterError
 
 from .sources import ImageFile, LoadedImage, load_image
 from .store import StyleCodec
@@ -157,7 +157,8 @@ def _embedder(options: BlockOptions):
             return embedder
         import torch
 
-        from dermris.models.weights import file_sha256, load_model
+        from dermris.core.hashing import file_sha256
+        from dermris.models.weights import load_model
 
         from .embed import Embedder, resolve_device
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from dermris.models.errors import ClusterError, ConfigError, OptionalDependencyError
+from dermris.core.errors import ClusterError, ConfigError, OptionalDependencyError
 
 __all__ = ["ClusterSpec", "ClusterSession", "parse_cluster", "as_cluster", "connect"]
 

@@ -15,16 +15,13 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
 
+from .report import IndexReport
 from .sources import LoadedImage, MetadataTable
 from .store import StoreWriter
-
-if TYPE_CHECKING:
-    from .pipeline import IndexReport
+from .store.schema import core_records
 
 __all__ = ["Admission", "Chunk", "Committer", "printable"]
 
@@ -128,13 +125,9 @@ class Committer:
         chunks = [c for c in chunks if len(c)]
         if chunks:
             items = [it for c in chunks for it in c.items]
-            records = pa.table({
-                "image_id": pa.array([it.file.image_id for it in items], pa.string()),
-                "path": pa.array([str(it.file.path) for it in items], pa.string()),
-                "sha256": pa.array([it.sha256 for it in items], pa.string()),
-                "width": pa.array([it.width for it in items], pa.int32()),
-                "height": pa.array([it.height for it in items], pa.int32()),
-            })
+            records = core_records(image_ids=[it.file.image_id for it in items],
+                                   paths=[str(it.file.path) for it in items], sha256=[it.sha256 for it in items],
+                                   widths=[it.width for it in items], heights=[it.height for it in items])
             if self.table is not None:
                 ids = [it.file.image_id for it in items]
                 self.report.without_metadata += [i for i in ids if i not in self.table]

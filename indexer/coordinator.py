@@ -36,21 +36,19 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from dermris.models.errors import ClusterError
+from dermris.core.errors import ClusterError
 
 from .blocks import BlockOptions, BlockResult, ModelSettings, embed_block, first_batch_style, warm_up
 from .cluster import ClusterSession
 from .commit import Admission, Chunk, Committer
+from .report import IndexReport
 from .sources import ImageFile, MetadataTable
 from .store import StoreWriter
-
-if TYPE_CHECKING:
-    from .pipeline import IndexReport
 
 __all__ = ["ClusterRun", "default_block_size", "index_on_cluster"]
 

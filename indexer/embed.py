@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from dermris.models import DermrisModel
-from dermris.models.errors import ConfigError
-from dermris.models.imageio import to_pixels
+from dermris.core.errors import ConfigError
+from dermris.core.imageio import to_pixels
 
 __all__ = ["PRECISIONS", "resolve_device", "resolve_precision", "preprocess", "Embeddings", "Embedder"]
 

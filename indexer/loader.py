@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from dermris.models.imageio import MAX_FILE_BYTES
+from dermris.core.imageio import MAX_FILE_BYTES
 
 from .sources import ImageFile, LoadedImage, load_image
 

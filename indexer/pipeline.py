@@ -19,17 +19,17 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from dermris.models import DermrisModel, build_model, get_preset, load_model
-from dermris.models.errors import ConfigError, DataError, StoreMismatchError
+from dermris.core.errors import ConfigError, DataError, StoreMismatchError
 
 from .embed import Embedder, resolve_device, resolve_precision
 from .commit import Admission, Chunk, Committer
+from .report import IndexReport
 from .loader import ImageLoader
 from .sources import IMAGE_EXTENSIONS, MetadataTable, list_images
 from .store import StoreWriter, store_exists
@@ -37,70 +37,6 @@ from .store import StoreWriter, store_exists
 __all__ = ["IndexReport", "index_folder"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class IndexReport:
-    """What an indexing run did.
-
-    Attributes
-    ----------
-    indexed : int
-        Rows added by this run.
-    already_indexed : int
-        Files whose bytes were already in the store (skipped).
-    duplicates : list of (str, str)
-        ``(path, path_of_first_copy)`` for files with the same bytes as another file.
-    rejected : list of (str, str)
-        ``(path, reason)`` for files that could not be indexed.
-    previously_deleted : list of str
-        Files whose bytes were deleted from the store before (``dermris delete``): not re-added.
-    without_metadata : list of str
-        Image ids indexed without a row in the metadata CSV (their metadata columns are null).
-    rows : int
-        Committed rows in the store after the run.
-    seconds : float
-        Wall time.
-    stages : dict of str to float
-        Seconds per stage: ``read_wait`` (the model waiting for decoded batches), ``model``
-        (forward passes and copies back), ``write`` (the writer thread, overlapped with the
-        model), ``derived`` (FAISS and style sketch at the end), ``setup`` (model and store).
-    device, precision : str
-        Where and at what precision the model ran (on a cluster: every worker's, comma-separated).
-    cluster : dict
-        On a Dask cluster: its address and dashboard, the workers that ran blocks, and the number
-        of blocks (empty for a run in one process).
-    """
-
-    indexed: int = 0
-    already_indexed: int = 0
-    duplicates: list[tuple[str, str]] = field(default_factory=list)
-    rejected: list[tuple[str, str]] = field(default_factory=list)
-    previously_deleted: list[str] = field(default_factory=list)
-    without_metadata: list[str] = field(default_factory=list)
-    rows: int = 0
-    seconds: float = 0.0
-    stages: dict[str, float] = field(default_factory=dict)
-    device: str = ""
-    precision: str = ""
-    cluster: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        """JSON-ready summary."""
-        return {
-            "indexed": self.indexed,
-            "already_indexed": self.already_indexed,
-            "duplicates": [{"path": p, "same_as": q} for p, q in self.duplicates],
-            "rejected": [{"path": p, "reason": r} for p, r in self.rejected],
-            "previously_deleted": list(self.previously_deleted),
-            "without_metadata": list(self.without_metadata),
-            "rows": self.rows,
-            "seconds": round(self.seconds, 3),
-            "stages": {k: round(v, 3) for k, v in self.stages.items()},
-            "device": self.device,
-            "precision": self.precision,
-            **({"cluster": dict(self.cluster)} if self.cluster else {}),
-        }
 
 
 def _open_or_create(
@@ -160,6 +96,7 @@ def index_folder(
     progress: bool = True,
     cluster=None,
     block_size: int | None = None,
+    faiss_files: bool = False,
 ) -> IndexReport:
     """Index every image under ``images`` into ``store`` (created if absent).
 
@@ -206,6 +143,10 @@ def index_folder(
     block_size : int, optional
         Files per Dask task (default: a multiple of the store's style shard rows, smaller when
         there are few files for the workers). Only with ``cluster``.
+    faiss_files : bool
+        Keep FAISS files of the features in the store (``faiss/``, for other tools; the
+        retriever builds its own indexes). Once asked, every later run appends the new rows as
+        a new part.
 
     Returns
     -------
@@ -257,8 +198,7 @@ def index_folder(
                 _run(writer, embedder, files, table, report, commit_every=commit_every, workers=workers,
                      progress=progress)
         t = time.perf_counter()
-        if report.indexed or not writer.has_faiss:
-            writer.build_faiss()
+        writer.update_faiss_files(enable=faiss_files)  # only when asked (now, or once before)
         writer.update_sketch(dim=sketch_dim, device=torch_device)
         report.stages["derived"] = time.perf_counter() - t
         report.rows = writer.rows

@@ -1,6 +1,6 @@
 """The reader stage: find image files, decode them safely, and join user metadata.
 
-Reading and decoding is :mod:`dermris.models.imageio` (regular files only, a size limit, the
+Reading and decoding is :mod:`dermris.core.imageio` (regular files only, a size limit, the
 listed formats only, EXIF orientation, every mode to 8-bit RGB, the decompression-bomb limit as
 an error); every failure becomes a recorded reject with a one-line reason, so one bad file never
 aborts a run. :func:`load_image` is what the parallel workers of :mod:`.loader` run.
@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from dermris.models.errors import ImageDecodeError, MetadataError
-from dermris.models.imageio import (
+from dermris.core.errors import ImageDecodeError, MetadataError
+from dermris.core.imageio import (
     IMAGE_FORMATS,
     MAX_FILE_BYTES,
     decode_image,
@@ -27,6 +27,8 @@ from dermris.models.imageio import (
     to_pixels,
     to_rgb,
 )
+
+from .store.schema import CORE_COLUMNS
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -50,7 +52,8 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 ID_COLUMN_CANDIDATES = ("isic_id", "image_name", "image_id", "image")
 """Metadata columns tried, in order, when no id column is named (isic-cli, ISIC challenges)."""
 
-RESERVED_COLUMNS = ("row", "image_id", "path", "sha256", "width", "height")
+RESERVED_COLUMNS = CORE_COLUMNS
+"""The core columns (:mod:`~.store.schema`): a CSV column of one of these names is renamed."""
 """Columns dermris writes itself; user columns with these names are kept as ``csv_<name>``."""
 
 
@@ -141,7 +144,7 @@ class LoadedImage:
     width, height : int
         Original size (after EXIF orientation).
     pixels : np.ndarray or None
-        ``(S, S, 3)`` uint8 model input (:func:`~dermris.models.imageio.to_pixels`).
+        ``(S, S, 3)`` uint8 model input (:func:`~dermris.core.imageio.to_pixels`).
     reason : str or None
         Why the file was rejected.
     """

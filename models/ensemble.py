@@ -16,8 +16,10 @@ import timm
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .gram import StyleLayout, gram_matrix
+from dermris.core.errors import ConfigError
+from dermris.core.style_layout import StyleLayout
+
+from .gram import gram_matrix, pack_style
 from .presets import ModelConfig
 from .segmenters import Segmenter
 
@@ -186,7 +188,7 @@ class DermrisModel(nn.Module):
         logits = self.segmenter(x)
         return ModelOutput(
             features=features.float(),
-            style=self.style_layout.pack(grams),
+            style=pack_style(self.style_layout, grams),
             mask_probability=torch.sigmoid(logits.float())[:, 0],
         )
 

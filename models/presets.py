@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from dermris.core.errors import ConfigError
 
 __all__ = [
     "SEGMENTER_ARCHS",

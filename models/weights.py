@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,14 +18,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path
+from dermris.core.atomic import atomic_path
+from dermris.core.hashing import file_sha256
 from .ensemble import DermrisModel, calibrate_batchnorm
-from .errors import ConfigError, OptionalDependencyError, WeightsError
+from dermris.core.errors import ConfigError, OptionalDependencyError, WeightsError
 from .presets import ModelConfig
 
 __all__ = [
     "WEIGHTS_FORMAT",
-    "file_sha256",
     "build_model",
     "save_model",
     "load_model",
@@ -39,15 +38,6 @@ __all__ = [
 ]
 
 WEIGHTS_FORMAT = "dermris-weights/1"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Return the hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

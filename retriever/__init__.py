@@ -5,18 +5,18 @@
 >>> res = r.search("lesion.jpg", measures=MEASURES, k=5)         # doctest: +SKIP
 >>> res["style"][0].image_id, res.stats.style_rows_read          # doctest: +SKIP
 
-Names are imported lazily (``import dermris.retriever`` does not import torch). The errors
-of the whole package are re-exported here from :mod:`dermris.models.errors`. The command
-line, the judging page, evaluation, contact sheets and the demo live in
-:mod:`dermris.retriever.app`.
+Names are imported lazily; nothing here imports torch until an image query needs the model.
+The errors of the whole package are re-exported here from :mod:`dermris.core.errors`. The
+command line, the server, the judging page, evaluation, contact sheets and the demo are the
+application layer on top, :mod:`dermris.app`.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dermris.models._lazy import lazy_exports
-from dermris.models.errors import (
+from dermris.core._lazy import lazy_exports
+from dermris.core.errors import (
     ConfigError,
     DermrisError,
     EvaluationError,
@@ -47,12 +47,15 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
 _EXPORTS = {
-    "Hit": ".search",
     "Retriever": ".search",
-    "SearchResult": ".search",
-    "QueryVectors": ".bounds",
-    "CostModel": ".bounds",
-    "SearchStats": ".bounds",
+    "Hit": ".results",
+    "SearchResult": ".results",
+    "Explanation": ".explain",
+    "StageLoss": ".explain",
+    "QueryVectors": ".types",
+    "CostModel": ".types",
+    "SearchOptions": ".types",
+    "SearchStats": ".types",
     "cosine_score": ".measures",
     "dice_score": ".measures",
     "harmonic_mean": ".measures",
@@ -74,7 +77,9 @@ __all__ = sorted([*_EXPORTS, *_ERRORS, "COMPONENTS", "MEASURES", "MEASURE_COMPON
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .bounds import CostModel, QueryVectors, SearchStats
+    from .explain import Explanation, StageLoss
     from .filters import parse_where
     from .measures import cosine_score, dice_score, harmonic_mean, measure_score, normalised_score, rank
-    from .search import Hit, Retriever, SearchResult
+    from .results import Hit, SearchResult
+    from .search import Retriever
+    from .types import CostModel, QueryVectors, SearchOptions, SearchStats

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dermris.models.gram import StyleLayout
+from dermris.core.style_layout import StyleLayout
 
-__all__ = ["SAME_STYLE", "Explanation", "StageLoss", "explain_result", "stage_summary", "mask_outline", "outline_of", "style_stages",
-           "unpack_mask"]
+__all__ = ["SAME_STYLE", "Explanation", "StageLoss", "mask_outline", "outline_of", "stage_losses", "stage_summary",
+           "style_stages", "unpack_mask"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,14 @@ class StageLoss:
         return {"stage": self.stage, "channels": self.channels, "loss": self.loss, "share": self.share}
 
 
+def stage_losses(layout: StyleLayout, losses: np.ndarray) -> list[StageLoss]:
+    """:class:`StageLoss` records from the style loss of every stage (in stage order)."""
+    values = [float(v) for v in losses]
+    total = sum(values)
+    return [StageLoss(s, c, loss, loss / total if total > 0 else 0.0)
+            for s, (c, loss) in enumerate(zip(layout.channels, values, strict=True))]
+
+
 def style_stages(layout: StyleLayout, a: np.ndarray, b: np.ndarray) -> list[StageLoss]:
     """Split the style loss between two (decoded) style vectors by block stage.
 
@@ -62,11 +70,7 @@ def style_stages(layout: StyleLayout, a: np.ndarray, b: np.ndarray) -> list[Stag
     """
     diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
     sq = diff * diff
-    offsets = layout.offsets
-    losses = [float(np.sum(sq[offsets[s]:offsets[s + 1]])) for s in range(len(layout.channels))]
-    total = sum(losses)
-    return [StageLoss(s, c, loss, loss / total if total > 0 else 0.0)
-            for s, (c, loss) in enumerate(zip(layout.channels, losses))]
+    return stage_losses(layout, np.add.reduceat(sq, np.asarray(layout.offsets[:-1], np.intp)))
 
 
 def unpack_mask(packed: np.ndarray, size: int) -> np.ndarray:
@@ -130,27 +134,3 @@ def stage_summary(explanation: Explanation, hit, n: int = 3) -> list[StageLoss]:
     if hit.components.get("ss", 0.0) > 1.0 - SAME_STYLE:
         return []
     return explanation.top_stages(hit.row, n)
-
-
-def explain_result(retriever, query, result) -> Explanation:
-    """Explain every hit of ``result`` (from ``retriever.search(query, ...)``).
-
-    Parameters
-    ----------
-    retriever : Retriever
-        The retriever that searched.
-    query : QueryVectors
-        The query's vectors (``retriever.embed(image)`` or ``retriever.vectors(row)``).
-    result : Mapping of str to list of Hit
-        The search result.
-    """
-    rows = sorted({h.row for hits in result.values() for h in hits})
-    store = retriever.store
-    styles = store.style_rows(rows) if rows else []
-    masks = store.mask_rows(rows) if rows else []
-    return Explanation(
-        mask_size=store.mask_size,
-        query_mask=np.asarray(query.mask),
-        masks=dict(zip(rows, masks)),
-        stages={r: style_stages(store.layout, query.style, s) for r, s in zip(rows, styles)},
-    )

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from dermris.models.errors import QueryError
+from dermris.core.errors import QueryError
 
 __all__ = ["parse_where", "rows_matching"]
 

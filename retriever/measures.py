@@ -20,7 +20,7 @@ from typing import Mapping
 
 import numpy as np
 
-from dermris.models.errors import UnknownMeasureError
+from dermris.core.errors import UnknownMeasureError
 
 __all__ = [
     "MEASURES",

@@ -1,7 +1,7 @@
 """The :class:`Retriever`: one search call over the nine measures.
 
 ``Retriever.search(query, *, measures, k, exclude, where, columns)`` gathers each query's
-vectors, bounds every row, and re-ranks exactly (:mod:`dermris.retriever.bounds`). Every
+vectors, bounds every row, and re-ranks exactly (:mod:`dermris.retriever.threshold`). Every
 measure is exact: scores equal brute force over all committed rows, with ``ED_max`` and
 ``LS_max`` taken over the whole store, also when a filter narrows the rows that may be
 returned (the paper's definition). Features live in memory; style rows and masks are read
@@ -11,104 +11,34 @@ from disk only for rows whose bounds leave them in contention.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from dermris.indexer.embed import Embedder, resolve_device
-from dermris.indexer.sources import decode_image, to_rgb
+from dermris.core.errors import QueryError
+from dermris.core.imageio import decode_image, to_rgb
 from dermris.indexer.store import Store
-from dermris.models.errors import QueryError
 
-from .bounds import EXACT_DICE_BYTES, MASK_MEMORY_BYTES, CostModel, QueryBatch, QueryVectors, SearchStats, StoreIndex
 from .filters import rows_matching
 from .measures import COMPONENTS, check_measures
+from .results import Hit, SearchResult
+from .store_index import StoreIndex
+from .threshold import QueryBatch
+from .types import QueryVectors, SearchOptions
 
-__all__ = ["Hit", "SearchResult", "Retriever", "QueryVectors", "SearchStats", "CostModel"]
+if TYPE_CHECKING:
+    from dermris.indexer.embed import Embedder
+
+__all__ = ["Hit", "SearchResult", "Retriever", "QueryVectors", "SearchOptions"]
 
 Query = Any
 """A path (str or os.PathLike), a PIL image, an H x W (x 3) uint8 array, a stored row (int),
 or :class:`QueryVectors`."""
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One search result.
-
-    Attributes
-    ----------
-    row : int
-        Row number in the store (= FAISS id).
-    image_id : str
-        The image id (file stem).
-    path : str
-        The indexed file's path.
-    score : float
-        The measure's score, higher is more similar, in [0, 1].
-    components : mapping of str to float
-        All four component scores: ``es``, ``cs``, ``ss`` and ``dc``.
-    metadata : mapping of str to object
-        The metadata columns asked for with ``columns=``.
-    """
-
-    row: int
-    image_id: str
-    path: str
-    score: float
-    components: Mapping[str, float] = field(default_factory=dict)
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        """JSON-ready form."""
-        out = {"row": self.row, "image_id": self.image_id, "path": self.path,
-               "score": self.score, "components": dict(self.components)}
-        if self.metadata:
-            out["metadata"] = dict(self.metadata)
-        return out
-
-
-class SearchResult(Mapping):
-    """The hits of one query, per measure (in the order the measures were asked for).
-
-    ``result["style"]`` is a list of :class:`Hit`, best first; :attr:`stats` says what the
-    search cost (rows read, bytes, seconds per stage).
-    """
-
-    def __init__(self, hits: dict[str, list[Hit]], *, stats: SearchStats, query: str, row: int | None) -> None:
-        self._hits = hits
-        self.stats = stats
-        self.query = query
-        self.row = row
-
-    def __getitem__(self, measure: str) -> list[Hit]:
-        return self._hits[measure]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._hits)
-
-    def __len__(self) -> int:
-        return len(self._hits)
-
-    def __repr__(self) -> str:
-        shown = ", ".join(f"{m}: {len(h)} hits" for m, h in self._hits.items())
-        return f"SearchResult(query={self.query!r}, {shown})"
-
-    @property
-    def measures(self) -> tuple[str, ...]:
-        """The measures of this result."""
-        return tuple(self._hits)
-
-    def to_dict(self) -> dict:
-        """JSON-ready form: query, hits per measure, statistics."""
-        return {"query": self.query, "row": self.row,
-                "results": {m: [h.to_dict() for h in hits] for m, hits in self._hits.items()},
-                "stats": self.stats.to_dict()}
 
 
 def _is_row(query: Any) -> bool:
@@ -129,24 +59,20 @@ class Retriever:
         Where the model and the bound arithmetic run: ``auto``, ``cpu`` or ``cuda``.
     """
 
-    def __init__(self, store: Store, *, device: str = "auto", mask_memory_bytes: int = MASK_MEMORY_BYTES,
-                 cost_model: CostModel = CostModel(), use_faiss: bool = True,
-                 exact_dice_bytes: int = EXACT_DICE_BYTES) -> None:
+    def __init__(self, store: Store, *, device: str = "auto", options: SearchOptions | None = None) -> None:
         self.store = store
-        self.device = resolve_device(device)
-        self._options = {"mask_memory_bytes": mask_memory_bytes, "cost_model": cost_model, "use_faiss": use_faiss,
-                         "exact_dice_bytes": exact_dice_bytes}
+        self._device_name = device
+        self._device = None
+        self.options = options if options is not None else SearchOptions()
         self._embedder: Embedder | None = None
         meta = store.metadata(columns=["image_id", "path"])
         self._image_ids: list[str] = meta.column("image_id").to_pylist()
         self._paths: list[str] = meta.column("path").to_pylist()
         self._metadata: pa.Table | None = None
-        self._index = StoreIndex(store, device=self.device, **self._options)
+        self._index = StoreIndex(store, options=self.options, use_gpu=str(device).startswith("cuda"))
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, device: str = "auto", mask_memory_bytes: int = MASK_MEMORY_BYTES,
-             cost_model: CostModel = CostModel(), use_faiss: bool = True,
-             exact_dice_bytes: int = EXACT_DICE_BYTES) -> "Retriever":
+    def open(cls, path: str | os.PathLike, *, device: str = "auto", options: SearchOptions | None = None) -> "Retriever":
         """Open the store at ``path`` (the model is loaded on the first image query).
 
         Parameters
@@ -154,34 +80,35 @@ class Retriever:
         path : path-like
             The store.
         device : str
-            ``auto``, ``cpu`` or ``cuda``: where queries are embedded and bounds computed.
-        mask_memory_bytes : int
-            Keep the masks in memory up to this size (Dice exact for every row at no read cost);
-            larger stores bound Dice from block counts and read masks as needed.
-        cost_model : CostModel
-            When reading rows one by one loses to a sequential scan.
-        use_faiss : bool
-            Answer the Euclidean and cosine measures and ``ED_max`` through certified FAISS
-            searches (faiss-gpu on CUDA when installed) rather than a pass over all features.
-        exact_dice_bytes : int
-            Up to this size of masks, Dice is computed for every row at once; above it, Dice is
-            bounded from block counts and computed only for the rows visited.
+            ``auto``, ``cpu`` or ``cuda``: where image queries are embedded (resolved, and torch
+            imported, only when the first image query needs the model).
+        options : SearchOptions, optional
+            How to search (memory limits, cost model, FAISS); every option answers the same.
         """
-        return cls(Store.open(path), device=device, mask_memory_bytes=mask_memory_bytes, cost_model=cost_model,
-                   use_faiss=use_faiss, exact_dice_bytes=exact_dice_bytes)
+        return cls(Store.open(path), device=device, options=options)
 
     def refresh(self) -> "Retriever":
         """Re-open the store to see rows committed (or compaction done) since it was opened."""
-        fresh = Retriever(Store.open(self.store.root), device=str(self.device), **self._options)
+        fresh = Retriever(Store.open(self.store.root), device=self._device_name, options=self.options)
         fresh._embedder = self._embedder
+        fresh._device = self._device
         self.__dict__.update(fresh.__dict__)
         return self
+
+    @property
+    def device(self):
+        """The torch device image queries are embedded on (resolving it imports torch)."""
+        if self._device is None:
+            from dermris.indexer.embed import resolve_device
+
+            self._device = resolve_device(self._device_name)
+        return self._device
 
     def __len__(self) -> int:
         return self.store.rows
 
     def __repr__(self) -> str:
-        return f"Retriever({str(self.store.root)!r}, rows={self.store.rows}, device={str(self.device)!r})"
+        return f"Retriever({str(self.store.root)!r}, rows={self.store.rows}, device={self._device_name!r})"
 
     @property
     def image_ids(self) -> Sequence[str]:
@@ -236,8 +163,10 @@ class Retriever:
         return self._metadata
 
     # -- query vectors -------------------------------------------------------------------
-    def _model(self) -> Embedder:
+    def _model(self) -> "Embedder":
         if self._embedder is None:
+            from dermris.indexer.embed import Embedder
+
             self._embedder = Embedder(self.store.load_model(), device=self.device, batch_size=8)
         return self._embedder
 
@@ -352,6 +281,7 @@ class Retriever:
         where: "pc.Expression | str | None" = None,
         columns: Sequence[str] = (),
         exclude_self: bool = True,
+        explain: bool = False,
     ) -> SearchResult | list[SearchResult]:
         """The ``k`` stored images most similar to ``query``, under each measure.
 
@@ -375,12 +305,17 @@ class Retriever:
             Metadata columns to put on every hit (``Hit.metadata``).
         exclude_self : bool
             A stored row used as the query is not returned (default).
+        explain : bool
+            Attach an :class:`~dermris.retriever.explain.Explanation` to every result
+            (``result.explanation``): each hit's style loss split by block stage and its lesion
+            mask, from the rows the search itself read.
 
         Returns
         -------
         SearchResult or list of SearchResult
             ``{measure: [Hit, ...]}`` with ``.stats``; a list for a list of queries.
         """
+        started = time.perf_counter()
         measures = check_measures(measures)
         k = self._check_k(k)
         columns = self._check_columns(columns)
@@ -389,8 +324,11 @@ class Retriever:
         self._sync()
         allowed = self._allowed(exclude, where)
         vectors, labels = self._prepare(queries)
-        results = self._rank(vectors, labels, measures, k, allowed, columns, exclude_self)
+        results = self._rank(vectors, labels, measures, k, allowed, columns, exclude_self, explain)
         self._sync()  # a compaction during the search would have renumbered rows: fail loudly
+        seconds = time.perf_counter() - started
+        for result in results:
+            result.stats.seconds = seconds
         return results if batch else results[0]
 
     def _prepare(self, queries: list) -> tuple[list[QueryVectors], list[str]]:
@@ -413,9 +351,9 @@ class Retriever:
 
     def _rank(
         self, vectors: list[QueryVectors], labels: list[str], measures: tuple[str, ...], k: int,
-        allowed: np.ndarray, columns: tuple[str, ...], exclude_self: bool,
+        allowed: np.ndarray, columns: tuple[str, ...], exclude_self: bool, explain: bool,
     ) -> list[SearchResult]:
-        batch = QueryBatch(self._index, vectors)
+        batch = QueryBatch(self._index, vectors, explain=explain)
         table = self.metadata().select(list(columns)) if columns else None
         results = []
         for state, q, label in zip(batch.queries, vectors, labels):
@@ -424,8 +362,10 @@ class Retriever:
                 mask = allowed.copy()
                 mask[q.row] = False
             per_measure = {}
+            hit_rows = []
             for measure in measures:
                 rows, scores = batch.top_k(state, measure, k, mask)
+                hit_rows.append(rows)
                 comps = batch.hit_components(state, rows)
                 meta = table.take(pa.array(rows, pa.int64())).to_pylist() if table is not None else [{}] * len(rows)
                 per_measure[measure] = [
@@ -433,5 +373,6 @@ class Retriever:
                         components={c: float(comps[c][i]) for c in COMPONENTS}, metadata=meta[i])
                     for i, (r, sc) in enumerate(zip(rows, scores))
                 ]
-            results.append(SearchResult(per_measure, stats=state.stats, query=label, row=q.row))
+            why = batch.explanation(state, np.concatenate(hit_rows)) if explain else None
+            results.append(SearchResult(per_measure, stats=state.stats, query=label, row=q.row, explanation=why))
         return results

@@ -34,13 +34,13 @@ def synthetic_set(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def indexed_store(synthetic_set, tmp_path_factory):
-    """The synthetic set indexed with the tiny preset."""
+    """The synthetic set indexed with the tiny preset (keeping FAISS files)."""
     from dermris.indexer import index_folder
 
     images, csv = synthetic_set
     store = tmp_path_factory.mktemp("stores") / "tiny"
     report = index_folder(images, store, preset="tiny", metadata=csv, progress=False, device="cpu",
-                          batch_size=8, commit_every=8)
+                          batch_size=8, commit_every=8, faiss_files=True)
     assert report.indexed == 32
     return store
 
@@ -61,6 +61,7 @@ def make_random_store(
     sketch_after: int | None = None,
     clusters: int = 0,
     extra_columns: dict | None = None,
+    faiss_files: bool = False,
 ):
     """A store of random rows (no model) written through the real StoreWriter.
 
@@ -68,8 +69,10 @@ def make_random_store(
     empty masks, ``identical`` makes every row the same (zero maxima). The style sketch (of
     ``sketch_dim``; None for none) is built after ``sketch_after`` commits (default: all), so
     later rows are outside it. ``clusters`` > 0 draws style vectors around that many centres.
+    ``faiss_files`` keeps FAISS files (one part per commit).
     """
-    from dermris.models import StyleLayout, get_preset
+    from dermris.core import StyleLayout
+    from dermris.models import get_preset
     from dermris.indexer import StoreWriter
 
     rng = np.random.default_rng(seed)
@@ -114,6 +117,7 @@ def make_random_store(
             records = records.append_column(name, pa.array(list(values)[start:stop]))
         writer.append(features=feats[start:stop], style=style[start:stop], masks=masks[start:stop],
                       records=records)
+        writer.update_faiss_files(enable=faiss_files)
         start = stop
     if sketch_dim is not None and sketch_after is None:
         writer.update_sketch(dim=sketch_dim)

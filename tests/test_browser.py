@@ -18,8 +18,8 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from live_server import live_server  # noqa: E402
 from dermris.retriever import MEASURES, Retriever  # noqa: E402
-from dermris.retriever.app import judge  # noqa: E402
-from dermris.retriever.app.server import create_app  # noqa: E402
+from dermris.app import judge  # noqa: E402
+from dermris.app.server import create_app  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

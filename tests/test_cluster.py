@@ -20,7 +20,7 @@ import pytest
 
 from reference import NAMES, brute_force, load_store, row_query
 from dermris.indexer import ClusterError, ClusterSpec, Store, check_store, index_folder, parse_cluster
-from dermris.models.errors import ConfigError, OptionalDependencyError
+from dermris.core.errors import ConfigError, OptionalDependencyError
 
 distributed = pytest.importorskip("distributed")
 
@@ -126,7 +126,7 @@ def test_two_workers_give_the_store_of_one_process(folder, weights, single, clie
     assert_exact(store)
     from click.testing import CliRunner
 
-    from dermris.retriever.app.cli import main
+    from dermris.app.cli import main
 
     checked = CliRunner().invoke(main, ["check", str(store), "--full"])
     assert checked.exit_code == 0, checked.output
@@ -178,7 +178,7 @@ def test_worker_killed_mid_block_loses_and_duplicates_nothing(folder, weights, s
 
 
 def _cli(images, store, csv, weights):
-    code = "import sys; from dermris.retriever.app.cli import main; sys.exit(main())"
+    code = "import sys; from dermris.app.cli import main; sys.exit(main())"
     return subprocess.Popen(
         [sys.executable, "-c", code, "index", str(images), str(store), "--weights", str(weights), "--metadata",
          str(csv), "--cluster", "local:2", "--block-size", "4", "--batch-size", str(BATCH), "--commit-every", "4",
@@ -282,7 +282,7 @@ def test_cluster_errors_are_one_line(tmp_path, synthetic_set, monkeypatch):
     from click.testing import CliRunner
 
     from dermris.indexer.cluster import connect
-    from dermris.retriever.app.cli import main
+    from dermris.app.cli import main
 
     images, _ = synthetic_set
     result = CliRunner().invoke(main, ["index", str(images), str(tmp_path / "s"), "--cluster", "local:x"])

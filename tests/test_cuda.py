@@ -60,7 +60,7 @@ def test_cuda_store_answers_like_cpu_store(tmp_path, synthetic_set, tiny_model, 
 def test_cuda_embedder_precisions_and_memory_format(tiny_model):
     tiny_model = copy.deepcopy(tiny_model)  # the Embedder moves and re-formats the model it is given
     from dermris.indexer.synthetic import TEXTURE_CLASSES, synthetic_lesion
-    from dermris.models.imageio import to_pixels
+    from dermris.core.imageio import to_pixels
 
     pixels = torch.from_numpy(np.stack([to_pixels(synthetic_lesion(TEXTURE_CLASSES[i % 4], seed=i).image, 128)
                                         for i in range(6)]))

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from reference import brute_force, load_store, row_query
 from dermris.retriever import MEASURES, Retriever
-from dermris.retriever.app.cli import main
-from dermris.retriever.app.evaluate import EvaluationError, evaluate, query_metrics
+from dermris.app.cli import main
+from dermris.app.evaluate import EvaluationError, evaluate, query_metrics
 
 
 def slow_metrics(labels, groups, ranking, query, k):

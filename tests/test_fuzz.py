@@ -12,7 +12,7 @@ from PIL import Image
 
 from dermris.indexer import Store
 from dermris.indexer.store import check_store
-from dermris.retriever.app.cli import main
+from dermris.app.cli import main
 
 FORMATS = [("JPEG", "jpg"), ("PNG", "png"), ("BMP", "bmp"), ("TIFF", "tif")]
 

@@ -17,16 +17,16 @@ import pytest
 from click.testing import CliRunner
 
 from dermris.indexer import Store, StoreWriter, index_folder
-from dermris.indexer.store import check_store
-from dermris.models.atomic import default_file_mode
-from dermris.models.errors import (
+from dermris.indexer.store import check_store, compact, load_faiss_index
+from dermris.core.atomic import default_file_mode
+from dermris.core.errors import (
     MetadataError,
     StoreChangedError,
     StoreFormatError,
     StoreMismatchError,
 )
-from dermris.retriever import Retriever
-from dermris.retriever.app.cli import main
+from dermris.retriever import Retriever, SearchOptions
+from dermris.app.cli import main
 
 
 def _listing(root: Path) -> list[str]:
@@ -67,15 +67,14 @@ def test_read_only_commands_never_follow_or_remove_links(random_store, tmp_path)
 
 
 def test_files_named_in_the_manifest_cannot_lead_out(random_store, tmp_path):
-    path = random_store(n=6, seed=2)
-    with StoreWriter.open(path) as writer:
-        writer.build_faiss()
+    path = random_store(n=6, seed=2, faiss_files=True)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     # the FAISS file and the arrays as links out of the store
-    (elsewhere / "features_l2.index").write_bytes((path / "faiss" / "features_l2.index").read_bytes())
-    (path / "faiss" / "features_l2.index").unlink()
-    (path / "faiss" / "features_l2.index").symlink_to(elsewhere / "features_l2.index")
+    part = next((path / "faiss").glob("features_l2-*.index"))
+    (elsewhere / "features_l2.index").write_bytes(part.read_bytes())
+    part.unlink()
+    part.symlink_to(elsewhere / "features_l2.index")
     problems = check_store(path).problems
     assert any("outside the store" in p for p in problems), problems
     shutil.move(str(path / "arrays.zarr"), str(elsewhere / "arrays.zarr"))
@@ -92,7 +91,7 @@ def test_open_retriever_notices_compaction(random_store):
         writer.delete([f"IMG_3_{i:04d}" for i in (0, 1, 2)])
     before = retriever.search(15, measures="style", k=3)["style"]  # deletions are seen at once
     with StoreWriter.open(path) as writer:
-        writer.compact()
+        compact(writer)
     with pytest.raises(StoreChangedError, match="compacted"):
         retriever.search(15, measures="style", k=3)
     retriever.refresh()
@@ -113,7 +112,7 @@ def test_missing_chunk_is_an_error_never_zeros(random_store, name):
     path = random_store(n=30, seed=4, sketch_dim=4)
     _chunk_file(path, name).unlink()
     with pytest.raises(StoreFormatError, match=f"array {name}"):
-        r = Retriever.open(path, device="cpu", mask_memory_bytes=0)
+        r = Retriever.open(path, device="cpu", options=SearchOptions(mask_memory_bytes=0))
         r.search(3, measures="all", k=5)
     report = check_store(path, full=True)
     assert not report.ok and any(name in p for p in report.problems), report.problems
@@ -130,7 +129,7 @@ def test_flipped_bit_is_detected(random_store, name):
     data[len(data) // 3] ^= 0x10
     chunk.write_bytes(bytes(data))
     with pytest.raises(StoreFormatError):
-        r = Retriever.open(path, device="cpu", mask_memory_bytes=0, use_faiss=False)
+        r = Retriever.open(path, device="cpu", options=SearchOptions(mask_memory_bytes=0, use_faiss=False))
         for row in (0, 14, 29):
             r.search(row, measures="all", k=30)
     assert not check_store(path, full=True).ok
@@ -236,7 +235,7 @@ def test_bad_csvs_fail_before_anything_runs(tmp_path, content, message):
 
 # -- creation and weights --------------------------------------------------------------------
 def _index_process(folder: Path, store: Path, preset: str) -> subprocess.Popen:
-    code = "import sys; from dermris.retriever.app.cli import main; sys.exit(main())"
+    code = "import sys; from dermris.app.cli import main; sys.exit(main())"
     return subprocess.Popen([sys.executable, "-c", code, "index", str(folder), str(store), "--preset", preset,
                              "--device", "cpu", "--quiet", "--workers", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})

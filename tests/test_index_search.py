@@ -10,6 +10,7 @@ from PIL import Image
 
 from reference import NAMES, brute_force, load_store, row_query
 from dermris.indexer import Store, StoreMismatchError, index_folder
+from dermris.indexer.store import check_store, load_faiss_index
 from dermris.retriever import MEASURES, QueryError, Retriever, UnknownMeasureError
 
 
@@ -151,8 +152,9 @@ def test_rerun_adds_only_new_images_and_refresh(tmp_path, synthetic_set):
     for name in names[:5]:
         shutil.copy(images / name, folder / name)
     store = tmp_path / "store"
-    first = index_folder(folder, store, metadata=csv, progress=False, device="cpu")
+    first = index_folder(folder, store, metadata=csv, progress=False, device="cpu", faiss_files=True)
     assert first.indexed == 5
+    first_parts = sorted(p.name for p in (store / "faiss").iterdir())
     retriever = Retriever.open(store, device="cpu")
     for name in names[5:9]:
         shutil.copy(images / name, folder / name)
@@ -164,7 +166,11 @@ def test_rerun_adds_only_new_images_and_refresh(tmp_path, synthetic_set):
     assert len(retriever) == 9 and len(retriever.search(0, measures="style", k=50)["style"]) == 8
     meta = Store.open(store).metadata()
     assert meta.column("image_id").to_pylist() == [n[:-4] for n in names[:9]]
-    assert Store.open(store).faiss_indexes()["features_l2"].ntotal == 9
+    # FAISS files, once asked for, are appended: the first run's parts are kept as they were
+    assert load_faiss_index(Store.open(store), "features_l2").ntotal == 9
+    parts = sorted(p.name for p in (store / "faiss").iterdir())
+    assert set(first_parts) < set(parts) and len(parts) == 4
+    assert check_store(store).ok
     with pytest.raises(StoreMismatchError, match="preset 'tiny', not 'lite0'"):
         index_folder(folder, store, preset="lite0", progress=False)
 

@@ -18,8 +18,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from live_server import live_server  # noqa: E402
 from dermris.retriever import MEASURES, Retriever  # noqa: E402
-from dermris.retriever.app import judge  # noqa: E402
-from dermris.retriever.app.cli import main  # noqa: E402
+from dermris.app import judge  # noqa: E402
+from dermris.app.cli import main  # noqa: E402
 
 BASE = "http://127.0.0.1:8765"
 
@@ -201,7 +201,7 @@ def test_judge_refuses_bad_input_foreign_hosts_and_tokens(retriever, tmp_path):
 def test_judge_on_the_search_server_and_a_stalled_client(indexed_store, retriever, tmp_path):
     """On a real socket: the judging page beside the search page; a client that stops mid-body
     holds no worker, the others are answered."""
-    from dermris.retriever.app.server import create_app
+    from dermris.app.server import create_app
 
     out = tmp_path / "session"
     judge.prepare_session(retriever, out, queries=2, seed=1, k=3)
@@ -241,7 +241,7 @@ def test_judge_cli_prepare_only_and_score_json(indexed_store, tmp_path):
 
 def test_judgments_beside_the_search_page_keep_their_own_limit(indexed_store, retriever, tmp_path):
     """Mounted in the search app (whose body limit is the 32 MiB upload), a judgment still stops at 4 KB."""
-    from dermris.retriever.app.server import create_app
+    from dermris.app.server import create_app
 
     out = tmp_path / "session"
     judge.prepare_session(retriever, out, queries=1, seed=1, k=2)

@@ -18,9 +18,9 @@ from PIL import Image
 
 from reference import NAMES, brute_force, load_store, row_query
 from dermris.indexer import Store, StoreFormatError, StoreWriter, index_folder
-from dermris.indexer.store import check_store
+from dermris.indexer.store import check_store, compact
 from dermris.retriever import QueryError, Retriever
-from dermris.retriever.app.cli import main
+from dermris.app.cli import main
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_delete_hides_rows_everywhere_then_compact(tmp_path, small_set):
 
     # compact: rows physically removed, renumbered, same answers
     with StoreWriter.open(store) as writer:
-        assert writer.compact() == 3
+        assert compact(writer) == 3
     compacted = Store.open(store)
     assert compacted.rows == 13 and len(compacted.deleted_rows) == 0
     ids = compacted.metadata(columns=["image_id"]).column("image_id").to_pylist()
@@ -101,7 +101,7 @@ def test_compaction_interrupted_before_and_during_the_switch(tmp_path, small_set
     monkeypatch.setattr(StoreWriter, "build_derived", crash)
     with pytest.raises(KeyboardInterrupt):
         with StoreWriter.open(store) as writer:
-            writer.compact()
+            compact(writer)
     monkeypatch.setattr(StoreWriter, "build_derived", original)
     assert Store.open(store).rows == 16 and check_store(store).ok
 
@@ -120,7 +120,7 @@ def test_compaction_interrupted_before_and_during_the_switch(tmp_path, small_set
     monkeypatch.setattr(store_module, "finish_compaction", half_switch)
     with pytest.raises(KeyboardInterrupt):
         with StoreWriter.open(store) as writer:
-            writer.compact()
+            compact(writer)
     monkeypatch.setattr(store_module, "finish_compaction", real_finish)
     # reading never moves anything: readers report the unfinished switch (after a short wait)
     import dermris.indexer.store.reader as reader_module
@@ -141,7 +141,7 @@ def test_compaction_interrupted_before_and_during_the_switch(tmp_path, small_set
 def test_check_reports_each_problem(tmp_path, small_set):
     folder, csv = small_set
     store = tmp_path / "store"
-    index_folder(folder, store, metadata=csv, progress=False, commit_every=8, batch_size=8)
+    index_folder(folder, store, metadata=csv, progress=False, commit_every=8, batch_size=8, faiss_files=True)
     report = check_store(store)
     assert report.ok and report.rows == 16
 
@@ -152,14 +152,13 @@ def test_check_reports_each_problem(tmp_path, small_set):
     chunk.write_bytes(bytes(data))
     part = sorted((store / "metadata").iterdir())[1]
     part.write_bytes(part.read_bytes()[:-20])
-    shutil.copy(store / "faiss" / "features_ip.index", store / "faiss" / "features_l2.index.bak")
-    (store / "faiss" / "features_l2.index").write_bytes(b"junk")
+    next((store / "faiss").glob("features_l2-*.index")).write_bytes(b"junk")
     with open(store / "model.safetensors", "ab") as fh:
         fh.write(b"\0")
     problems = check_store(store).problems
     assert any(p.startswith("arrays:") and "mask" in p for p in problems), problems
     assert any(p.startswith("metadata:") and part.name in p for p in problems), problems
-    assert any(p.startswith("faiss: features_l2") for p in problems), problems
+    assert any(p.startswith("faiss: faiss/features_l2") for p in problems), problems
     assert any(p.startswith("model:") for p in problems), problems
     assert all("\n" not in p for p in problems)
 
@@ -262,7 +261,7 @@ def test_store_of_another_model_or_version(tmp_path, small_set):
 
 
 def _index_subprocess(folder, store, csv):
-    code = "import sys; from dermris.retriever.app.cli import main; sys.exit(main())"
+    code = "import sys; from dermris.app.cli import main; sys.exit(main())"
     return subprocess.Popen(
         [sys.executable, "-c", code, "index", str(folder), str(store), "--metadata", str(csv),
          "--commit-every", "2", "--batch-size", "2", "--quiet", "--device", "cpu"],

@@ -47,11 +47,11 @@ def installed_venv(tmp_path_factory):
 def test_wheel_installs_dermris_namespace_beside_users_own_packages(installed_venv, tmp_path):
     """In a folder with its own ``models/`` and ``retriever/``, dermris still imports and runs."""
     project = tmp_path / "research"
-    for name in ("models", "retriever", "indexer"):
+    for name in ("core", "models", "indexer", "retriever", "app"):
         (project / name).mkdir(parents=True)
         (project / name / "__init__.py").write_text(f"raise ImportError('the user\\'s own {name} package')\n")
     python = installed_venv / "bin" / "python"
-    code = ("import dermris.retriever as r, dermris.models as m, dermris.indexer as i; "
+    code = ("import dermris.retriever as r, dermris.models as m, dermris.indexer as i, dermris.core, dermris.app.cli; "
             "from dermris.retriever import Retriever, MEASURES; "
             "print(r.__file__); print(r.__version__); print(len(MEASURES))")
     result = _run([str(python), "-c", code], cwd=project)
@@ -72,7 +72,7 @@ def test_wheel_installs_dermris_namespace_beside_users_own_packages(installed_ve
 
 def test_help_and_argument_errors_do_not_import_torch():
     code = ("import sys\n"
-            "from dermris.retriever.app.cli import main\n"
+            "from dermris.app.cli import main\n"
             "for argv in (['--help'], ['search', '--help'], ['search', 'S', '--measure', 'dice'], ['index']):\n"
             "    try:\n"
             "        main(argv, prog_name='dermris')\n"
@@ -99,7 +99,7 @@ def test_help_is_fast():
 def test_every_command_has_verbose_and_quiet():
     import click
 
-    from dermris.retriever.app.cli import main
+    from dermris.app.cli import main
 
     def commands(group, prefix=""):
         for name, cmd in group.commands.items():
@@ -117,10 +117,10 @@ def test_every_command_has_verbose_and_quiet():
 
 
 def test_atomic_writes_go_through_one_helper():
-    """Files are replaced only by dermris.models.atomic (directory renames aside)."""
-    allowed = {"models/atomic.py", "indexer/store/compaction.py", "indexer/store/writer.py"}
+    """Files are replaced only by dermris.core.atomic (directory renames aside)."""
+    allowed = {"core/atomic.py", "indexer/store/recovery.py", "indexer/store/writer.py"}
     offenders = []
-    for folder in ("models", "indexer", "retriever"):
+    for folder in ("core", "models", "indexer", "retriever", "app"):
         for file in (ROOT / folder).rglob("*.py"):
             rel = file.relative_to(ROOT).as_posix()
             text = file.read_text()

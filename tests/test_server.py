@@ -13,7 +13,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from dermris.retriever import Retriever  # noqa: E402
-from dermris.retriever.app.server import create_app, is_loopback  # noqa: E402
+from dermris.app.server import create_app, is_loopback  # noqa: E402
 
 BASE = "http://127.0.0.1:8000"
 
@@ -116,8 +116,8 @@ def test_upload_size_host_origin_and_token(indexed_store):
 
 
 def test_serve_refuses_open_binding_without_a_token(indexed_store, monkeypatch):
-    from dermris.models.errors import QueryError
-    from dermris.retriever.app import server
+    from dermris.core.errors import QueryError
+    from dermris.app import server
 
     monkeypatch.delenv(server.TOKEN_ENV, raising=False)
     with pytest.raises(QueryError, match="needs --token"):
@@ -152,7 +152,7 @@ def test_search_cli_explain_json_text_and_sheet(indexed_store, tmp_path):
     from click.testing import CliRunner
 
     from reference import load_store
-    from dermris.retriever.app.cli import main
+    from dermris.app.cli import main
 
     data = load_store(indexed_store)
     runner = CliRunner()
@@ -194,7 +194,7 @@ def _chunks(total: int, size: int = 64 << 10):
 def test_chunked_bodies_are_limited_too(indexed_store, tmp_path):
     """A body without Content-Length (chunked) is refused as it passes the limit, on both apps."""
     from dermris.retriever import Retriever
-    from dermris.retriever.app import judge
+    from dermris.app import judge
 
     small = TestClient(create_app(indexed_store, device="cpu", max_upload_bytes=1000), base_url=BASE)
     response = small.post("/api/search", content=_chunks(4 << 20),
@@ -210,7 +210,7 @@ def test_chunked_bodies_are_limited_too(indexed_store, tmp_path):
 
 
 def test_hosts_beyond_loopback_and_same_origin(indexed_store):
-    from dermris.models.errors import QueryError
+    from dermris.core.errors import QueryError
 
     with pytest.raises(QueryError, match="needs a token"):
         create_app(indexed_store, host="0.0.0.0", device="cpu")

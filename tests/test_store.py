@@ -11,8 +11,9 @@ import pytest
 import zarr
 
 from dermris.indexer import Store, StoreFormatError, StoreNotFoundError, StyleCodec
-from dermris.models.errors import DermrisError
-from dermris.models import StyleLayout
+from dermris.indexer.store import load_faiss_index
+from dermris.core.errors import DermrisError
+from dermris.core import StyleLayout
 from dermris.retriever import Retriever
 
 
@@ -28,11 +29,14 @@ def test_store_is_read_by_independent_clients(indexed_store):
     np.testing.assert_array_equal(areas, group["mask_area"][:])
     table = pq.ParquetDataset(indexed_store / "metadata").read()
     assert table.num_rows == n
-    for name in ("features_l2", "features_ip"):
-        index = faiss.read_index(str(indexed_store / manifest["faiss"][name]["file"]))
-        assert index.ntotal == n
-        assert sorted(faiss.vector_to_array(index.id_map).tolist()) == list(range(n))
-    l2 = faiss.read_index(str(indexed_store / "faiss/features_l2.index"))
+    for name in ("features_l2", "features_ip"):  # plain FAISS files, one per run that added rows
+        ids = []
+        for part in (p for p in manifest["faiss_parts"] if p["name"] == name):
+            index = faiss.read_index(str(indexed_store / "faiss" / part["file"]))
+            assert index.ntotal == part["stop"] - part["start"]
+            ids += faiss.vector_to_array(index.id_map).tolist()
+        assert sorted(ids) == list(range(n))
+    l2 = faiss.read_index(str(indexed_store / "faiss" / manifest["faiss_parts"][0]["file"]))
     feats = group["features"][:]
     _, ids = l2.search(feats[3:4], 1)
     assert ids[0, 0] == 3
@@ -111,15 +115,15 @@ def test_missing_damaged_and_foreign_stores(tmp_path, random_store):
 
 
 def test_rows_past_the_commit_point_are_invisible(random_store):
-    path = random_store(n=10, seed=2)
+    path = random_store(n=10, seed=2, commit_sizes=[6, 4], faiss_files=True)
     m = json.loads((path / "manifest.json").read_text())
     m["rows"] = 6  # as if the last commit never happened
     (path / "manifest.json").write_text(json.dumps(m))
     retriever = Retriever.open(path, device="cpu")
     assert len(retriever) == 6
     assert max(h.row for h in retriever.search(0, measures="style", k=100)["style"]) == 5
-    # the FAISS files hold 10 rows: they are derived, so they are rebuilt, not trusted
-    assert Store.open(path).faiss_indexes()["features_ip"].ntotal == 6
+    # the FAISS part of rows 6..9 is past the commit point: never read
+    assert load_faiss_index(Store.open(path), "features_ip").ntotal == 6
 
 
 def test_store_without_model_rejects_image_queries(random_store):
@@ -142,7 +146,8 @@ def test_one_writer_at_a_time(random_store):
 
 def test_interrupted_creation_is_cleared(tmp_path):
     from dermris.indexer import StoreExistsError, StoreWriter
-    from dermris.models import StyleLayout, get_preset
+    from dermris.core import StyleLayout
+    from dermris.models import get_preset
 
     root = tmp_path / "store"
     (root / ".create" / "arrays.zarr").mkdir(parents=True)  # what a crash mid-creation leaves

@@ -18,7 +18,7 @@ from dermris.models.training.data import DataError, read_classification_set, rea
 from dermris.models.training.losses import binary_focal_loss, focal_tversky_loss
 from dermris.models.training.train import TrainConfig, dice_jaccard, roc_auc, train_segmenter
 from dermris.models.weights import weights_part
-from dermris.retriever.app.cli import main
+from dermris.app.cli import main
 
 
 def test_binary_focal_loss_by_hand():

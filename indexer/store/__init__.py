@@ -6,17 +6,22 @@
     STORE/model.safetensors    the model that made the store (weights + config)
     STORE/metadata/*.parquet   one row per image, in row order; parts listed in the manifest
     STORE/arrays.zarr          zarr v3: features, style, mask, mask_area, mask_blocks, sketch_<n>
-    STORE/faiss/*.index        derived: IDMap2(Flat L2) and IDMap2(Flat IP on unit features)
+    STORE/faiss/*.index        derived, only when asked: IDMap2(Flat L2) and IDMap2(Flat IP on unit
+                               features), one part per run that added rows
 
-Layers: :mod:`._format` (names and the manifest), :mod:`._files` (manifest I/O, the writer
-lock, paths kept inside the store), :mod:`.reader` (:class:`Store`), :mod:`.writer`
-(:class:`StoreWriter`), :mod:`.compaction`, :mod:`.derived` (FAISS, style sketch),
-:mod:`.check`. Nothing outside this package reads manifest keys.
+Layers: :mod:`._format` (names and the manifest), :mod:`.schema` (the core row columns),
+:mod:`._files` (manifest I/O, the writer lock, paths kept inside the store), :mod:`.rows`
+(row reads by bytes), :mod:`.reader` (:class:`Store`), :mod:`.derived` (FAISS parts, style
+sketch), :mod:`.recovery` (what a writer finishes or clears first), :mod:`.writer`
+(:class:`StoreWriter`), :mod:`.compaction` (uses a writer), :mod:`.check`. Nothing outside
+this package reads manifest keys, and nothing here imports torch.
 """
 
 from ._format import FORMAT_NAME, FORMAT_VERSION, Manifest
 from .check import CheckReport, check_store
 from .codec import StyleCodec
+from .compaction import compact
+from .derived import load_faiss_index
 from .reader import Store, store_exists, unpack_masks
 from .sketch import MASK_GRID, StyleSketch, mask_block_counts
 from .writer import StoreWriter
@@ -32,6 +37,8 @@ __all__ = [
     "StyleCodec",
     "StyleSketch",
     "check_store",
+    "compact",
+    "load_faiss_index",
     "mask_block_counts",
     "store_exists",
     "unpack_masks",

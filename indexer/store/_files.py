@@ -8,8 +8,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from dermris.models.atomic import atomic_write_bytes
-from dermris.models.errors import StoreFormatError, StoreLockedError, StoreNotFoundError, StoreReadOnlyError
+from dermris.core.atomic import atomic_write_bytes
+from dermris.core.errors import StoreFormatError, StoreLockedError, StoreNotFoundError, StoreReadOnlyError
 
 from ._format import LOCK_NAME, MANIFEST_NAME, Manifest, now
 

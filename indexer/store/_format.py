@@ -19,8 +19,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from dermris.models.errors import ConfigError, StoreFormatError
-from dermris.models.gram import StyleLayout
+from dermris.core.errors import ConfigError, StoreFormatError
+from dermris.core.style_layout import StyleLayout
 from dermris.models.presets import ModelConfig
 
 __all__ = [
@@ -33,6 +33,8 @@ __all__ = [
     "METADATA_DIR",
     "FAISS_DIR",
     "FAISS_FILES",
+    "FAISS_NAMES",
+    "faiss_part_file",
     "ModelRecord",
     "ArraySpec",
     "StyleInfo",
@@ -41,6 +43,7 @@ __all__ = [
     "PurgedImage",
     "RejectedFile",
     "FaissFile",
+    "FaissPart",
     "SketchInfo",
     "Manifest",
     "now",
@@ -58,10 +61,18 @@ FAISS_FILES: Mapping[str, str] = {
     "features_l2": "faiss/features_l2.index",
     "features_ip": "faiss/features_ip.index",
 }
+FAISS_NAMES = tuple(FAISS_FILES)
+"""The derived FAISS indexes: IDMap2(Flat L2) on the features, IDMap2(Flat IP) on unit features."""
 STYLE_DTYPES = ("float16", "float32")
 
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}$")
 _SKETCH_GROUP = re.compile(r"^sketch_[0-9]{1,9}$")
+_FAISS_PART = re.compile(r"^(features_l2|features_ip)-([0-9]{12})-([0-9]{12})\.index$")
+
+
+def faiss_part_file(name: str, start: int, stop: int) -> str:
+    """The file name (inside ``faiss/``) of the FAISS index ``name`` holding rows ``[start, stop)``."""
+    return f"{name}-{start:012d}-{stop:012d}.index"
 
 
 def now() -> str:
@@ -159,6 +170,20 @@ class ModelRecord:
         return {"config": self.config.to_dict(), "weights_file": self.weights_file,
                 "weights_sha256": self.weights_sha256}
 
+    @classmethod
+    def from_fields(cls, f: _Fields) -> "ModelRecord":
+        try:
+            config = ModelConfig.from_dict(f.get("config"))
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise StoreFormatError(f"{f.source}: invalid model config: {exc}") from None
+        weights_file = f.str("weights_file", default=None, optional=True)
+        if weights_file not in (None, MODEL_FILE):
+            f.fail("model.weights_file", f"null or {MODEL_FILE!r}", weights_file)
+        sha = f.str("weights_sha256", default=None, optional=True)
+        if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
+            f.fail("model.weights_sha256", "a hex sha256", sha)
+        return cls(config, weights_file, sha)
+
 
 @dataclass(frozen=True)
 class ArraySpec:
@@ -188,6 +213,27 @@ class ArraySpec:
             out["mask_blocks"] = {"dtype": "int32", "grid": self.mask_grid}
         return out
 
+    @classmethod
+    def from_fields(cls, f: _Fields) -> "ArraySpec":
+        feat_f, style_f, mask_f = f.obj("features"), f.obj("style"), f.obj("mask")
+        blocks = f.get("mask_blocks", None)
+        mask_size = mask_f.int("size", minimum=1)
+        spec = cls(
+            feature_dim=feat_f.int("dim", minimum=1),
+            style_dim=style_f.int("dim", minimum=1),
+            style_dtype=style_f.choice("dtype", STYLE_DTYPES),
+            style_shard_rows=style_f.int("shard_rows", minimum=1, default=1),
+            mask_size=mask_size,
+            mask_bytes=mask_f.int("bytes", minimum=1),
+            mask_grid=None if blocks is None else f.obj("mask_blocks").int("grid", minimum=1),
+        )
+        if spec.mask_bytes != (mask_size * mask_size + 7) // 8:
+            mask_f.fail("arrays.mask.bytes", f"{(mask_size * mask_size + 7) // 8} for size {mask_size}",
+                        spec.mask_bytes)
+        if spec.mask_grid is not None and mask_size % spec.mask_grid:
+            f.fail("arrays.mask_blocks.grid", f"a divisor of the mask size {mask_size}", spec.mask_grid)
+        return spec
+
 
 @dataclass(frozen=True)
 class StyleInfo:
@@ -202,6 +248,26 @@ class StyleInfo:
         return {**self.layout.to_dict(), "scales": None if self.scales is None else list(self.scales),
                 "dtype": self.dtype, "clipped_values": self.clipped_values}
 
+    @classmethod
+    def from_fields(cls, f: _Fields) -> "StyleInfo":
+        try:
+            channels = [int(c) for c in f.list("channels") if type(c) is int]
+            weights = [float(w) for w in f.list("weights") if isinstance(w, (int, float)) and not isinstance(w, bool)]
+            if len(channels) != len(f.list("channels")) or len(weights) != len(f.list("weights")):
+                raise ConfigError("channels must be integers and weights numbers")
+            layout = StyleLayout.from_channels(channels, weights)
+        except ConfigError as exc:
+            raise StoreFormatError(f"{f.source}: invalid style layout: {exc}") from None
+        scales_raw = f.get("scales", None)
+        scales = None
+        if scales_raw is not None:
+            if (not isinstance(scales_raw, list) or len(scales_raw) != len(channels)
+                    or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in scales_raw)):
+                f.fail("style.scales", f"null or a list of {len(channels)} positive numbers", scales_raw)
+            scales = tuple(float(s) for s in scales_raw)
+        return cls(layout=layout, scales=scales, dtype=f.choice("dtype", STYLE_DTYPES, default="float16"),
+                   clipped_values=f.int("clipped_values", default=0))
+
 
 @dataclass(frozen=True)
 class MetadataPart(_Record):
@@ -212,6 +278,13 @@ class MetadataPart(_Record):
     stop: int
     sha256: str | None = None
 
+    @classmethod
+    def from_fields(cls, f: _Fields) -> "MetadataPart":
+        part = cls(f.name("file"), f.int("start"), f.int("stop", minimum=1),
+                   f.str("sha256", default=None, optional=True))
+        if not part.file.endswith(".parquet"):
+            f.fail(f"{f.where}.file", "a .parquet file name", part.file)
+        return part
 
 
 @dataclass(frozen=True)
@@ -223,6 +296,9 @@ class DeletedImage(_Record):
     sha256: str
     deleted: str
 
+    @classmethod
+    def from_fields(cls, f: _Fields) -> "DeletedImage":
+        return cls(f.int("row"), f.str("image_id"), f.str("sha256"), f.str("deleted", default=""))
 
 
 @dataclass(frozen=True)
@@ -233,6 +309,9 @@ class PurgedImage(_Record):
     sha256: str
     deleted: str
 
+    @classmethod
+    def from_fields(cls, f: _Fields) -> "PurgedImage":
+        return cls(f.str("image_id"), f.str("sha256"), f.str("deleted", default=""))
 
 
 @dataclass(frozen=True)
@@ -242,15 +321,42 @@ class RejectedFile(_Record):
     path: str
     reason: str
 
+    @classmethod
+    def from_fields(cls, f: _Fields) -> "RejectedFile":
+        return cls(f.str("path"), f.str("reason"))
 
 
 @dataclass(frozen=True)
 class FaissFile:
-    """A derived FAISS index file and the number of vectors it held when written."""
+    """A whole-store FAISS index file as stores written before FAISS parts recorded it (read,
+    checked, and replaced by parts the next time the store's FAISS files are updated)."""
 
     name: str
     file: str
     ntotal: int
+
+
+@dataclass(frozen=True)
+class FaissPart(_Record):
+    """One file of a derived FAISS index, holding rows ``[start, stop)`` (ids = rows).
+
+    An index's parts are contiguous from row 0; each run that adds rows writes one new part
+    per index (nothing already written is rewritten). They hold deleted rows until compaction.
+    """
+
+    name: str
+    file: str
+    start: int
+    stop: int
+
+    @classmethod
+    def from_fields(cls, f: _Fields) -> "FaissPart":
+        part = cls(f.choice("name", FAISS_NAMES), f.name("file"), f.int("start"), f.int("stop", minimum=1))
+        match = _FAISS_PART.match(part.file)
+        if match is None or match.group(1) != part.name or int(match.group(2)) != part.start \
+                or int(match.group(3)) != part.stop or part.stop <= part.start:
+            f.fail(f"{f.where}.file", f"{faiss_part_file(part.name, part.start, part.stop)!r}", part.file)
+        return part
 
 
 @dataclass(frozen=True)
@@ -265,6 +371,27 @@ class SketchInfo(_Record):
     orthonormality_error: float
     rows: int
 
+    @classmethod
+    def from_fields(cls, f: _Fields) -> "SketchInfo":
+        return cls(group=f.name("group", _SKETCH_GROUP), serial=f.int("serial"), dim=f.int("dim"),
+                   dim_requested=f.int("dim_requested"), fitted_rows=f.int("fitted_rows"),
+                   orthonormality_error=f.float("orthonormality_error"), rows=f.int("rows"))
+
+
+def _contiguous(parts: list, source: str, what: str) -> int:
+    """Parts must cover rows ``0, 1, ...`` without gaps or overlaps; returns the rows covered."""
+    expected = 0
+    for part in parts:
+        if part.start != expected or part.stop <= part.start:
+            raise StoreFormatError(f"{source}: {what} {part.file} covers rows {part.start}..{part.stop}, "
+                                   f"expected to start at {expected}")
+        expected = part.stop
+    return expected
+
+
+_KNOWN_KEYS = frozenset({"format", "format_version", "rows", "model", "arrays", "style", "metadata_parts", "faiss",
+                         "faiss_files", "faiss_parts", "rejected", "deleted", "purged", "sketch", "created",
+                         "updated", "generation"})
 
 
 @dataclass(frozen=True)
@@ -275,6 +402,8 @@ class Manifest:
     (it is frozen). Unknown top-level keys written by other tools are kept in ``extra``.
     ``generation`` identifies the arrays this manifest describes: ``arrays.zarr`` carries the
     same value in its attributes, and compaction (which renumbers rows) starts a new one.
+    ``faiss_files`` says whether the store keeps FAISS files of its features (only when asked:
+    the retriever builds its own indexes); ``faiss_parts`` lists them.
     """
 
     rows: int
@@ -283,6 +412,8 @@ class Manifest:
     style: StyleInfo
     metadata_parts: tuple[MetadataPart, ...] = ()
     faiss: tuple[FaissFile, ...] = ()
+    faiss_files: bool = False
+    faiss_parts: tuple[FaissPart, ...] = ()
     rejected: tuple[RejectedFile, ...] = ()
     deleted: tuple[DeletedImage, ...] = ()
     purged: tuple[PurgedImage, ...] = ()
@@ -308,8 +439,17 @@ class Manifest:
         return frozenset(d.sha256 for d in self.deleted) | frozenset(p.sha256 for p in self.purged)
 
     def faiss_file(self, name: str) -> FaissFile | None:
-        """The recorded FAISS file ``name``, if any."""
+        """The recorded whole-store FAISS file ``name`` of an older store, if any."""
         return next((f for f in self.faiss if f.name == name), None)
+
+    def faiss_parts_of(self, name: str) -> tuple[FaissPart, ...]:
+        """The committed parts of FAISS index ``name`` (none past :attr:`rows`), in row order."""
+        return tuple(p for p in self.faiss_parts if p.name == name and p.stop <= self.rows)
+
+    @property
+    def faiss_rows(self) -> int:
+        """Committed rows covered by every FAISS index's parts (0 without parts)."""
+        return min(max((p.stop for p in self.faiss_parts_of(n)), default=0) for n in FAISS_NAMES)
 
     # -- JSON ------------------------------------------------------------------------------
     @classmethod
@@ -333,117 +473,42 @@ class Manifest:
             )
         top = _Fields(data, "", source)
         rows = top.int("rows")
-
-        model_f = top.obj("model")
-        try:
-            config = ModelConfig.from_dict(model_f.get("config"))
-        except (ConfigError, TypeError, ValueError) as exc:
-            raise StoreFormatError(f"{source}: invalid model config: {exc}") from None
-        weights_file = model_f.str("weights_file", default=None, optional=True)
-        if weights_file not in (None, MODEL_FILE):
-            model_f.fail("model.weights_file", f"null or {MODEL_FILE!r}", weights_file)
-        sha = model_f.str("weights_sha256", default=None, optional=True)
-        if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
-            model_f.fail("model.weights_sha256", "a hex sha256", sha)
-        model = ModelRecord(config, weights_file, sha)
-
-        arrays_f = top.obj("arrays")
-        feat_f, style_f, mask_f = arrays_f.obj("features"), arrays_f.obj("style"), arrays_f.obj("mask")
-        blocks = arrays_f.get("mask_blocks", None)
-        mask_size = mask_f.int("size", minimum=1)
-        arrays = ArraySpec(
-            feature_dim=feat_f.int("dim", minimum=1),
-            style_dim=style_f.int("dim", minimum=1),
-            style_dtype=style_f.choice("dtype", STYLE_DTYPES),
-            style_shard_rows=style_f.int("shard_rows", minimum=1, default=1),
-            mask_size=mask_size,
-            mask_bytes=mask_f.int("bytes", minimum=1),
-            mask_grid=None if blocks is None else arrays_f.obj("mask_blocks").int("grid", minimum=1),
-        )
-        if arrays.mask_bytes != (mask_size * mask_size + 7) // 8:
-            mask_f.fail("arrays.mask.bytes", f"{(mask_size * mask_size + 7) // 8} for size {mask_size}",
-                        arrays.mask_bytes)
-        if arrays.mask_grid is not None and mask_size % arrays.mask_grid:
-            arrays_f.fail("arrays.mask_blocks.grid", f"a divisor of the mask size {mask_size}", arrays.mask_grid)
-
-        st = top.obj("style")
-        try:
-            channels = [int(c) for c in st.list("channels") if type(c) is int]
-            weights = [float(w) for w in st.list("weights") if isinstance(w, (int, float)) and not isinstance(w, bool)]
-            if len(channels) != len(st.list("channels")) or len(weights) != len(st.list("weights")):
-                raise ConfigError("channels must be integers and weights numbers")
-            layout = StyleLayout.from_channels(channels, weights)
-        except ConfigError as exc:
-            raise StoreFormatError(f"{source}: invalid style layout: {exc}") from None
-        if layout.dim != arrays.style_dim:
-            raise StoreFormatError(f"{source}: style layout has {layout.dim} values, the style array {arrays.style_dim}")
-        scales_raw = st.get("scales", None)
-        scales = None
-        if scales_raw is not None:
-            if (not isinstance(scales_raw, list) or len(scales_raw) != len(channels)
-                    or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in scales_raw)):
-                st.fail("style.scales", f"null or a list of {len(channels)} positive numbers", scales_raw)
-            scales = tuple(float(s) for s in scales_raw)
-        style = StyleInfo(layout=layout, scales=scales, dtype=st.choice("dtype", STYLE_DTYPES, default="float16"),
-                          clipped_values=st.int("clipped_values", default=0))
+        arrays = ArraySpec.from_fields(top.obj("arrays"))
+        style = StyleInfo.from_fields(top.obj("style"))
+        if style.layout.dim != arrays.style_dim:
+            raise StoreFormatError(f"{source}: style layout has {style.layout.dim} values, "
+                                   f"the style array {arrays.style_dim}")
         if style.dtype != arrays.style_dtype:
             raise StoreFormatError(f"{source}: style dtype {style.dtype} differs from the style array's")
-
-        parts = []
-        expected_start = 0
-        for p in top.items("metadata_parts"):
-            part = MetadataPart(p.name("file"), p.int("start"), p.int("stop", minimum=1),
-                                p.str("sha256", default=None, optional=True))
-            if not part.file.endswith(".parquet"):
-                p.fail(f"{p.where}.file", "a .parquet file name", part.file)
-            if part.start != expected_start or part.stop <= part.start:
-                raise StoreFormatError(f"{source}: metadata part {part.file} covers rows {part.start}..{part.stop}, "
-                                       f"expected to start at {expected_start}")
-            expected_start = part.stop
-            parts.append(part)
-        if expected_start < rows:
-            raise StoreFormatError(f"{source}: metadata parts cover {expected_start} rows, the manifest commits {rows}")
-
-        faiss_raw = top.get("faiss", {})
-        faiss_f = _Fields(faiss_raw if faiss_raw is not None else {}, "faiss", source)
-        faiss = []
-        for name in faiss_f.data:
-            if name not in FAISS_FILES:
-                faiss_f.fail("faiss", f"keyed by {', '.join(FAISS_FILES)}", name)
-            entry = faiss_f.obj(name)
-            file = entry.str("file", default=FAISS_FILES[name])
-            if file != FAISS_FILES[name]:
-                entry.fail(f"faiss.{name}.file", repr(FAISS_FILES[name]), file)
-            faiss.append(FaissFile(name, file, entry.int("ntotal")))
-
-        rejected = tuple(RejectedFile(r.str("path"), r.str("reason")) for r in top.items("rejected", default=[]))
-        deleted = tuple(DeletedImage(d.int("row"), d.str("image_id"), d.str("sha256"), d.str("deleted", default=""))
-                        for d in top.items("deleted", default=[]))
+        parts = [MetadataPart.from_fields(p) for p in top.items("metadata_parts")]
+        if _contiguous(parts, source, "metadata part") < rows:
+            raise StoreFormatError(f"{source}: metadata parts cover {parts[-1].stop if parts else 0} rows, "
+                                   f"the manifest commits {rows}")
+        faiss_parts = [FaissPart.from_fields(p) for p in top.items("faiss_parts", default=[])]
+        for name in FAISS_NAMES:  # parts past the committed rows are never read (check reports them)
+            _contiguous([p for p in faiss_parts if p.name == name], source, "FAISS part")
+        deleted = tuple(DeletedImage.from_fields(d) for d in top.items("deleted", default=[]))
         if any(d.row >= rows for d in deleted):
             raise StoreFormatError(f"{source}: deleted rows lie outside the {rows} committed rows")
-        purged = tuple(PurgedImage(p.str("image_id"), p.str("sha256"), p.str("deleted", default=""))
-                       for p in top.items("purged", default=[]))
-
-        sketch = None
-        if top.get("sketch", None) is not None:
-            s = top.obj("sketch")
-            sketch = SketchInfo(
-                group=s.name("group", _SKETCH_GROUP), serial=s.int("serial"), dim=s.int("dim"),
-                dim_requested=s.int("dim_requested"), fitted_rows=s.int("fitted_rows"),
-                orthonormality_error=s.float("orthonormality_error"), rows=s.int("rows"),
-            )
+        sketch = SketchInfo.from_fields(top.obj("sketch")) if top.get("sketch", None) is not None else None
         generation = top.str("generation", default=None, optional=True)
         if generation is not None and not re.fullmatch(r"[0-9a-f]{8,64}", generation):
             top.fail("generation", "a hex string", generation)
-        known = {"format", "format_version", "rows", "model", "arrays", "style", "metadata_parts", "faiss",
-                 "rejected", "deleted", "purged", "sketch", "created", "updated", "generation"}
+        faiss_files = top.get("faiss_files", False)
+        if not isinstance(faiss_files, bool):
+            top.fail("faiss_files", "true or false", faiss_files)
         return cls(
-            rows=rows, model=model, arrays=arrays, style=style, metadata_parts=tuple(parts), faiss=tuple(faiss),
-            rejected=rejected, deleted=deleted, purged=purged, sketch=sketch,
+            rows=rows, model=ModelRecord.from_fields(top.obj("model")), arrays=arrays, style=style,
+            metadata_parts=tuple(parts), faiss=_legacy_faiss(top), faiss_files=faiss_files,
+            faiss_parts=tuple(faiss_parts),
+            rejected=tuple(RejectedFile.from_fields(r) for r in top.items("rejected", default=[])),
+            deleted=deleted,
+            purged=tuple(PurgedImage.from_fields(p) for p in top.items("purged", default=[])),
+            sketch=sketch,
             created=top.str("created", default=None, optional=True),
             updated=top.str("updated", default=None, optional=True),
             generation=generation,
-            extra={k: v for k, v in data.items() if k not in known},
+            extra={k: v for k, v in data.items() if k not in _KNOWN_KEYS},
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -462,6 +527,10 @@ class Manifest:
             "faiss": {f.name: {"file": f.file, "ntotal": f.ntotal} for f in self.faiss},
             "rejected": [r.to_dict() for r in self.rejected],
         })
+        if self.faiss_files:
+            out["faiss_files"] = True
+        if self.faiss_parts:
+            out["faiss_parts"] = [p.to_dict() for p in self.faiss_parts]
         if self.deleted:
             out["deleted"] = [d.to_dict() for d in self.deleted]
         if self.purged:
@@ -475,3 +544,19 @@ class Manifest:
     def to_json(self) -> bytes:
         """Canonical JSON bytes (sorted keys)."""
         return json.dumps(self.to_dict(), indent=1, sort_keys=True).encode()
+
+
+def _legacy_faiss(top: _Fields) -> tuple[FaissFile, ...]:
+    """The ``faiss`` entries of stores written before FAISS parts (one file per index)."""
+    raw = top.get("faiss", {})
+    faiss_f = _Fields(raw if raw is not None else {}, "faiss", top.source)
+    out = []
+    for name in faiss_f.data:
+        if name not in FAISS_FILES:
+            faiss_f.fail("faiss", f"keyed by {', '.join(FAISS_FILES)}", name)
+        entry = faiss_f.obj(name)
+        file = entry.str("file", default=FAISS_FILES[name])
+        if file != FAISS_FILES[name]:
+            entry.fail(f"faiss.{name}.file", repr(FAISS_FILES[name]), file)
+        out.append(FaissFile(name, file, entry.int("ntotal")))
+    return tuple(out)

@@ -10,10 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dermris.models.errors import DermrisError
+from dermris.core.errors import DermrisError
+from dermris.core.hashing import file_sha256
 
 from ._files import inside
-from ._format import FAISS_FILES, METADATA_DIR
+from ._format import FAISS_DIR, METADATA_DIR
 from .reader import Store
 
 __all__ = ["CheckReport", "check_store"]
@@ -57,8 +58,6 @@ def check_store(path: str | os.PathLike, *, full: bool = False) -> CheckReport:
     full : bool
         Also read every style row (verifies all their checksums; reads the whole store).
     """
-    from dermris.models.weights import file_sha256
-
     root = Path(path)
     report = CheckReport()
     try:
@@ -142,26 +141,10 @@ def check_store(path: str | os.PathLike, *, full: bool = False) -> CheckReport:
         report.problems.append(f"metadata: {exc}")
     report.checked.append("metadata parts (rows, sha256, unique ids)")
 
-    # FAISS (derived): files recorded in the manifest must match the committed rows
-    import faiss
-
-    for info in m.faiss:
-        try:
-            file = inside(root, FAISS_FILES[info.name])
-            index = faiss.read_index(str(file))
-        except DermrisError as exc:
-            report.problems.append(f"faiss: {exc}")
-            continue
-        except RuntimeError as exc:
-            report.problems.append(f"faiss: {info.name} unreadable ({str(exc).splitlines()[0]})")
-            continue
-        if index.ntotal != n or info.ntotal != n:
-            report.problems.append(f"faiss: {info.name} holds {index.ntotal} vectors, store has {n} rows")
-            continue
-        ids = faiss.vector_to_array(index.id_map) if hasattr(index, "id_map") else np.arange(index.ntotal)
-        if not np.array_equal(np.sort(ids), np.arange(n)):
-            report.problems.append(f"faiss: {info.name} ids are not the rows 0..{n - 1}")
-    report.checked.append("faiss (ntotal, ids)")
+    # FAISS (derived, kept only when asked): every listed file holds the rows it says it holds
+    if m.faiss or m.faiss_parts:
+        _check_faiss(root, m, n, report)
+        report.checked.append("faiss files (ntotal, ids)")
 
     # style sketch (derived)
     if m.sketch is not None:
@@ -186,3 +169,26 @@ def check_store(path: str | os.PathLike, *, full: bool = False) -> CheckReport:
             report.problems.append(f"model: {exc}")
         report.checked.append("model sha256")
     return report
+
+
+def _check_faiss(root: Path, m, n: int, report: CheckReport) -> None:
+    import faiss
+
+    entries = [(info.name, info.file, 0, n, info.ntotal) for info in m.faiss]
+    entries += [(p.name, f"{FAISS_DIR}/{p.file}", p.start, p.stop, p.stop - p.start) for p in m.faiss_parts]
+    for name, relative, start, stop, ntotal in entries:
+        try:
+            index = faiss.read_index(str(inside(root, relative, must_exist=True)))
+        except DermrisError as exc:
+            report.problems.append(f"faiss: {exc}")
+            continue
+        except RuntimeError as exc:
+            report.problems.append(f"faiss: {relative} unreadable ({str(exc).splitlines()[0]})")
+            continue
+        if index.ntotal != stop - start or ntotal != stop - start:
+            report.problems.append(f"faiss: {relative} holds {index.ntotal} vectors, expected {stop - start} "
+                                   f"(rows {start}..{stop - 1})")
+            continue
+        ids = faiss.vector_to_array(index.id_map) if hasattr(index, "id_map") else np.arange(index.ntotal)
+        if not np.array_equal(np.sort(ids), np.arange(start, stop)):
+            report.problems.append(f"faiss: {relative} ids are not the rows {start}..{stop - 1}")

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dermris.models.errors import ConfigError
-from dermris.models.gram import StyleLayout
+from dermris.core.errors import ConfigError
+from dermris.core.style_layout import StyleLayout
 
 __all__ = ["StyleCodec"]
 

@@ -12,100 +12,34 @@ not match the arrays').
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
-from dermris.models.atomic import atomic_write_bytes, fsync_dir
-from dermris.models.errors import StoreFormatError
+from dermris.core.atomic import atomic_write_bytes
+from dermris.core.errors import StoreFormatError
 
-from ._files import read_manifest, write_manifest
-from ._format import ARRAYS_DIR, FAISS_DIR, LOCK_NAME, MANIFEST_NAME, METADATA_DIR, PurgedImage
+from ._files import WriterLock, read_manifest, write_manifest
+from ._format import LOCK_NAME, PurgedImage
+from .recovery import COMPACT_DIR, COMPACT_READY, finish_compaction, remove_tree
+from .writer import StoreWriter, initialise_store
 
-if TYPE_CHECKING:
-    from .writer import StoreWriter
-
-__all__ = ["COMPACT_DIR", "COMPACT_OLD", "compact", "finish_compaction", "compaction_pending"]
-
-COMPACT_DIR = ".compact"
-COMPACT_OLD = ".compact-old"
-COMPACT_READY = "READY"
-_SWITCHED = (ARRAYS_DIR, METADATA_DIR, FAISS_DIR)
+__all__ = ["compact"]
 
 
-def _real_dir(path: Path) -> bool:
-    """A directory that is not a symbolic link."""
-    return path.is_dir() and not path.is_symlink()
-
-
-def _remove_tree(path: Path) -> None:
-    """Remove a directory inside the store; a symbolic link is unlinked, never followed."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
-
-
-def compaction_pending(root: Path) -> bool:
-    """Whether a complete compacted copy waits to be switched in."""
-    staging = root / COMPACT_DIR
-    return _real_dir(staging) and (staging / COMPACT_READY).is_file() and not (staging / COMPACT_READY).is_symlink()
-
-
-def finish_compaction(root: Path) -> None:
-    """Switch a complete compacted store (``.compact/``, marked READY) into place; idempotent.
-
-    Only a writer holding the store's lock may call this. Only real directories inside the
-    store are moved or removed; symbolic links are removed as links, never followed.
-    """
-    staging, old = root / COMPACT_DIR, root / COMPACT_OLD
-    if not compaction_pending(root):
-        if staging.exists() or staging.is_symlink():
-            _remove_tree(staging)  # an incomplete copy: the store itself was never touched
-        if old.exists() or old.is_symlink():
-            _remove_tree(old)
-        return
-    if old.is_symlink() or (old.exists() and not old.is_dir()):
-        old.unlink()
-    old.mkdir(exist_ok=True)
-    for name in _SWITCHED:
-        source = staging / name
-        if source.is_symlink():
-            raise StoreFormatError(f"{source} is a symbolic link; refusing to switch it into the store")
-        if _real_dir(source):
-            current = root / name
-            if current.exists() or current.is_symlink():
-                parked = old / name
-                if parked.exists() or parked.is_symlink():
-                    _remove_tree(parked)
-                os.replace(current, parked)
-            os.replace(source, current)
-    fsync_dir(root)
-    new_manifest = staging / MANIFEST_NAME
-    if new_manifest.is_file() and not new_manifest.is_symlink():
-        os.replace(new_manifest, root / MANIFEST_NAME)
-        fsync_dir(root)
-    _remove_tree(staging)
-    _remove_tree(old)
-
-
-def compact(writer: "StoreWriter", *, chunk_rows: int = 256) -> int:
+def compact(writer: StoreWriter, *, chunk_rows: int = 256) -> int:
     """Build a copy of the store without its deleted rows and switch it in.
 
     Rows of the remaining images are renumbered ``0..N'-1`` in order; retrievers opened before
     notice (the manifest's generation changes) and must be reopened.
+
+    The writer (which holds the store's lock) sees the compacted store afterwards.
 
     Returns
     -------
     int
         The number of rows removed.
     """
-    from .writer import StoreWriter, initialise_store
-
     root = writer.root
     store = writer.reader()
     deleted = store.deleted_rows
@@ -113,7 +47,7 @@ def compact(writer: "StoreWriter", *, chunk_rows: int = 256) -> int:
         return 0
     staging = root / COMPACT_DIR
     if staging.exists() or staging.is_symlink():
-        _remove_tree(staging)
+        remove_tree(staging)
     staging.mkdir()
     m = writer.manifest
     fresh = initialise_store(staging, m.model.config, m.style.layout, style_dtype=m.style.dtype,
@@ -121,8 +55,8 @@ def compact(writer: "StoreWriter", *, chunk_rows: int = 256) -> int:
     purged = m.purged + tuple(PurgedImage(d.image_id, d.sha256, d.deleted) for d in m.deleted)
     # the same float16 scales keep the stored bits identical
     write_manifest(staging, fresh.replace(style=dataclasses.replace(fresh.style, scales=m.style.scales),
-                                          rejected=m.rejected, purged=purged))
-    from ._files import WriterLock
+                                          rejected=m.rejected, purged=purged,
+                                          faiss_files=m.faiss_files or bool(m.faiss)))
 
     new = StoreWriter(staging, lock=WriterLock(staging))
     try:
@@ -141,4 +75,5 @@ def compact(writer: "StoreWriter", *, chunk_rows: int = 256) -> int:
         raise StoreFormatError(f"{root}: the compacted copy is incomplete; the store was left as it was")
     atomic_write_bytes(staging / COMPACT_READY, b"ready\n")
     finish_compaction(root)
+    writer.reload()
     return len(deleted)

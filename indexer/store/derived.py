@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import zarr
 
-from dermris.models.atomic import atomic_path, fsync_dir
+from dermris.core.atomic import atomic_path, fsync_dir
+from dermris.core.errors import StoreFormatError
 
 from ._files import inside
-from ._format import FAISS_DIR, FAISS_FILES, FaissFile, SketchInfo
+from ._format import FAISS_DIR, FAISS_NAMES, FaissPart, SketchInfo, faiss_part_file
 from .sketch import fit_style_basis, orthonormality_error, project_style
 
 if TYPE_CHECKING:
@@ -21,15 +22,16 @@ if TYPE_CHECKING:
 
     from .reader import Store
 
-__all__ = ["faiss_indexes_for", "write_faiss_indexes", "update_sketch"]
+__all__ = ["faiss_indexes_for", "load_faiss_index", "update_sketch", "write_faiss_parts"]
 
 
-def faiss_indexes_for(features: np.ndarray) -> dict[str, "faiss.Index"]:
-    """``IDMap2(Flat L2)`` on the features and ``IDMap2(Flat IP)`` on the unit features."""
+def faiss_indexes_for(features: np.ndarray, *, start: int = 0) -> dict[str, "faiss.Index"]:
+    """``IDMap2(Flat L2)`` on the features and ``IDMap2(Flat IP)`` on the unit features, with
+    ids ``start, start + 1, ...``."""
     import faiss
 
     n, dim = features.shape
-    ids = np.arange(n, dtype=np.int64)
+    ids = np.arange(start, start + n, dtype=np.int64)
     l2 = faiss.IndexIDMap2(faiss.IndexFlatL2(dim))
     l2.add_with_ids(np.ascontiguousarray(features, np.float32), ids)
     unit = np.array(features, np.float32, copy=True)
@@ -39,17 +41,52 @@ def faiss_indexes_for(features: np.ndarray) -> dict[str, "faiss.Index"]:
     return {"features_l2": l2, "features_ip": ip}
 
 
-def write_faiss_indexes(features: np.ndarray, root: Path) -> tuple[FaissFile, ...]:
-    """Write ``faiss/features_l2.index`` and ``faiss/features_ip.index`` atomically."""
+def write_faiss_parts(store: "Store", root: Path, start: int, stop: int) -> tuple[FaissPart, ...]:
+    """Write one FAISS part per index holding rows ``[start, stop)`` (atomically; the caller
+    records them in the manifest, which commits them)."""
     import faiss
 
+    features = store.features()[start:stop]
     out = []
-    for name, index in faiss_indexes_for(features).items():
-        with atomic_path(inside(root, FAISS_FILES[name])) as tmp:
+    for name, index in faiss_indexes_for(features, start=start).items():
+        file = faiss_part_file(name, start, stop)
+        with atomic_path(inside(root, f"{FAISS_DIR}/{file}")) as tmp:
             faiss.write_index(index, str(tmp))
-        out.append(FaissFile(name, FAISS_FILES[name], int(index.ntotal)))
+        out.append(FaissPart(name, file, start, stop))
     fsync_dir(root / FAISS_DIR)
     return tuple(out)
+
+
+def load_faiss_index(store: "Store", name: str) -> "faiss.Index":
+    """The store's FAISS index ``name`` (``features_l2`` or ``features_ip``) as one index, from
+    its parts (or an older store's whole-store file). Deleted rows are still in it until
+    compaction: filter by :attr:`Store.deleted_rows`.
+
+    Raises
+    ------
+    StoreFormatError
+        The store keeps no FAISS files (``dermris rebuild --faiss-files``), or one is damaged.
+    """
+    import faiss
+
+    m = store.manifest
+    if name not in FAISS_NAMES:
+        raise ValueError(f"unknown FAISS index {name!r}; expected one of {', '.join(FAISS_NAMES)}")
+    legacy = m.faiss_file(name)
+    files = [legacy.file] if legacy is not None else [f"{FAISS_DIR}/{p.file}" for p in m.faiss_parts_of(name)]
+    if not files:
+        raise StoreFormatError(f"{store.root} keeps no FAISS files; `dermris rebuild --faiss-files` writes them")
+    merged = None
+    for relative in files:
+        try:
+            part = faiss.read_index(str(inside(store.root, relative, must_exist=True)))
+        except RuntimeError as exc:
+            raise StoreFormatError(f"{store.root}: {relative} unreadable ({str(exc).splitlines()[0]})") from None
+        if merged is None:
+            merged = part
+        else:
+            merged.merge_from(part)
+    return merged
 
 
 def update_sketch(

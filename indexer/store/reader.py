@@ -17,19 +17,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from dermris.models.errors import ModelUnavailableError, StoreChangedError, StoreFormatError
-from dermris.models.gram import StyleLayout
+from dermris.core.errors import ModelUnavailableError, StoreChangedError, StoreFormatError
+from dermris.core.style_layout import StyleLayout
 from dermris.models.presets import ModelConfig
 
 from ._files import inside, manifest_stamp, read_manifest
-from ._format import ARRAYS_DIR, FAISS_FILES, METADATA_DIR, Manifest, RejectedFile, SketchInfo
+from ._format import ARRAYS_DIR, METADATA_DIR, Manifest, RejectedFile, SketchInfo
 from .codec import StyleCodec
 from .rows import ShardedRows
 from .sketch import MASK_GRID, StyleSketch, mask_block_counts
 
 if TYPE_CHECKING:
-    import faiss
-
     from dermris.models import DermrisModel
 
 __all__ = ["Store", "store_exists", "unpack_masks"]
@@ -245,7 +243,8 @@ class Store:
         StoreFormatError
             The model file is missing or does not match its checksum.
         """
-        from dermris.models.weights import file_sha256, load_model
+        from dermris.core.hashing import file_sha256
+        from dermris.models.weights import load_model
 
         path, sha256 = self.model_file()
         if sha256 and file_sha256(path) != sha256:
@@ -475,29 +474,7 @@ class Store:
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
             raise StoreFormatError(f"{self.root}: metadata parts disagree on their columns: {exc}") from None
 
-    # -- derived -------------------------------------------------------------------------
-    def faiss_indexes(self) -> dict[str, "faiss.Index"]:
-        """The FAISS indexes, read from disk when current, else rebuilt in memory from features."""
-        import faiss
-
-        from .derived import faiss_indexes_for
-
-        out = {}
-        for name, relative in FAISS_FILES.items():
-            info = self.manifest.faiss_file(name)
-            path = inside(self.root, relative)
-            if info is not None and info.ntotal == self.rows and path.is_file():
-                try:
-                    index = faiss.read_index(str(path))
-                    if index.ntotal == self.rows:
-                        out[name] = index
-                        continue
-                except RuntimeError:
-                    pass
-            out = {}
-            break
-        return out or faiss_indexes_for(self.features())
-
+    # -- summary -------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """A JSON-ready summary of what the store holds (``dermris info``)."""
         m = self.manifest
@@ -521,7 +498,8 @@ class Store:
             "mask_size": self.mask_size,
             "weights_sha256": m.model.weights_sha256,
             "metadata_columns": self.metadata_schema().names,
-            "faiss": {f.name: f.ntotal for f in m.faiss},
+            "faiss_files": ({p.name: p.stop for p in m.faiss_parts} | {f.name: f.ntotal for f in m.faiss})
+            if (m.faiss_files or m.faiss) else None,
             "sketch_dim": m.sketch.dim if m.sketch else None,
             "rejected": len(m.rejected),
             "created": m.created,

@@ -27,7 +27,7 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 
-from dermris.models.errors import StoreFormatError
+from dermris.core.errors import StoreFormatError
 
 __all__ = ["ShardedRows"]
 

@@ -19,9 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from dermris.models.atomic import atomic_path, fsync_dir, fsync_file
-from dermris.models.errors import ConfigError, StoreExistsError, StoreFormatError, StoreMismatchError
-from dermris.models.gram import StyleLayout
+from dermris.core.atomic import atomic_path, fsync_dir, fsync_file
+from dermris.core.hashing import file_sha256
+from dermris.core.errors import ConfigError, StoreExistsError, StoreFormatError, StoreMismatchError
+from dermris.core.style_layout import StyleLayout
 from dermris.models.presets import ModelConfig
 
 from ._files import WriterLock, inside, read_manifest, write_manifest
@@ -42,7 +43,10 @@ from ._format import (
     now,
 )
 from .codec import StyleCodec
+from .derived import update_sketch, write_faiss_parts
 from .reader import Store, unpack_masks
+from .recovery import finish_compaction, remove_uncommitted_files
+from .schema import CORE_COLUMNS, CORE_SCHEMA
 from .sketch import MASK_GRID, mask_block_counts
 
 if TYPE_CHECKING:
@@ -128,15 +132,18 @@ class StoreWriter:
         self.root = root
         self._lock = lock or WriterLock(root)
         try:
-            from .compaction import finish_compaction
-
             finish_compaction(root)  # an interrupted compaction is finished (or cleared) under the lock
             self.manifest = read_manifest(root)
-            self._remove_uncommitted_files()
+            remove_uncommitted_files(root, self.manifest)
             self._load()
         except BaseException:
             self._lock.release()
             raise
+
+    def reload(self) -> None:
+        """Re-read the manifest and what the writer derives from it (after a compaction)."""
+        self.manifest = read_manifest(self.root)
+        self._load()
 
     def _load(self) -> None:
         """Set what the writer derives from the manifest (on open, and after compaction)."""
@@ -164,9 +171,10 @@ class StoreWriter:
         return self.manifest.model.config
 
     @property
-    def has_faiss(self) -> bool:
-        """Whether current FAISS files are recorded."""
-        return bool(self.manifest.faiss)
+    def keeps_faiss_files(self) -> bool:
+        """Whether the store keeps FAISS files of its features (asked for once, or an older
+        store that has whole-store files)."""
+        return self.manifest.faiss_files or bool(self.manifest.faiss)
 
     @property
     def removed_sha256(self) -> frozenset[str]:
@@ -179,25 +187,6 @@ class StoreWriter:
 
     def _commit(self, manifest: Manifest) -> None:
         self.manifest = write_manifest(self.root, manifest)
-
-    def _remove_uncommitted_files(self) -> None:
-        """Delete what an interrupted writer left: unlisted Parquet parts and temporary files.
-
-        Independent readers list ``metadata/`` themselves, so a part written for rows that were
-        never committed must not stay there. Only regular files inside the store are removed.
-        """
-        listed = {p.file for p in self.manifest.metadata_parts}
-        metadata = inside(self.root, METADATA_DIR)
-        if metadata.is_dir() and not metadata.is_symlink():
-            for path in metadata.iterdir():
-                if path.name not in listed and path.is_file() and not path.is_symlink():
-                    path.unlink()
-        for dirpath, dirnames, filenames in os.walk(self.root):  # os.walk does not follow links
-            for name in filenames:
-                if name.endswith(".partial") or (name.startswith(".") and name.endswith(".tmp")):
-                    path = Path(dirpath) / name
-                    if not path.is_symlink():
-                        path.unlink()
 
     def close(self) -> None:
         """Release the writer lock (also released when the process ends)."""
@@ -404,11 +393,11 @@ class StoreWriter:
         target = inside(self.root, f"{METADATA_DIR}/{part}")
         with atomic_path(target) as tmp:
             pq.write_table(table, tmp)
-        from dermris.models.weights import file_sha256
-
         parts = m.metadata_parts + (MetadataPart(part, n0, n1, file_sha256(target)),)
         style_info = dataclasses.replace(m.style, clipped_values=m.style.clipped_values + clipped)
-        self._commit(m.replace(rows=n1, metadata_parts=parts, style=style_info, faiss=()))
+        # an older store's whole-store FAISS files no longer cover the rows: replaced by parts later
+        self._commit(m.replace(rows=n1, metadata_parts=parts, style=style_info, faiss=(),
+                               faiss_files=m.faiss_files or bool(m.faiss)))
         return range(n0, n1)
 
     def prepare_metadata(self, user_schema: pa.Schema | None) -> tuple[pa.Schema, list[str]]:
@@ -434,9 +423,7 @@ class StoreWriter:
         StoreMismatchError
             A column's type cannot be reconciled.
         """
-        core = pa.schema([("row", pa.int64()), ("image_id", pa.string()), ("path", pa.string()),
-                          ("sha256", pa.string()), ("width", pa.int32()), ("height", pa.int32())])
-        new = pa.schema(list(core) + [f for f in (user_schema or []) if f.name not in core.names])
+        new = pa.schema(list(CORE_SCHEMA) + [f for f in (user_schema or []) if f.name not in CORE_COLUMNS])
         stored = self._schema
         if stored is None:
             self._schema = new
@@ -467,8 +454,7 @@ class StoreWriter:
         rows = pa.array(np.arange(start, start + records.num_rows, dtype=np.int64))
         table = records.add_column(0, "row", rows) if "row" not in records.column_names else records
         if self._schema is None:
-            self.prepare_metadata(pa.schema([f for f in table.schema if f.name not in
-                                             ("row", "image_id", "path", "sha256", "width", "height")]))
+            self.prepare_metadata(pa.schema([f for f in table.schema if f.name not in CORE_COLUMNS]))
         columns = []
         try:
             for field in self._schema:
@@ -532,22 +518,37 @@ class StoreWriter:
             self._commit(self.manifest.replace(deleted=self.manifest.deleted + tuple(marks)))
         return rows, unknown
 
-    def compact(self, *, chunk_rows: int = 256) -> int:
-        """Physically remove deleted rows (see :func:`.compaction.compact`); returns how many."""
-        from .compaction import compact
-
-        removed = compact(self, chunk_rows=chunk_rows)
-        self.manifest = read_manifest(self.root)
-        self._load()
-        return removed
-
     # -- derived data --------------------------------------------------------------------
-    def build_faiss(self) -> None:
-        """Rebuild the derived FAISS indexes from the committed features and record them."""
-        from .derived import write_faiss_indexes
+    def update_faiss_files(self, *, enable: bool = False, rewrite: bool = False) -> None:
+        """Bring the store's FAISS files up to the committed rows, if it keeps them.
 
-        files = write_faiss_indexes(self.reader().features(), self.root)
-        self._commit(self.manifest.replace(faiss=files))
+        Only the rows no part covers yet are written, as one new part per index (plain FAISS
+        files, ids = rows); nothing already written is rewritten unless ``rewrite``. An older
+        store's whole-store files are replaced by parts once.
+
+        Parameters
+        ----------
+        enable : bool
+            Start keeping FAISS files (recorded in the manifest; later runs keep them current).
+        rewrite : bool
+            Write every index anew, as one part (``dermris rebuild``).
+        """
+        m = self.manifest
+        if not (enable or self.keeps_faiss_files):
+            return
+        start_over = rewrite or bool(m.faiss)
+        parts = () if start_over else tuple(p for p in m.faiss_parts if p.stop <= m.faiss_rows)
+        covered = 0 if start_over else m.faiss_rows
+        if m.faiss_files and not start_over and covered == m.rows:
+            return  # current
+        if covered < m.rows:
+            parts = parts + write_faiss_parts(self.reader(), self.root, covered, m.rows)
+        self._commit(m.replace(faiss_files=True, faiss_parts=parts, faiss=()))
+        stale = ({os.path.basename(f.file) for f in m.faiss} | {p.file for p in m.faiss_parts}) - {p.file for p in parts}
+        for name in stale:  # no reader uses them once the manifest no longer lists them
+            path = inside(self.root, f"{FAISS_DIR}/{name}")
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
 
     def update_sketch(self, *, dim: int = 256, fit_rows: int = 1024, refit_growth: int = 4, device=None) -> None:
         """Bring the style sketch up to the committed rows (derived data, crash-safe).
@@ -557,8 +558,6 @@ class StoreWriter:
         or when it was fitted on fewer than ``fit_rows`` rows and the store has grown
         ``refit_growth`` times since. A CUDA ``device`` does the float64 arithmetic there.
         """
-        from .derived import update_sketch
-
         if dim < 0 or fit_rows < 1:
             raise ValueError("sketch dim must be >= 0 and fit_rows >= 1")
         info, stale = update_sketch(self.reader(), self._group, self.manifest.sketch, dim=dim, fit_rows=fit_rows,
@@ -569,7 +568,9 @@ class StoreWriter:
         if stale and stale in self._group:  # the basis before the previous one: no reader uses it
             del self._group[stale]
 
-    def build_derived(self, *, sketch_dim: int = 256, sketch_fit_rows: int = 1024) -> None:
-        """Rebuild or extend everything derived from the arrays (FAISS indexes, style sketch)."""
-        self.build_faiss()
+    def build_derived(self, *, sketch_dim: int = 256, sketch_fit_rows: int = 1024, faiss_files: bool = False,
+                      rewrite: bool = False) -> None:
+        """Extend (or with ``rewrite``, rebuild) everything derived from the arrays: the style
+        sketch, and the FAISS files when the store keeps them (``faiss_files`` starts that)."""
+        self.update_faiss_files(enable=faiss_files, rewrite=rewrite)
         self.update_sketch(dim=sketch_dim, fit_rows=sketch_fit_rows)

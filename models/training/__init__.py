@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .._lazy import lazy_exports
+from dermris.core._lazy import lazy_exports
 
 _EXPORTS = {
     "TrainConfig": ".train",

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import DataError
-from ..imageio import decode_image
+from dermris.core.errors import DataError
+from dermris.core.imageio import decode_image
 
 __all__ = [
     "DataError",

@@ -34,7 +34,7 @@ from .data import (
     load_mask_tensor,
     split_train_val,
 )
-from ..atomic import atomic_path, atomic_write
+from dermris.core.atomic import atomic_path, atomic_write
 from ..ensemble import DermrisModel
 from .losses import binary_focal_loss, focal_tversky_loss
 from ..weights import save_model

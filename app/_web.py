@@ -11,7 +11,7 @@ import ipaddress
 import os
 import secrets
 
-from dermris.models.errors import OptionalDependencyError, QueryError
+from dermris.core.errors import OptionalDependencyError, QueryError
 
 __all__ = ["TOKEN_ENV", "BodyLimit", "allowed_hosts", "install_guard", "is_loopback", "resolve_token", "run"]
 

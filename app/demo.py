@@ -17,7 +17,8 @@ from pathlib import Path
 from dermris.indexer import index_folder
 from dermris.indexer.synthetic import TEXTURE_CLASSES, synthetic_lesion, write_synthetic_set
 
-from ..search import Hit, Retriever
+from dermris.retriever.results import SearchResult
+from dermris.retriever import Retriever
 from .sheet import contact_sheet
 
 __all__ = ["DemoResult", "best_installed_preset", "run_demo"]
@@ -42,7 +43,7 @@ class DemoResult:
     rows: int
     preset: str
     model_description: str
-    results: dict[str, list[Hit]]
+    results: SearchResult
 
 
 def best_installed_preset() -> str:
@@ -78,4 +79,4 @@ def run_demo(
     results = retriever.search(query, measures="all", k=k, columns=("texture",))
     sheet = contact_sheet(query, results, out / "sheet.png", query_label=f"query ({query_texture})")
     return DemoResult(store=store, query=query, query_texture=query_texture, sheet=sheet, rows=report.rows,
-                      preset=preset, model_description=_DESCRIPTIONS.get(preset, preset), results=dict(results))
+                      preset=preset, model_description=_DESCRIPTIONS.get(preset, preset), results=results)

@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from dermris.indexer import decode_image
-from dermris.models.atomic import append_durably, atomic_write
-from dermris.models.errors import ImageDecodeError, JudgeError
+from dermris.core.atomic import append_durably, atomic_write
+from dermris.core.errors import ImageDecodeError, JudgeError
 
-from ..measures import MEASURES
-from ..search import Retriever
+from dermris.retriever.measures import MEASURES
+from dermris.retriever import Retriever
 from . import _web
 
 __all__ = ["PAPER_TABLE1", "JudgeError", "JudgeScore", "RaterAgreement", "create_judge_app", "judge_router",

@@ -21,7 +21,7 @@ from typing import Annotated
 import numpy as np
 from PIL import Image
 
-from dermris.models.errors import (
+from dermris.core.errors import (
     DermrisError,
     ImageDecodeError,
     ModelUnavailableError,
@@ -29,11 +29,11 @@ from dermris.models.errors import (
     StoreChangedError,
     UnknownMeasureError,
 )
-from dermris.models.imageio import decode_image, decode_image_bytes
+from dermris.core.imageio import decode_image, decode_image_bytes
 
-from ..explain import explain_result, mask_outline, style_stages
-from ..measures import MEASURES
-from ..search import Retriever
+from dermris.retriever.explain import mask_outline, style_stages
+from dermris.retriever.measures import MEASURES
+from dermris.retriever import Retriever
 from . import _web
 from ._web import TOKEN_ENV, is_loopback
 
@@ -86,7 +86,7 @@ def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
     retriever = Retriever.open(store, device=device)
     lock = threading.Lock()  # one search at a time: the retriever and the model are not shared state-safe
 
-    from .. import __version__
+    from dermris.retriever import __version__
 
     app = FastAPI(title="dermris", version=__version__, docs_url=None, openapi_url="/api/openapi.json",
                   redoc_url=None,
@@ -162,23 +162,16 @@ def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
                     vectors = retriever.embed(image)
                 else:
                     vectors = retriever.vectors(int(row))  # carries its row: excluded from its results
-                # the query's vectors, computed once for the search and the explanation
                 result = retriever.search(vectors, measures=measures or list(MEASURES), k=k, where=where or None,
-                                          columns=columns or (), exclude=exclude or ())
-                why = explain_result(retriever, vectors, result) if explain else None
+                                          columns=columns or (), exclude=exclude or (), explain=explain)
         except DermrisError as exc:
             fail(exc)
-        payload = result.to_dict()
-        for hits in payload["results"].values():
-            for hit in hits:
-                hit.pop("path", None)  # no server paths: images are served by row
+        payload = result.to_dict(paths=False)  # no server paths: images are served by row
         payload["query"] = {"row": row, "image_id": retriever.image_ids[row] if row is not None else None,
                             "filename": file.filename if file is not None else None}
+        why = result.explanation
         if why is not None:
             payload["query"]["mask_outline_png"] = base64.b64encode(_outline_png(why.query_mask, why.mask_size)).decode()
-            for hits in payload["results"].values():
-                for hit in hits:
-                    hit["style_stages"] = [s.to_dict() for s in why.stages[hit["row"]]]
         return payload
 
     @app.get("/api/image/{row}", summary="An indexed image by row (never by path)")

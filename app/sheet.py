@@ -11,11 +11,11 @@ import logging
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from dermris.indexer import decode_image
-from dermris.models.errors import ImageDecodeError
+from dermris.core.imageio import decode_image
+from dermris.core.errors import ImageDecodeError
 
-from ..explain import Explanation, outline_of, stage_summary, unpack_mask
-from ..search import Hit
+from dermris.retriever.explain import Explanation, outline_of, stage_summary, unpack_mask
+from dermris.retriever.results import Hit
 
 __all__ = ["contact_sheet"]
 
@@ -81,7 +81,8 @@ def contact_sheet(
     query : str, os.PathLike or PIL.Image.Image
         The query image (a file or an image).
     results : mapping of measure name to hits
-        As returned by :meth:`retriever.Retriever.search_all`.
+        A :class:`~dermris.retriever.SearchResult` (``Retriever.search``); when it carries an
+        explanation (``search(..., explain=True)``), that is drawn.
     out : path-like
         Output file (PNG).
     thumb : int
@@ -92,9 +93,9 @@ def contact_sheet(
         ``resolve(stored_path) -> path`` where the image is now (e.g. after the indexed folder
         moved: :meth:`~dermris.retriever.Retriever.locate`).
     explanation : Explanation, optional
-        From :func:`~dermris.retriever.explain.explain_result`: lesion outlines are drawn over
-        the query and every hit, and each hit's caption names the stage that makes up most of
-        its style loss.
+        Default: ``results.explanation`` when there is one. Lesion outlines are drawn over the
+        query and every hit, and each hit's caption names the stage that makes up most of its
+        style loss.
 
     Returns
     -------
@@ -103,6 +104,8 @@ def contact_sheet(
         as a warning on stderr.
     """
     out = Path(out)
+    if explanation is None:
+        explanation = getattr(results, "explanation", None)
     out.parent.mkdir(parents=True, exist_ok=True)  # an unwritable place fails before any drawing
     font = _font()
     k = max((len(h) for h in results.values()), default=0)

@@ -14,10 +14,10 @@ from typing import Sequence
 
 import numpy as np
 
-from dermris.models.errors import EvaluationError
+from dermris.core.errors import EvaluationError
 
-from ..measures import MEASURES, check_measures
-from ..search import Retriever
+from dermris.retriever.measures import MEASURES, check_measures
+from dermris.retriever import Retriever
 
 __all__ = ["EvaluationError", "MetricSummary", "EvaluationReport", "query_metrics", "evaluate", "plot_report"]
 

@@ -4,7 +4,7 @@ All of them derive from :class:`DermrisError`; where an error refines a builtin,
 subclasses that builtin (zarr-python's convention), so callers can catch
 ``FileNotFoundError`` or ``ValueError`` as they already do::
 
-    from dermris.models.errors import DermrisError, StoreNotFoundError
+    from dermris.core.errors import DermrisError, StoreNotFoundError
 
 The same classes are re-exported by :mod:`dermris.retriever` and :mod:`dermris.indexer`.
 This module imports nothing heavy (no torch), so command-line parsing can use it.

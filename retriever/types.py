@@ -1,0 +1,162 @@
+"""The retriever's public value types: a query's vectors, search options, what a search cost.
+
+All are plain (frozen where they configure) dataclasses without torch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["CostModel", "QueryVectors", "SearchOptions", "SearchStats", "MASK_MEMORY_BYTES", "EXACT_DICE_BYTES"]
+
+MASK_MEMORY_BYTES = 1 << 30
+"""Masks are kept in memory (no mask is read from disk during a search) up to this many bytes."""
+
+EXACT_DICE_BYTES = 32 << 20
+"""Up to this many bytes of masks, Dice is computed exactly for every row at once (a popcount
+of a few milliseconds); above it, Dice is bounded from block counts first and computed exactly,
+from memory, only for the rows the threshold algorithm visits."""
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds to read rows one request per run versus a sequential scan.
+
+    The defaults were measured on the 2-core machine the benchmarks ran on (page cache):
+    a request costs about 40 us, and bytes come at about 2 GB/s read one by one and 3 GB/s
+    in sequence, decoding included.
+
+    Attributes
+    ----------
+    request_seconds : float
+        Fixed cost of one row request.
+    random_bytes_per_second, scan_bytes_per_second : float
+        Throughput of row-by-row reads and of a sequential scan.
+    """
+
+    request_seconds: float = 40e-6
+    random_bytes_per_second: float = 2e9
+    scan_bytes_per_second: float = 3e9
+
+    @classmethod
+    def always_scan(cls) -> "CostModel":
+        """A model under which any row read loses to a scan (for tests and comparisons)."""
+        return cls(request_seconds=1e9)
+
+    @classmethod
+    def never_scan(cls) -> "CostModel":
+        """A model under which a scan never wins (the bound path alone)."""
+        return cls(scan_bytes_per_second=1e-12)
+
+    def rows_seconds(self, rows: int, row_bytes: int) -> float:
+        """Reading ``rows`` rows one by one."""
+        return rows * (self.request_seconds + row_bytes / self.random_bytes_per_second)
+
+    def scan_seconds(self, rows: int, row_bytes: int) -> float:
+        """Reading ``rows`` rows in one sequential scan."""
+        return rows * row_bytes / self.scan_bytes_per_second
+
+    def prefer_scan(self, to_read: int, to_scan: int, row_bytes: int) -> bool:
+        """Whether scanning ``to_scan`` rows is cheaper than reading ``to_read`` of them."""
+        return to_read > 0 and self.scan_seconds(to_scan, row_bytes) < self.rows_seconds(to_read, row_bytes)
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """How a :class:`~dermris.retriever.Retriever` searches (never what it answers: every
+    option gives the same, exact results).
+
+    Attributes
+    ----------
+    mask_memory_bytes : int
+        Keep the masks in memory up to this size (Dice exact for every row at no read cost);
+        larger stores bound Dice from block counts and read masks as needed.
+    exact_dice_bytes : int
+        Up to this size of masks, Dice is computed for every row at once; above it, Dice is
+        bounded from block counts and computed only for the rows visited.
+    cost_model : CostModel
+        When reading rows one by one loses to a sequential scan.
+    use_faiss : bool
+        Answer the Euclidean and cosine measures and ``ED_max`` through certified FAISS
+        searches rather than a pass over all features.
+    """
+
+    mask_memory_bytes: int = MASK_MEMORY_BYTES
+    exact_dice_bytes: int = EXACT_DICE_BYTES
+    cost_model: CostModel = field(default_factory=CostModel)
+    use_faiss: bool = True
+
+
+@dataclass(frozen=True)
+class QueryVectors:
+    """A query in the store's representation.
+
+    Attributes
+    ----------
+    feature : np.ndarray
+        ``(F,)`` float32.
+    style : np.ndarray
+        ``(D,)`` float32, as the store would hold it (float16 round trip applied).
+    mask : np.ndarray
+        ``(ceil(S*S/8),)`` uint8 bit-packed mask.
+    mask_area : int
+        Lesion pixels.
+    row : int or None
+        The stored row this query came from, if any.
+    """
+
+    feature: np.ndarray
+    style: np.ndarray
+    mask: np.ndarray
+    mask_area: int
+    row: int | None = None
+
+
+@dataclass
+class SearchStats:
+    """What one search cost.
+
+    Attributes
+    ----------
+    rows : int
+        Committed rows in the store.
+    style_rows_read : int
+        Style rows read from disk (exact style losses computed).
+    mask_rows_read : int
+        Mask rows read from disk (exact Dice computed).
+    bytes_read : int
+        Bytes of style and mask rows read.
+    scans : int
+        Sequential scans the cost model chose.
+    reranked : dict of str to int
+        Rows whose exact score was computed, per measure.
+    seconds : float
+        Wall time of the whole search for this query (shared work of a batch included).
+    stage_seconds : dict of str to float
+        Wall time per stage (``bounds``, ``features``, ``style rows``, ``rank <measure>``, ...).
+    """
+
+    rows: int = 0
+    style_rows_read: int = 0
+    mask_rows_read: int = 0
+    bytes_read: int = 0
+    scans: int = 0
+    reranked: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def add_time(self, stage: str, started: float) -> None:
+        """Add the time since ``started`` (``time.perf_counter()``) to ``stage``."""
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + time.perf_counter() - started
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        return {
+            "rows": self.rows, "style_rows_read": self.style_rows_read,
+            "mask_rows_read": self.mask_rows_read, "bytes_read": self.bytes_read, "scans": self.scans,
+            "reranked": dict(self.reranked), "seconds": round(self.seconds, 6),
+            "stage_seconds": {k: round(v, 6) for k, v in self.stage_seconds.items()},
+        }
