@@ -13,7 +13,15 @@ import secrets
 
 from dermris.core.errors import OptionalDependencyError, QueryError
 
-__all__ = ["TOKEN_ENV", "BodyLimit", "allowed_hosts", "install_guard", "is_loopback", "resolve_token", "run"]
+__all__ = [
+    "TOKEN_ENV",
+    "BodyLimit",
+    "allowed_hosts",
+    "install_guard",
+    "is_loopback",
+    "resolve_token",
+    "run",
+]
 
 TOKEN_ENV = "DERMRIS_TOKEN"
 """Environment variable holding the access token (instead of ``--token``)."""
@@ -34,7 +42,9 @@ def require_fastapi():
     try:
         import fastapi
     except ImportError:
-        raise OptionalDependencyError("the web pages need FastAPI: pip install 'dermris[serve]'") from None
+        raise OptionalDependencyError(
+            "the web pages need FastAPI: pip install 'dermris[serve]'"
+        ) from None
     return fastapi
 
 
@@ -70,9 +80,17 @@ class BodyLimit:
 
     async def _refuse(self, send) -> None:
         body = b'{"detail":"request body over %d bytes"}' % self.max_bytes
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope, receive, send) -> None:
@@ -114,8 +132,15 @@ class BodyLimit:
             await self._refuse(send)
 
 
-def install_guard(app, *, host: str, port: int, token: str | None, max_body_bytes: int | None = None,
-                  extra_hosts: tuple[str, ...] = ()) -> None:
+def install_guard(
+    app,
+    *,
+    host: str,
+    port: int,
+    token: str | None,
+    max_body_bytes: int | None = None,
+    extra_hosts: tuple[str, ...] = (),
+) -> None:
     """Add the Host/Origin/token checks (and an optional body limit) to a FastAPI ``app``.
 
     Parameters
@@ -175,5 +200,7 @@ def run(app, *, host: str, port: int) -> None:
     try:
         import uvicorn
     except ImportError:
-        raise OptionalDependencyError("the web pages need uvicorn: pip install 'dermris[serve]'") from None
+        raise OptionalDependencyError(
+            "the web pages need uvicorn: pip install 'dermris[serve]'"
+        ) from None
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5)

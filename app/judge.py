@@ -10,7 +10,6 @@ by :func:`score_session`. The judging page (:func:`judge_router`, on ``dermris j
 browser loses nothing, and agreement between raters can be measured (:class:`RaterAgreement`).
 """
 
-
 import io
 import json
 import os
@@ -18,24 +17,41 @@ import re
 import secrets
 import threading
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 
 import numpy as np
 
-from dermris.indexer import decode_image
 from dermris.core.atomic import append_durably, atomic_write
 from dermris.core.errors import ImageDecodeError, JudgeError
-
-from dermris.retriever.measures import MEASURES
+from dermris.indexer import decode_image
 from dermris.retriever import Retriever
+from dermris.retriever.measures import MEASURES
+
 from . import _web
 
-__all__ = ["PAPER_TABLE1", "JudgeError", "JudgeScore", "RaterAgreement", "create_judge_app", "judge_router",
-           "prepare_session", "score_session", "serve"]
+__all__ = [
+    "PAPER_TABLE1",
+    "JudgeError",
+    "JudgeScore",
+    "RaterAgreement",
+    "create_judge_app",
+    "judge_router",
+    "prepare_session",
+    "score_session",
+    "serve",
+]
 
 PAPER_TABLE1 = {
-    "euclidean": 40.8, "cosine": 34.0, "style": 61.2, "i1_ed": 18.0, "i1_cd": 10.0,
-    "i1_ecd": 18.4, "i1_se": 44.4, "i1_sc": 46.4, "i1_sd": 6.0,
+    "euclidean": 40.8,
+    "cosine": 34.0,
+    "style": 61.2,
+    "i1_ed": 18.0,
+    "i1_cd": 10.0,
+    "i1_ecd": 18.4,
+    "i1_se": 44.4,
+    "i1_sc": 46.4,
+    "i1_sd": 6.0,
 }
 """Success rates (%) of the paper's Table 1 (50 queries, top 5, one judge)."""
 
@@ -69,7 +85,16 @@ def prepare_session(
     rng = np.random.default_rng(seed)
     rows = sorted(rng.choice(live, size=min(queries, len(live)), replace=False).tolist())
     paths = retriever.paths
-    tasks, key = [], {"store": str(Path(retriever.store.root).resolve()), "k": k, "seed": seed, "queries": [], "images": {}}
+    tasks, key = (
+        [],
+        {
+            "store": str(Path(retriever.store.root).resolve()),
+            "k": k,
+            "seed": seed,
+            "queries": [],
+            "images": {},
+        },
+    )
     for qi, row in enumerate(rows, start=1):
         results = retriever.search(row, measures="all", k=k)
         pooled = sorted({h.row for hits in results.values() for h in hits})
@@ -80,12 +105,18 @@ def prepare_session(
         for r, t in tokens.items():
             key["images"][t] = paths[r]
         name = f"Q{qi:03d}"
-        tasks.append({"query": name, "query_image": query_token, "items": [tokens[r] for r in pooled]})
-        key["queries"].append({
-            "query": name, "row": row, "image_id": retriever.image_ids[row],
-            "items": {tokens[r]: r for r in pooled},
-            "rankings": {m: [tokens[h.row] for h in hits] for m, hits in results.items()},
-        })
+        tasks.append(
+            {"query": name, "query_image": query_token, "items": [tokens[r] for r in pooled]}
+        )
+        key["queries"].append(
+            {
+                "query": name,
+                "row": row,
+                "image_id": retriever.image_ids[row],
+                "items": {tokens[r]: r for r in pooled},
+                "rankings": {m: [tokens[h.row] for h in hits] for m, hits in results.items()},
+            }
+        )
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / KEY_FILE, key)
     _write_json(out / TASKS_FILE, {"version": 1, "k": k, "queries": tasks})
@@ -109,7 +140,9 @@ def _load_judgments(out: Path) -> dict[tuple[str, str, str], bool]:
     for line in path.read_text().splitlines():
         try:
             entry = json.loads(line)
-            judged[(str(entry.get("rater", ANONYMOUS)), entry["query"], entry["item"])] = bool(entry["similar"])
+            judged[(str(entry.get("rater", ANONYMOUS)), entry["query"], entry["item"])] = bool(
+                entry["similar"]
+            )
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             continue
     return judged
@@ -137,7 +170,7 @@ def judge_router(out: str | os.PathLike):
     judgment is appended to ``judgments.jsonl`` with the rater id and the server's UTC time, and
     fsynced before the answer, so a closed browser loses nothing.
     """
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from fastapi import APIRouter, HTTPException, Request
     from fastapi.concurrency import run_in_threadpool
@@ -157,7 +190,9 @@ def judge_router(out: str | os.PathLike):
 
     def rater_id(value) -> str:
         if not isinstance(value, str) or not RATER_PATTERN.match(value):
-            raise HTTPException(400, "a rater id (letters, digits, _ . @ -; up to 64 characters) is required")
+            raise HTTPException(
+                400, "a rater id (letters, digits, _ . @ -; up to 64 characters) is required"
+            )
         return value
 
     @router.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -168,16 +203,23 @@ def judge_router(out: str | os.PathLike):
     def session_tasks(rater: str):
         rater = rater_id(rater)
         judged = {f"{q}/{i}": v for (r, q, i), v in _load_judgments(out).items() if r == rater}
-        return Response(json.dumps({"tasks": tasks, "judged": judged}), media_type="application/json",
-                        headers={"Cache-Control": "no-store"})
+        return Response(
+            json.dumps({"tasks": tasks, "judged": judged}),
+            media_type="application/json",
+            headers={"Cache-Control": "no-store"},
+        )
 
     @router.post("/api/judgments", summary="Record one judgment (fsynced before the answer)")
     async def record(request: Request):
         body = b""
-        async for part in request.stream():  # read no further than the limit, whatever the server's body limit
+        async for (
+            part
+        ) in request.stream():  # read no further than the limit, whatever the server's body limit
             body += part
             if len(body) > MAX_JUDGMENT_BYTES:
-                raise HTTPException(413, f"a judgment is a JSON object of at most {MAX_JUDGMENT_BYTES} bytes")
+                raise HTTPException(
+                    413, f"a judgment is a JSON object of at most {MAX_JUDGMENT_BYTES} bytes"
+                )
         if not body:
             raise HTTPException(400, "a judgment is a JSON object: {query, item, similar, rater}")
         try:
@@ -185,13 +227,22 @@ def judge_router(out: str | os.PathLike):
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise HTTPException(400, "bad judgment: not JSON (or nested too deeply)") from None
         if not isinstance(entry, dict) or not isinstance(entry.get("similar"), bool):
-            raise HTTPException(400, "bad judgment: expected {query, item, similar: true|false, rater}")
+            raise HTTPException(
+                400, "bad judgment: expected {query, item, similar: true|false, rater}"
+            )
         query, item = entry.get("query"), entry.get("item")
         if not isinstance(query, str) or not isinstance(item, str) or (query, item) not in valid:
             raise HTTPException(400, "bad judgment: unknown query or item")
-        record = {"rater": rater_id(entry.get("rater")), "query": query, "item": item, "similar": entry["similar"],
-                  "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
-        await run_in_threadpool(append, json.dumps(record) + "\n")  # the fsync does not hold up the event loop
+        record = {
+            "rater": rater_id(entry.get("rater")),
+            "query": query,
+            "item": item,
+            "similar": entry["similar"],
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        }
+        await run_in_threadpool(
+            append, json.dumps(record) + "\n"
+        )  # the fsync does not hold up the event loop
         return {"ok": True, "time": record["time"]}
 
     @router.get("/image/{token}", summary="A session image by its opaque token")
@@ -205,13 +256,21 @@ def judge_router(out: str | os.PathLike):
         picture.thumbnail((FULL_SIZE_LIMIT, FULL_SIZE_LIMIT) if full else (400, 400))
         buf = io.BytesIO()
         picture.save(buf, format="JPEG", quality=92 if full else 90)
-        return Response(buf.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+        return Response(
+            buf.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "no-store"}
+        )
 
     return router
 
 
-def create_judge_app(out: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8765,
-                     token: str | None = None, extra_hosts: tuple[str, ...] = ()):
+def create_judge_app(
+    out: str | os.PathLike,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    token: str | None = None,
+    extra_hosts: tuple[str, ...] = (),
+):
     """A FastAPI application serving only the judging page of session ``out`` at ``/judge/``.
 
     Requests whose Host or Origin is not this server are refused (403: DNS rebinding), bodies are
@@ -223,8 +282,14 @@ def create_judge_app(out: str | os.PathLike, *, host: str = "127.0.0.1", port: i
 
     router = judge_router(out)
     app = FastAPI(title="dermris judge", docs_url=None, redoc_url=None, openapi_url=None)
-    _web.install_guard(app, host=host, port=port, token=token, max_body_bytes=MAX_JUDGMENT_BYTES,
-                       extra_hosts=tuple(extra_hosts))
+    _web.install_guard(
+        app,
+        host=host,
+        port=port,
+        token=token,
+        max_body_bytes=MAX_JUDGMENT_BYTES,
+        extra_hosts=tuple(extra_hosts),
+    )
     app.include_router(router, prefix="/judge")
 
     @app.get("/", include_in_schema=False)
@@ -235,14 +300,24 @@ def create_judge_app(out: str | os.PathLike, *, host: str = "127.0.0.1", port: i
     return app
 
 
-def serve(out: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
-          extra_hosts: tuple[str, ...] = ()) -> None:
+def serve(
+    out: str | os.PathLike,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    token: str | None = None,
+    extra_hosts: tuple[str, ...] = (),
+) -> None:
     """Serve the judging page of session ``out`` until interrupted (uvicorn).
 
     It binds to ``host`` (loopback unless told otherwise; beyond loopback a token is required).
     """
     token = _web.resolve_token(host, token)
-    _web.run(create_judge_app(out, host=host, port=port, token=token, extra_hosts=extra_hosts), host=host, port=port)
+    _web.run(
+        create_judge_app(out, host=host, port=port, token=token, extra_hosts=extra_hosts),
+        host=host,
+        port=port,
+    )
 
 
 @dataclass(frozen=True)
@@ -269,7 +344,12 @@ class RaterAgreement:
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
-        return {"raters": list(self.raters), "items": self.items, "percent": self.percent, "kappa": self.kappa}
+        return {
+            "raters": list(self.raters),
+            "items": self.items,
+            "percent": self.percent,
+            "kappa": self.kappa,
+        }
 
 
 def _agreement(a: str, b: str, ja: dict, jb: dict) -> RaterAgreement:
@@ -318,10 +398,14 @@ class JudgeScore:
     def to_dict(self) -> dict:
         """JSON-ready form, with the paper's numbers beside."""
         return {
-            "success_rate_percent": self.success, "paper_table1_percent": PAPER_TABLE1,
-            "complete_queries": self.complete_queries, "total_queries": self.total_queries,
-            "judged_items": self.judged_items, "total_items": self.total_items,
-            "per_rater": self.per_rater, "agreement": [a.to_dict() for a in self.agreement],
+            "success_rate_percent": self.success,
+            "paper_table1_percent": PAPER_TABLE1,
+            "complete_queries": self.complete_queries,
+            "total_queries": self.total_queries,
+            "judged_items": self.judged_items,
+            "total_items": self.total_items,
+            "per_rater": self.per_rater,
+            "agreement": [a.to_dict() for a in self.agreement],
         }
 
 
@@ -344,7 +428,9 @@ def score_session(out: str | os.PathLike, *, rater: str | None = None) -> JudgeS
         by_rater.setdefault(r, {})[(q, i)] = v
     if rater is not None:
         if rater not in by_rater:
-            raise JudgeError(f"no judgments by rater {rater!r} (raters: {', '.join(sorted(by_rater)) or 'none'})")
+            raise JudgeError(
+                f"no judgments by rater {rater!r} (raters: {', '.join(sorted(by_rater)) or 'none'})"
+            )
         by_rater = {rater: by_rater[rater]}
     k = key["k"]
 
@@ -360,7 +446,9 @@ def score_session(out: str | os.PathLike, *, rater: str | None = None) -> JudgeS
         return rates, complete
 
     def mean(values: list[float]) -> float | None:
-        return float(np.mean(values)) if values else None  # None: nothing judged yet (valid JSON, no NaN)
+        return (
+            float(np.mean(values)) if values else None
+        )  # None: nothing judged yet (valid JSON, no NaN)
 
     pooled: dict[str, list[float]] = {m: [] for m in MEASURES}
     complete_any: set[str] = set()
@@ -370,12 +458,25 @@ def score_session(out: str | os.PathLike, *, rater: str | None = None) -> JudgeS
         complete_any |= complete
         for m in MEASURES:
             pooled[m] += rates[m]
-        per_rater[r] = {"success_rate_percent": {m: mean(v) for m, v in rates.items()},
-                        "complete_queries": len(complete), "judged_items": len(judged)}
+        per_rater[r] = {
+            "success_rate_percent": {m: mean(v) for m, v in rates.items()},
+            "complete_queries": len(complete),
+            "judged_items": len(judged),
+        }
     names = sorted(by_rater)
-    agreement = [_agreement(a, b, by_rater[a], by_rater[b]) for x, a in enumerate(names) for b in names[x + 1:]]
+    agreement = [
+        _agreement(a, b, by_rater[a], by_rater[b])
+        for x, a in enumerate(names)
+        for b in names[x + 1 :]
+    ]
     total_items = sum(len(q["items"]) for q in key["queries"])
     judged_any = set().union(*by_rater.values()) if by_rater else set()
-    return JudgeScore(success={m: mean(v) for m, v in pooled.items()}, complete_queries=len(complete_any),
-                      total_queries=len(key["queries"]), judged_items=len(judged_any), total_items=total_items,
-                      per_rater=per_rater, agreement=agreement)
+    return JudgeScore(
+        success={m: mean(v) for m, v in pooled.items()},
+        complete_queries=len(complete_any),
+        total_queries=len(key["queries"]),
+        judged_items=len(judged_any),
+        total_items=total_items,
+        per_rater=per_rater,
+        agreement=agreement,
+    )

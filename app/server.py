@@ -9,14 +9,13 @@ PIL's decompression-bomb limit, in pixels; images are served by row, never by pa
 Needs the ``serve`` extra: ``pip install 'dermris[serve]'`` (fastapi, uvicorn, python-multipart).
 """
 
-
 import base64
 import io
 import os
 import threading
 from pathlib import Path
-from urllib.parse import quote
 from typing import Annotated
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image
@@ -30,10 +29,10 @@ from dermris.core.errors import (
     UnknownMeasureError,
 )
 from dermris.core.imageio import decode_image, decode_image_bytes
-
+from dermris.retriever import Retriever
 from dermris.retriever.explain import mask_outline, style_stages
 from dermris.retriever.measures import MEASURES
-from dermris.retriever import Retriever
+
 from . import _web
 from ._web import TOKEN_ENV, is_loopback
 
@@ -56,9 +55,17 @@ def _outline_png(packed: np.ndarray, size: int, colour=(255, 230, 0, 255)) -> by
     return buf.getvalue()
 
 
-def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-               device: str = "auto", max_upload_bytes: int = MAX_UPLOAD_BYTES,
-               judge_session: str | os.PathLike | None = None, extra_hosts: tuple[str, ...] = ()):
+def create_app(
+    store: str | os.PathLike,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    token: str | None = None,
+    device: str = "auto",
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    judge_session: str | os.PathLike | None = None,
+    extra_hosts: tuple[str, ...] = (),
+):
     """The FastAPI application serving ``store``.
 
     Parameters
@@ -84,17 +91,30 @@ def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
     from fastapi.responses import HTMLResponse, Response
 
     retriever = Retriever.open(store, device=device)
-    lock = threading.Lock()  # one search at a time: the retriever and the model are not shared state-safe
+    lock = (
+        threading.Lock()
+    )  # one search at a time: the retriever and the model are not shared state-safe
 
     from dermris.retriever import __version__
 
-    app = FastAPI(title="dermris", version=__version__, docs_url=None, openapi_url="/api/openapi.json",
-                  redoc_url=None,
-                  description="Content-based image retrieval for dermoscopy: nine exact similarity measures.")
+    app = FastAPI(
+        title="dermris",
+        version=__version__,
+        docs_url=None,
+        openapi_url="/api/openapi.json",
+        redoc_url=None,
+        description="Content-based image retrieval for dermoscopy: nine exact similarity measures.",
+    )
 
     # multipart framing around the file: a little over the upload limit
-    _web.install_guard(app, host=host, port=port, token=token, max_body_bytes=max_upload_bytes + (1 << 20),
-                       extra_hosts=tuple(extra_hosts))
+    _web.install_guard(
+        app,
+        host=host,
+        port=port,
+        token=token,
+        max_body_bytes=max_upload_bytes + (1 << 20),
+        extra_hosts=tuple(extra_hosts),
+    )
     if judge_session is not None:
         from .judge import judge_router
 
@@ -131,26 +151,40 @@ def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
     def info():
         summary = retriever.store.describe()
         summary.pop("store", None)  # no server paths
-        summary["metadata_columns"] = [c for c in summary.get("metadata_columns", []) if c not in _PRIVATE_COLUMNS]
+        summary["metadata_columns"] = [
+            c for c in summary.get("metadata_columns", []) if c not in _PRIVATE_COLUMNS
+        ]
         summary["measures"] = list(MEASURES)
         return summary
 
     @app.post("/api/search", summary="Search by an uploaded image or a stored row")
     def search(
-        file: Annotated[UploadFile | None, File(description="A dermoscopy image (JPEG, PNG, BMP, TIFF)")] = None,
-        row: Annotated[int | None, Form(description="A stored row as the query (excluded from its results)")] = None,
-        measures: Annotated[list[str] | None, Form(description="Measures (default: all nine)")] = None,
+        file: Annotated[
+            UploadFile | None, File(description="A dermoscopy image (JPEG, PNG, BMP, TIFF)")
+        ] = None,
+        row: Annotated[
+            int | None, Form(description="A stored row as the query (excluded from its results)")
+        ] = None,
+        measures: Annotated[
+            list[str] | None, Form(description="Measures (default: all nine)")
+        ] = None,
         k: Annotated[int, Form(ge=1, le=1000)] = 5,
-        where: Annotated[str | None, Form(description="Metadata filter, e.g. diagnosis == 'melanoma'")] = None,
+        where: Annotated[
+            str | None, Form(description="Metadata filter, e.g. diagnosis == 'melanoma'")
+        ] = None,
         columns: Annotated[list[str] | None, Form(description="Metadata columns to return")] = None,
         exclude: Annotated[list[int] | None, Form(description="Rows never returned")] = None,
-        explain: Annotated[bool, Form(description="Add style-stage breakdowns and mask outlines")] = False,
+        explain: Annotated[
+            bool, Form(description="Add style-stage breakdowns and mask outlines")
+        ] = False,
     ):
         if (file is None) == (row is None):
             raise HTTPException(400, "give either an image file or a row")
         hidden = sorted(set(columns or ()) & _PRIVATE_COLUMNS)
         if hidden:
-            raise HTTPException(400, f"column {hidden[0]!r} is not served (images are served by row)")
+            raise HTTPException(
+                400, f"column {hidden[0]!r} is not served (images are served by row)"
+            )
         try:
             with lock:
                 if file is not None:
@@ -158,20 +192,36 @@ def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
                     if len(data) > max_upload_bytes:
                         raise HTTPException(413, f"upload over {max_upload_bytes} bytes")
                     draft = 2 * retriever.store.model_config.image_size
-                    image = decode_image_bytes(data, name=file.filename or "upload", draft_size=draft)[0]
+                    image = decode_image_bytes(
+                        data, name=file.filename or "upload", draft_size=draft
+                    )[0]
                     vectors = retriever.embed(image)
                 else:
-                    vectors = retriever.vectors(int(row))  # carries its row: excluded from its results
-                result = retriever.search(vectors, measures=measures or list(MEASURES), k=k, where=where or None,
-                                          columns=columns or (), exclude=exclude or (), explain=explain)
+                    vectors = retriever.vectors(
+                        int(row)
+                    )  # carries its row: excluded from its results
+                result = retriever.search(
+                    vectors,
+                    measures=measures or list(MEASURES),
+                    k=k,
+                    where=where or None,
+                    columns=columns or (),
+                    exclude=exclude or (),
+                    explain=explain,
+                )
         except DermrisError as exc:
             fail(exc)
         payload = result.to_dict(paths=False)  # no server paths: images are served by row
-        payload["query"] = {"row": row, "image_id": retriever.image_ids[row] if row is not None else None,
-                            "filename": file.filename if file is not None else None}
+        payload["query"] = {
+            "row": row,
+            "image_id": retriever.image_ids[row] if row is not None else None,
+            "filename": file.filename if file is not None else None,
+        }
         why = result.explanation
         if why is not None:
-            payload["query"]["mask_outline_png"] = base64.b64encode(_outline_png(why.query_mask, why.mask_size)).decode()
+            payload["query"]["mask_outline_png"] = base64.b64encode(
+                _outline_png(why.query_mask, why.mask_size)
+            ).decode()
         return payload
 
     @app.get("/api/image/{row}", summary="An indexed image by row (never by path)")
@@ -187,7 +237,11 @@ def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
             picture.thumbnail((size, size))
         buf = io.BytesIO()
         picture.save(buf, format="JPEG", quality=90)
-        return Response(buf.getvalue(), media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+        return Response(
+            buf.getvalue(),
+            media_type="image/jpeg",
+            headers={"Cache-Control": "private, max-age=3600"},
+        )
 
     @app.get("/api/mask/{row}", summary="The outline of a row's lesion mask (transparent PNG)")
     def mask(row: int):
@@ -196,23 +250,44 @@ def create_app(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int =
             packed = retriever.store.mask_rows([row])[0]
         return Response(_outline_png(packed, retriever.store.mask_size), media_type="image/png")
 
-    @app.get("/api/explain", summary="Which style stages make up the style loss between two stored rows")
+    @app.get(
+        "/api/explain", summary="Which style stages make up the style loss between two stored rows"
+    )
     def explain_rows(a: int, b: int):
         with lock:
             live_row(a)
             live_row(b)
             sa, sb = retriever.store.style_rows([a, b])
         stages = style_stages(retriever.store.layout, sa, sb)
-        return {"a": a, "b": b, "style_loss": sum(s.loss for s in stages), "stages": [s.to_dict() for s in stages]}
+        return {
+            "a": a,
+            "b": b,
+            "style_loss": sum(s.loss for s in stages),
+            "stages": [s.to_dict() for s in stages],
+        }
 
     return app
 
 
-def serve(store: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-          device: str = "auto", judge_session: str | os.PathLike | None = None,
-          extra_hosts: tuple[str, ...] = ()) -> None:
+def serve(
+    store: str | os.PathLike,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    token: str | None = None,
+    device: str = "auto",
+    judge_session: str | os.PathLike | None = None,
+    extra_hosts: tuple[str, ...] = (),
+) -> None:
     """Run the server until interrupted (uvicorn); beyond loopback a token is required."""
     token = _web.resolve_token(host, token)
-    app = create_app(store, host=host, port=port, token=token, device=device, judge_session=judge_session,
-                     extra_hosts=extra_hosts)
+    app = create_app(
+        store,
+        host=host,
+        port=port,
+        token=token,
+        device=device,
+        judge_session=judge_session,
+        extra_hosts=extra_hosts,
+    )
     _web.run(app, host=host, port=port)

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Mapping, Sequence
-
 import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from dermris.core.imageio import decode_image
 from dermris.core.errors import ImageDecodeError
-
+from dermris.core.imageio import decode_image
 from dermris.retriever.explain import Explanation, outline_of, stage_summary, unpack_mask
 from dermris.retriever.results import Hit
 
@@ -48,7 +46,9 @@ def _thumbnail(source, size: int, mask: np.ndarray | None = None) -> Image.Image
     image = image.convert("RGB").copy()
     image.thumbnail((size, size))
     if mask is not None:
-        scaled = np.asarray(Image.fromarray(mask).resize(image.size, Image.Resampling.NEAREST), bool)
+        scaled = np.asarray(
+            Image.fromarray(mask).resize(image.size, Image.Resampling.NEAREST), bool
+        )
         pixels = np.array(image)
         pixels[outline_of(scaled)] = _OUTLINE
         image = Image.fromarray(pixels)
@@ -119,15 +119,28 @@ def contact_sheet(
     def mask_of(packed) -> np.ndarray | None:
         return None if explanation is None else unpack_mask(packed, explanation.mask_size)
 
-    def place(row: int, col: int, source, lines: Sequence[str], mask: np.ndarray | None = None) -> None:
+    def place(
+        row: int, col: int, source, lines: Sequence[str], mask: np.ndarray | None = None
+    ) -> None:
         x = _NAME_WIDTH + col * cell_w
         y = _PAD + row * cell_h
         sheet.paste(_thumbnail(source, thumb, mask), (x, y))
         for i, line in enumerate(lines):
-            draw.text((x, y + thumb + 2 + 13 * i), _fit(line, draw, font, thumb), fill=(0, 0, 0), font=font)
+            draw.text(
+                (x, y + thumb + 2 + 13 * i),
+                _fit(line, draw, font, thumb),
+                fill=(0, 0, 0),
+                font=font,
+            )
 
     draw.text((_PAD, _PAD + thumb // 2), "query", fill=(0, 0, 0), font=font)
-    place(0, 0, query, [query_label], mask_of(explanation.query_mask) if explanation is not None else None)
+    place(
+        0,
+        0,
+        query,
+        [query_label],
+        mask_of(explanation.query_mask) if explanation is not None else None,
+    )
     missing: list[str] = []
     for r, (measure, hits) in enumerate(results.items(), start=1):
         draw.text((_PAD, _PAD + r * cell_h + thumb // 2), measure, fill=(0, 0, 0), font=font)
@@ -138,11 +151,26 @@ def contact_sheet(
             lines = [hit.image_id, f"{hit.score:.4f}"]
             if explanation is not None:
                 (top,) = stage_summary(explanation, hit, 1) or [None]
-                lines.append(f"style: stage {top.stage + 1} {100 * top.share:.0f}%" if top is not None else "style: same")
-            place(r, c, source, lines, mask_of(explanation.masks[hit.row]) if explanation is not None else None)
+                lines.append(
+                    f"style: stage {top.stage + 1} {100 * top.share:.0f}%"
+                    if top is not None
+                    else "style: same"
+                )
+            place(
+                r,
+                c,
+                source,
+                lines,
+                mask_of(explanation.masks[hit.row]) if explanation is not None else None,
+            )
     if missing:
         unique = list(dict.fromkeys(missing))
-        log.warning("%d result images are missing (drawn grey): %s%s; if the indexed folder moved, give its new "
-                    "place with --image-root", len(unique), ", ".join(unique[:3]), " ..." if len(unique) > 3 else "")
+        log.warning(
+            "%d result images are missing (drawn grey): %s%s; if the indexed folder moved, give its new "
+            "place with --image-root",
+            len(unique),
+            ", ".join(unique[:3]),
+            " ..." if len(unique) > 3 else "",
+        )
     sheet.save(out, format="PNG")
     return out

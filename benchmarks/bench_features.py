@@ -24,14 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from dermris.retriever.store_index import _FEATURE_BLOCK, cosine_of, distance_and_dot
 from dermris.retriever.feature_search import FeatureSearch
 from dermris.retriever.measures import rank
+from dermris.retriever.store_index import _FEATURE_BLOCK, cosine_of, distance_and_dot
 
 HERE = Path(__file__).resolve().parent
 
 
-def clustered_features(n: int, dim: int = 1024, *, clusters: int = 256, seed: int = 0) -> np.ndarray:
+def clustered_features(
+    n: int, dim: int = 1024, *, clusters: int = 256, seed: int = 0
+) -> np.ndarray:
     """SELU-range features around ``clusters`` centres, generated in blocks (float32)."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(clusters, dim)).astype(np.float32)
@@ -50,11 +52,17 @@ def full_pass(features: np.ndarray, norms: np.ndarray, q: np.ndarray, k: int):
     ed = np.empty(n)
     cos = np.empty(n)
     for a in range(0, n, _FEATURE_BLOCK):
-        ed[a:a + _FEATURE_BLOCK], dots = distance_and_dot(features[a:a + _FEATURE_BLOCK].astype(np.float64), q64)
-        cos[a:a + _FEATURE_BLOCK] = cosine_of(dots, norms[a:a + _FEATURE_BLOCK], q64)
+        ed[a : a + _FEATURE_BLOCK], dots = distance_and_dot(
+            features[a : a + _FEATURE_BLOCK].astype(np.float64), q64
+        )
+        cos[a : a + _FEATURE_BLOCK] = cosine_of(dots, norms[a : a + _FEATURE_BLOCK], q64)
     ed_max = float(ed.max())
     rows = np.arange(n)
-    return rank(1 - ed / ed_max, k, rows=rows), rank((np.clip(cos, -1, 1) + 1) / 2, k, rows=rows), ed_max
+    return (
+        rank(1 - ed / ed_max, k, rows=rows),
+        rank((np.clip(cos, -1, 1) + 1) / 2, k, rows=rows),
+        ed_max,
+    )
 
 
 def main() -> None:
@@ -68,14 +76,22 @@ def main() -> None:
     t = time.perf_counter()
     features = clustered_features(args.rows)
     gen_s = time.perf_counter() - t
-    norms = np.concatenate([np.sqrt(np.einsum("ij,ij->i", b, b)) for b in
-                            (features[a:a + 65536].astype(np.float64) for a in range(0, args.rows, 65536))])
+    norms = np.concatenate(
+        [
+            np.sqrt(np.einsum("ij,ij->i", b, b))
+            for b in (
+                features[a : a + 65536].astype(np.float64) for a in range(0, args.rows, 65536)
+            )
+        ]
+    )
     t = time.perf_counter()
     search = FeatureSearch(features)
     build_s = time.perf_counter() - t
     rng = np.random.default_rng(1)
-    queries = [features[i] + 0.05 * rng.standard_normal(features.shape[1], dtype=np.float32)
-               for i in rng.choice(args.rows, args.queries, replace=False)]
+    queries = [
+        features[i] + 0.05 * rng.standard_normal(features.shape[1], dtype=np.float32)
+        for i in rng.choice(args.rows, args.queries, replace=False)
+    ]
     search.nearest(queries[0], args.k)  # warm-up
     faiss_ms, numpy_ms, agree, certified = [], [], 0, 0
     for q in queries:
@@ -89,26 +105,48 @@ def main() -> None:
         e, c, ed_max = full_pass(features, norms, q, args.k)
         numpy_ms.append((time.perf_counter() - t) * 1e3)
         if top_e is not None and top_c is not None and far is not None:
-            agree += (np.array_equal(top_e[0], e) and np.array_equal(top_c[0], c)
-                      and abs(far - ed_max) <= 1e-12 * ed_max)
+            agree += (
+                np.array_equal(top_e[0], e)
+                and np.array_equal(top_c[0], c)
+                and abs(far - ed_max) <= 1e-12 * ed_max
+            )
     result = {
-        "rows": args.rows, "dim": features.shape[1], "k": args.k, "queries": args.queries,
-        "faiss": {"median_ms": statistics.median(faiss_ms), "p95_ms": float(np.percentile(faiss_ms, 95)),
-                  "index_bytes": search.nbytes, "build_seconds": round(build_s, 1),
-                  "certified_queries": certified, "faiss_threads": __import__("faiss").omp_get_max_threads()},
-        "full_float64_pass": {"median_ms": statistics.median(numpy_ms), "p95_ms": float(np.percentile(numpy_ms, 95)),
-                              "feature_bytes": features.nbytes},
+        "rows": args.rows,
+        "dim": features.shape[1],
+        "k": args.k,
+        "queries": args.queries,
+        "faiss": {
+            "median_ms": statistics.median(faiss_ms),
+            "p95_ms": float(np.percentile(faiss_ms, 95)),
+            "index_bytes": search.nbytes,
+            "build_seconds": round(build_s, 1),
+            "certified_queries": certified,
+            "faiss_threads": __import__("faiss").omp_get_max_threads(),
+        },
+        "full_float64_pass": {
+            "median_ms": statistics.median(numpy_ms),
+            "p95_ms": float(np.percentile(numpy_ms, 95)),
+            "feature_bytes": features.nbytes,
+        },
         "same_rows_and_ed_max": f"{agree}/{args.queries}",
         "generate_seconds": round(gen_s, 1),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "numpy": np.__version__},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "numpy": np.__version__,
+        },
         "date": time.strftime("%Y-%m-%d"),
     }
     print(f"N={args.rows} D={features.shape[1]} k={args.k}, {args.queries} queries")
-    print(f"  FAISS (ES top-k, CS top-k, ED_max, certified): median {result['faiss']['median_ms']:.1f} ms, "
-          f"p95 {result['faiss']['p95_ms']:.1f} ms; indexes {search.nbytes / 1e9:.1f} GB; "
-          f"certified {certified}/{args.queries}")
-    print(f"  full float64 pass (ES, CS of every row, ED_max): median {result['full_float64_pass']['median_ms']:.1f} ms, "
-          f"p95 {result['full_float64_pass']['p95_ms']:.1f} ms; features {features.nbytes / 1e9:.1f} GB")
+    print(
+        f"  FAISS (ES top-k, CS top-k, ED_max, certified): median {result['faiss']['median_ms']:.1f} ms, "
+        f"p95 {result['faiss']['p95_ms']:.1f} ms; indexes {search.nbytes / 1e9:.1f} GB; "
+        f"certified {certified}/{args.queries}"
+    )
+    print(
+        f"  full float64 pass (ES, CS of every row, ED_max): median {result['full_float64_pass']['median_ms']:.1f} ms, "
+        f"p95 {result['full_float64_pass']['p95_ms']:.1f} ms; features {features.nbytes / 1e9:.1f} GB"
+    )
     print(f"  same rows and ED_max: {result['same_rows_and_ed_max']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

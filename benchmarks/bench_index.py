@@ -51,12 +51,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from photos import write_photo_set  # noqa: E402
-
 from dermris.indexer import ImageLoader, index_folder, list_images  # noqa: E402
 from dermris.indexer.embed import Embedder, resolve_device, resolve_precision  # noqa: E402
 from dermris.models import build_model, get_preset, save_model  # noqa: E402
 from dermris.retriever import MEASURES  # noqa: E402
+
+from photos import write_photo_set  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -79,7 +79,9 @@ def decode_only(files, size: int, batch: int, workers: int) -> dict:
 
 
 @torch.inference_mode()
-def model_only(model, device, precision: str, batch: int, pixels: torch.Tensor, repeats: int = 1) -> dict:
+def model_only(
+    model, device, precision: str, batch: int, pixels: torch.Tensor, repeats: int = 1
+) -> dict:
     """Forward passes on pixels already on the device (normalisation included), images/s."""
     emb = Embedder(model, device=device, batch_size=batch, precision=precision)
     x = pixels.to(device)
@@ -90,12 +92,16 @@ def model_only(model, device, precision: str, batch: int, pixels: torch.Tensor, 
     t = time.perf_counter()
     for _ in range(repeats):
         for i in range(0, len(x), batch):
-            emb.forward_pixels(x[i:i + batch])
+            emb.forward_pixels(x[i : i + batch])
     _sync(device)
     seconds = time.perf_counter() - t
     n = len(x) * repeats
-    out = {"images": n, "seconds": round(seconds, 3), "images_per_s": round(n / seconds, 1),
-           "precision": emb.precision}
+    out = {
+        "images": n,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(n / seconds, 1),
+        "precision": emb.precision,
+    }
     if device.type == "cuda":
         out["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
     # where the time goes: the classification ensemble (with Grams) against the segmenter
@@ -112,25 +118,47 @@ def model_only(model, device, precision: str, batch: int, pixels: torch.Tensor, 
             _sync(device)
         parts[name] = (time.perf_counter() - t) / (reps * len(xb))
     out["ms_per_image"] = {k: round(v * 1e3, 3) for k, v in parts.items()}
-    out["segmenter_share"] = round(parts["segmenter"] / (parts["segmenter"] + parts["extractor"]), 3)
+    out["segmenter_share"] = round(
+        parts["segmenter"] / (parts["segmenter"] + parts["extractor"]), 3
+    )
     return out
 
 
-def pipeline(folder: Path, weights: Path, device, precision: str, batch: int, workers: int, commit_every: int,
-             work: Path) -> dict:
+def pipeline(
+    folder: Path,
+    weights: Path,
+    device,
+    precision: str,
+    batch: int,
+    workers: int,
+    commit_every: int,
+    work: Path,
+) -> dict:
     store = work / f"store-{time.time_ns()}"
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    report = index_folder(folder, store, weights=weights, device=str(device), batch_size=batch, workers=workers,
-                          precision=precision, commit_every=commit_every, progress=False)
+    report = index_folder(
+        folder,
+        store,
+        weights=weights,
+        device=str(device),
+        batch_size=batch,
+        workers=workers,
+        precision=precision,
+        commit_every=commit_every,
+        progress=False,
+    )
     st = report.stages
     embed_s = report.seconds - st.get("setup", 0.0) - st.get("derived", 0.0)
     out = {
-        "images": report.indexed, "rejected": len(report.rejected),
-        "seconds_total": round(report.seconds, 3), "seconds_pipeline": round(embed_s, 3),
+        "images": report.indexed,
+        "rejected": len(report.rejected),
+        "seconds_total": round(report.seconds, 3),
+        "seconds_pipeline": round(embed_s, 3),
         "images_per_s": round(report.indexed / embed_s, 1),
         "images_per_s_with_setup_and_derived": round(report.indexed / report.seconds, 1),
-        "stages": {k: round(v, 3) for k, v in st.items()}, "precision": report.precision,
+        "stages": {k: round(v, 3) for k, v in st.items()},
+        "precision": report.precision,
     }
     if device.type == "cuda":
         out["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
@@ -139,26 +167,57 @@ def pipeline(folder: Path, weights: Path, device, precision: str, batch: int, wo
 
 
 # -- cluster ----------------------------------------------------------------------------------
-def cluster_pipeline(folder: Path, weights: Path, cluster: str | None, device: str, batch: int, workers: int,
-                     block_size: int | None, commit_every: int, work: Path) -> dict:
+def cluster_pipeline(
+    folder: Path,
+    weights: Path,
+    cluster: str | None,
+    device: str,
+    batch: int,
+    workers: int,
+    block_size: int | None,
+    commit_every: int,
+    work: Path,
+) -> dict:
     """One ``index_folder`` run into a new store, on a cluster (or in this process for None)."""
     store = work / f"store-{time.time_ns()}"
     kwargs = {"cluster": cluster, "block_size": block_size} if cluster else {"workers": workers}
-    report = index_folder(folder, store, weights=weights, device=device, batch_size=batch,
-                          commit_every=commit_every, progress=False, **kwargs)
+    report = index_folder(
+        folder,
+        store,
+        weights=weights,
+        device=device,
+        batch_size=batch,
+        commit_every=commit_every,
+        progress=False,
+        **kwargs,
+    )
     st = report.stages
     if cluster:
         embed_s = st["embed"]
     else:
         embed_s = report.seconds - st.get("setup", 0.0) - st.get("derived", 0.0)
     out = {
-        "cluster": cluster or "none (one process)", "images": report.indexed, "rejected": len(report.rejected),
-        "seconds_total": round(report.seconds, 3), "seconds_embedding": round(embed_s, 3),
+        "cluster": cluster or "none (one process)",
+        "images": report.indexed,
+        "rejected": len(report.rejected),
+        "seconds_total": round(report.seconds, 3),
+        "seconds_embedding": round(embed_s, 3),
         "images_per_s": round(report.indexed / embed_s, 2),
-        "images_per_s_with_start": round(report.indexed / (report.seconds - st.get("derived", 0.0)), 2),
-        "stages": {k: round(v, 3) for k, v in st.items()}, "device": report.device, "precision": report.precision,
-        **({"workers": report.cluster.get("workers"), "blocks": report.cluster.get("blocks"),
-            "block_size": report.cluster.get("block_size")} if cluster else {}),
+        "images_per_s_with_start": round(
+            report.indexed / (report.seconds - st.get("derived", 0.0)), 2
+        ),
+        "stages": {k: round(v, 3) for k, v in st.items()},
+        "device": report.device,
+        "precision": report.precision,
+        **(
+            {
+                "workers": report.cluster.get("workers"),
+                "blocks": report.cluster.get("blocks"),
+                "block_size": report.cluster.get("block_size"),
+            }
+            if cluster
+            else {}
+        ),
     }
     shutil.rmtree(store, ignore_errors=True)
     return out
@@ -182,8 +241,19 @@ def cluster_benchmark(args, workers: int, work: Path) -> list[dict]:
         results: dict = {spec: [] for spec in specs}
         for _ in range(args.repeats):  # alternate, so every spec sees the same machine load
             for spec in specs:
-                results[spec].append(cluster_pipeline(folder, weights, spec, args.device, args.batch_size, workers,
-                                                      args.block_size, args.commit_every, work))
+                results[spec].append(
+                    cluster_pipeline(
+                        folder,
+                        weights,
+                        spec,
+                        args.device,
+                        args.batch_size,
+                        workers,
+                        args.block_size,
+                        args.commit_every,
+                        work,
+                    )
+                )
                 print(json.dumps(results[spec][-1]))
                 sys.stdout.flush()
         base = _median_run(results[args.cluster[0]])["images_per_s"]
@@ -191,11 +261,15 @@ def cluster_benchmark(args, workers: int, work: Path) -> list[dict]:
             run = {"preset": preset_name, "input_px": px, **_median_run(results[spec])}
             run["ratio_to_" + args.cluster[0]] = round(run["images_per_s"] / base, 3)
             runs.append(run)
-    print(f"\n{'preset':<7}{'cluster':>22}{'workers':>9}{'images/s':>10}{'with start':>12}{'ratio':>7}  repeats")
+    print(
+        f"\n{'preset':<7}{'cluster':>22}{'workers':>9}{'images/s':>10}{'with start':>12}{'ratio':>7}  repeats"
+    )
     for r in runs:
         ratio = r["ratio_to_" + args.cluster[0]]
-        print(f"{r['preset']:<7}{r['cluster']:>22}{r.get('workers') or '-':>9}{r['images_per_s']:>10.1f}"
-              f"{r['images_per_s_with_start']:>12.1f}{ratio:>7.2f}  {r['repeats_images_per_s']}")
+        print(
+            f"{r['preset']:<7}{r['cluster']:>22}{r.get('workers') or '-':>9}{r['images_per_s']:>10.1f}"
+            f"{r['images_per_s_with_start']:>12.1f}{ratio:>7.2f}  {r['repeats_images_per_s']}"
+        )
     return runs
 
 
@@ -220,10 +294,23 @@ def _rankings(features, style, masks, k: int, device) -> dict[str, np.ndarray]:
 
     def h(*c):
         stack = torch.stack(c)
-        return torch.where((stack <= 0).any(0), torch.zeros_like(stack[0]), len(c) / (1 / stack.clamp_min(1e-300)).sum(0))
+        return torch.where(
+            (stack <= 0).any(0),
+            torch.zeros_like(stack[0]),
+            len(c) / (1 / stack.clamp_min(1e-300)).sum(0),
+        )
 
-    scores = {"euclidean": es, "cosine": cs, "style": ss, "i1_ed": h(es, dc), "i1_cd": h(cs, dc),
-              "i1_ecd": h(es, cs, dc), "i1_se": h(ss, es), "i1_sc": h(ss, cs), "i1_sd": h(ss, dc)}
+    scores = {
+        "euclidean": es,
+        "cosine": cs,
+        "style": ss,
+        "i1_ed": h(es, dc),
+        "i1_cd": h(cs, dc),
+        "i1_ecd": h(es, cs, dc),
+        "i1_se": h(ss, es),
+        "i1_sc": h(ss, cs),
+        "i1_sd": h(ss, dc),
+    }
     out = {}
     eye = torch.eye(n, dtype=torch.bool, device=device)
     for name, sc in scores.items():
@@ -245,16 +332,22 @@ def compare_precisions(model, device, pixels: torch.Tensor, batch: int, k: int =
     out = {"images": len(pixels), "k": k}
     for precision in ("tf32", "bfloat16", "float16"):
         e = runs[precision]
-        frel = np.linalg.norm(e.features - base.features, axis=1) / np.maximum(np.linalg.norm(base.features, axis=1), 1e-30)
-        srel = np.linalg.norm(e.style - base.style, axis=1) / np.maximum(np.linalg.norm(base.style, axis=1), 1e-30)
+        frel = np.linalg.norm(e.features - base.features, axis=1) / np.maximum(
+            np.linalg.norm(base.features, axis=1), 1e-30
+        )
+        srel = np.linalg.norm(e.style - base.style, axis=1) / np.maximum(
+            np.linalg.norm(base.style, axis=1), 1e-30
+        )
         agree = (e.masks == base.masks).reshape(len(e.masks), -1).mean(1)
         a = base.masks.reshape(len(e.masks), -1)
         b = e.masks.reshape(len(e.masks), -1)
         tot = a.sum(1) + b.sum(1)
         dice = np.where(tot > 0, 2 * (a & b).sum(1) / np.maximum(tot, 1), 1.0)
         rank = _rankings(e.features, e.style, e.masks, k, device)
-        overlap = {m: float(np.mean([len(set(x) & set(y)) / k for x, y in zip(base_rank[m], rank[m])]))
-                   for m in MEASURES}
+        overlap = {
+            m: float(np.mean([len(set(x) & set(y)) / k for x, y in zip(base_rank[m], rank[m])]))
+            for m in MEASURES
+        }
         out[precision] = {
             "feature_relative_error": {"median": float(np.median(frel)), "max": float(frel.max())},
             "style_relative_error": {"median": float(np.median(srel)), "max": float(srel.max())},
@@ -275,43 +368,84 @@ def _median_run(runs: list[dict]) -> dict:
 
 
 def print_table(runs: list[dict]) -> None:
-    print(f"\n{'preset':<7}{'input':>7}{'device':>8}{'prec':>10}{'decode/s':>10}{'model/s':>10}{'pipe/s':>9}"
-          f"{'ratio':>7}{'seg %':>7}{'GPU GB':>8}  stages (s)")
+    print(
+        f"\n{'preset':<7}{'input':>7}{'device':>8}{'prec':>10}{'decode/s':>10}{'model/s':>10}{'pipe/s':>9}"
+        f"{'ratio':>7}{'seg %':>7}{'GPU GB':>8}  stages (s)"
+    )
     for r in runs:
         stages = ", ".join(f"{k} {v:.1f}" for k, v in r["pipeline"]["stages"].items())
-        print(f"{r['preset']:<7}{r['input_px']:>7}{r['device']:>8}{r['model']['precision']:>10}"
-              f"{r['decode']['images_per_s']:>10.0f}{r['model']['images_per_s']:>10.1f}"
-              f"{r['pipeline']['images_per_s']:>9.1f}{r['pipeline_over_model']:>7.2f}"
-              f"{100 * r['model']['segmenter_share']:>7.0f}{r['model'].get('peak_gpu_memory_gb', 0):>8.1f}  {stages}")
+        print(
+            f"{r['preset']:<7}{r['input_px']:>7}{r['device']:>8}{r['model']['precision']:>10}"
+            f"{r['decode']['images_per_s']:>10.0f}{r['model']['images_per_s']:>10.1f}"
+            f"{r['pipeline']['images_per_s']:>9.1f}{r['pipeline_over_model']:>7.2f}"
+            f"{100 * r['model']['segmenter_share']:>7.0f}{r['model'].get('peak_gpu_memory_gb', 0):>8.1f}  {stages}"
+        )
 
 
 def _machine() -> dict:
-    return {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", nargs="+", default=["tiny", "lite0"])
     parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--input", nargs="+", default=["preset", "1024"],
-                        help="input JPEG sizes: 'preset' (the model's input size) and/or pixels")
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        default=["preset", "1024"],
+        help="input JPEG sizes: 'preset' (the model's input size) and/or pixels",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", nargs="+", default=["auto"])
-    parser.add_argument("--compare-presets", nargs="*", default=None,
-                        help="presets for --compare-precision (default: those benchmarked)")
-    parser.add_argument("--skip-decode", action="store_true", help="do not time the reader stage alone")
+    parser.add_argument(
+        "--compare-presets",
+        nargs="*",
+        default=None,
+        help="presets for --compare-precision (default: those benchmarked)",
+    )
+    parser.add_argument(
+        "--skip-decode", action="store_true", help="do not time the reader stage alone"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores - 1)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="decoding processes (default: cores - 1)"
+    )
     parser.add_argument("--commit-every", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="measure model and pipeline this many times, alternating; report medians")
-    parser.add_argument("--compare-precision", type=int, default=0, metavar="N",
-                        help="also compare float32/bfloat16/float16 on N images (CUDA)")
-    parser.add_argument("--cluster", nargs="+", default=None, metavar="SPEC",
-                        help="measure indexing on these Dask clusters (local:N, cuda, tcp://HOST:PORT) instead")
-    parser.add_argument("--block-size", type=int, default=None, help="files per cluster task (default: dermris's)")
-    parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("DERMRIS_BENCH_DIR", "/tmp/dermris-bench")))
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="measure model and pipeline this many times, alternating; report medians",
+    )
+    parser.add_argument(
+        "--compare-precision",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also compare float32/bfloat16/float16 on N images (CUDA)",
+    )
+    parser.add_argument(
+        "--cluster",
+        nargs="+",
+        default=None,
+        metavar="SPEC",
+        help="measure indexing on these Dask clusters (local:N, cuda, tcp://HOST:PORT) instead",
+    )
+    parser.add_argument(
+        "--block-size", type=int, default=None, help="files per cluster task (default: dermris's)"
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(os.environ.get("DERMRIS_BENCH_DIR", "/tmp/dermris-bench")),
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -319,7 +453,9 @@ def main() -> None:
     from dermris.indexer.loader import default_workers
 
     workers = default_workers() if args.workers is None else args.workers
-    out = args.out or HERE / "results" / (f"index-{device.type}.json" if not args.cluster else "index-cluster.json")
+    out = args.out or HERE / "results" / (
+        f"index-{device.type}.json" if not args.cluster else "index-cluster.json"
+    )
     args.workdir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=args.workdir))
     if args.cluster:
@@ -352,33 +488,61 @@ def main() -> None:
                 px = config.image_size if size_arg == "preset" else int(size_arg)
                 folder = write_photo_set(args.workdir / f"photos-{px}", args.images, size=px)
                 files = list_images(folder)[: args.images]
-                decode = ({"images_per_s": float("nan")} if args.skip_decode
-                          else decode_only(files, config.image_size, args.batch_size, workers))
+                decode = (
+                    {"images_per_s": float("nan")}
+                    if args.skip_decode
+                    else decode_only(files, config.image_size, args.batch_size, workers)
+                )
                 pixels = _pixels(files, config.image_size, workers)
                 for precision in precisions:
                     models, pipes = [], []
                     for _ in range(args.repeats):  # alternate, so both see the same machine load
                         models.append(model_only(model, device, precision, args.batch_size, pixels))
-                        pipes.append(pipeline(folder, weights, device, precision, args.batch_size, workers,
-                                              args.commit_every, work))
+                        pipes.append(
+                            pipeline(
+                                folder,
+                                weights,
+                                device,
+                                precision,
+                                args.batch_size,
+                                workers,
+                                args.commit_every,
+                                work,
+                            )
+                        )
                     model_run = _median_run(models)
                     pipe = _median_run(pipes)
-                    run = {"preset": preset_name, "input_px": px, "device": str(device),
-                           "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                           "batch_size": args.batch_size, "workers": workers,
-                           "model_build_seconds": round(build_s, 1), "decode": decode, "model": model_run,
-                           "pipeline": pipe,
-                           "pipeline_over_model": round(pipe["images_per_s"] / model_run["images_per_s"], 3)}
+                    run = {
+                        "preset": preset_name,
+                        "input_px": px,
+                        "device": str(device),
+                        "gpu": torch.cuda.get_device_name(device)
+                        if device.type == "cuda"
+                        else None,
+                        "batch_size": args.batch_size,
+                        "workers": workers,
+                        "model_build_seconds": round(build_s, 1),
+                        "decode": decode,
+                        "model": model_run,
+                        "pipeline": pipe,
+                        "pipeline_over_model": round(
+                            pipe["images_per_s"] / model_run["images_per_s"], 3
+                        ),
+                    }
                     runs.append(run)
                     print_table([run])
                     sys.stdout.flush()
             compare = args.compare_presets if args.compare_presets is not None else args.preset
             if args.compare_precision and device.type == "cuda" and preset_name in compare:
-                folder = write_photo_set(args.workdir / f"photos-{config.image_size}", args.compare_precision,
-                                         size=config.image_size)
+                folder = write_photo_set(
+                    args.workdir / f"photos-{config.image_size}",
+                    args.compare_precision,
+                    size=config.image_size,
+                )
                 files = list_images(folder)[: args.compare_precision]
-                precision_report[preset_name] = compare_precisions(model, device, _pixels(files, config.image_size,
-                                                                                          workers), args.batch_size)
+                precision_report[preset_name] = compare_precisions(
+                    model, device, _pixels(files, config.image_size, workers), args.batch_size
+                )
                 print(json.dumps({preset_name: precision_report[preset_name]}, indent=1))
             del model
             if device.type == "cuda":
@@ -387,6 +551,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     print_table(runs)
     existing = json.loads(out.read_text()) if out.is_file() else {"runs": []}
+
     def key(r):
         return r["preset"], r["input_px"], r["device"], r["model"]["precision"]
 

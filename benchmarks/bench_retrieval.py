@@ -28,10 +28,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from stores import measure_spectrum, photo_store, pipeline_store, spectrum_store  # noqa: E402
-
 from dermris.indexer import Store  # noqa: E402
 from dermris.retriever import MEASURES, Retriever  # noqa: E402
+
+from stores import measure_spectrum, photo_store, pipeline_store, spectrum_store  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -44,15 +44,27 @@ def _rss() -> int:
     return 0
 
 
-def nine_scores(es: np.ndarray, cs: np.ndarray, ss: np.ndarray, dc: np.ndarray) -> dict[str, np.ndarray]:
+def nine_scores(
+    es: np.ndarray, cs: np.ndarray, ss: np.ndarray, dc: np.ndarray
+) -> dict[str, np.ndarray]:
     """The nine measures from the four component scores of every row (I1: harmonic means, 0 when
     a component is 0)."""
+
     def h(*c):
         c = np.stack(c)
         return np.where((c <= 0).any(0), 0.0, len(c) / (1 / np.where(c <= 0, 1, c)).sum(0))
 
-    return {"euclidean": es, "cosine": cs, "style": ss, "i1_ed": h(es, dc), "i1_cd": h(cs, dc),
-            "i1_ecd": h(es, cs, dc), "i1_se": h(ss, es), "i1_sc": h(ss, cs), "i1_sd": h(ss, dc)}
+    return {
+        "euclidean": es,
+        "cosine": cs,
+        "style": ss,
+        "i1_ed": h(es, dc),
+        "i1_cd": h(cs, dc),
+        "i1_ecd": h(es, cs, dc),
+        "i1_se": h(ss, es),
+        "i1_sc": h(ss, cs),
+        "i1_sd": h(ss, dc),
+    }
 
 
 def brute_force(store: Store, row: int, k: int) -> dict[str, list[tuple[int, float]]]:
@@ -66,7 +78,7 @@ def brute_force(store: Store, row: int, k: int) -> dict[str, list[tuple[int, flo
     q_style = store.style_rows([row])[0].astype(np.float64)
     ls = np.empty(n)
     for start, block in store.iter_style_blocks():
-        ls[start:start + len(block)] = ((block.astype(np.float64) - q_style) ** 2).sum(axis=1)
+        ls[start : start + len(block)] = ((block.astype(np.float64) - q_style) ** 2).sum(axis=1)
     masks = store.masks()
     q_mask = masks[row]
     inter = np.bitwise_count(masks & q_mask).sum(axis=1)
@@ -94,7 +106,11 @@ class InMemoryBruteForce:
     def __init__(self, store: Store) -> None:
         self.n = store.rows
         self.features = store.features()
-        self.style = np.concatenate([b for _, b in store.iter_style_blocks()]) if self.n else np.zeros((0, 0))
+        self.style = (
+            np.concatenate([b for _, b in store.iter_style_blocks()])
+            if self.n
+            else np.zeros((0, 0))
+        )
         self.style_sq = np.einsum("ij,ij->i", self.style, self.style)
         self.masks = store.masks()
         self.areas = np.bitwise_count(self.masks).sum(axis=1)
@@ -106,7 +122,7 @@ class InMemoryBruteForce:
 
     def query(self, row: int, k: int) -> dict[str, list[int]]:
         f, q = self.features, self.features[row]
-        ed = np.sqrt(np.maximum(self.feature_norms ** 2 - 2 * f @ q + q @ q, 0))
+        ed = np.sqrt(np.maximum(self.feature_norms**2 - 2 * f @ q + q @ q, 0))
         cos = (f @ q) / np.maximum(self.feature_norms * self.feature_norms[row], 1e-30)
         ls = np.maximum(self.style_sq - 2 * self.style @ self.style[row] + self.style_sq[row], 0)
         inter = np.bitwise_count(self.masks & self.masks[row]).sum(axis=1)
@@ -126,8 +142,16 @@ class InMemoryBruteForce:
         return out
 
 
-def run_one(store_path: Path, *, queries: int, brute: int, k: int, seed: int, label: str,
-            in_ram_limit: int = 8 << 30) -> dict:
+def run_one(
+    store_path: Path,
+    *,
+    queries: int,
+    brute: int,
+    k: int,
+    seed: int,
+    label: str,
+    in_ram_limit: int = 8 << 30,
+) -> dict:
     rss0 = _rss()
     t0 = time.perf_counter()
     retriever = Retriever.open(store_path, device="cpu")
@@ -139,8 +163,13 @@ def run_one(store_path: Path, *, queries: int, brute: int, k: int, seed: int, la
     rows = rng.choice(n, size=min(queries, n), replace=False).tolist()
     retriever.search(rows[0], k=k, measures="all")  # warm-up (page cache, lazy allocations)
 
-    all_ms, per_measure = [], {m: {"ms": [], "reranked": [], "style_rows": [], "mask_rows": [], "bytes": []}
-                               for m in MEASURES}
+    all_ms, per_measure = (
+        [],
+        {
+            m: {"ms": [], "reranked": [], "style_rows": [], "mask_rows": [], "bytes": []}
+            for m in MEASURES
+        },
+    )
     fast_results = {}
     for row in rows:
         t = time.perf_counter()
@@ -155,7 +184,9 @@ def run_one(store_path: Path, *, queries: int, brute: int, k: int, seed: int, la
             per_measure[m]["mask_rows"].append(st.mask_rows_read)
             per_measure[m]["bytes"].append(st.bytes_read)
 
-    style_bytes_all = [fast_results[row].stats.style_rows_read * store.style_row_bytes for row in rows]
+    style_bytes_all = [
+        fast_results[row].stats.style_rows_read * store.style_row_bytes for row in rows
+    ]
     style_array_bytes = n * store.style_row_bytes
     in_ram = None
     if n * store.style_dim * 4 <= in_ram_limit:
@@ -168,9 +199,17 @@ def run_one(store_path: Path, *, queries: int, brute: int, k: int, seed: int, la
             t = time.perf_counter()
             got = memory.query(row, k)
             ram_ms.append((time.perf_counter() - t) * 1e3)
-            ram_agree.append(np.mean([len(set(got[m]) & {h.row for h in fast_results[row][m]}) / k for m in MEASURES]))
-        in_ram = {"median_ms": statistics.median(ram_ms), "load_seconds": round(load_s, 2),
-                  "resident_bytes": memory.nbytes, "top_k_agreement_with_exact": float(np.mean(ram_agree))}
+            ram_agree.append(
+                np.mean(
+                    [len(set(got[m]) & {h.row for h in fast_results[row][m]}) / k for m in MEASURES]
+                )
+            )
+        in_ram = {
+            "median_ms": statistics.median(ram_ms),
+            "load_seconds": round(load_s, 2),
+            "resident_bytes": memory.nbytes,
+            "top_k_agreement_with_exact": float(np.mean(ram_agree)),
+        }
         del memory
 
     brute_s, agree = [], {m: [] for m in MEASURES}
@@ -205,16 +244,21 @@ def run_one(store_path: Path, *, queries: int, brute: int, k: int, seed: int, la
         "rss_delta_bytes": rss_delta,
         "store_bytes_on_disk": sum(f.stat().st_size for f in store_path.rglob("*") if f.is_file()),
         "all_nine": {"median_ms": statistics.median(all_ms), "p95_ms": p95(all_ms)},
-        "brute_force": {"queries": len(brute_s), "median_s": statistics.median(brute_s) if brute_s else None},
+        "brute_force": {
+            "queries": len(brute_s),
+            "median_s": statistics.median(brute_s) if brute_s else None,
+        },
         "in_ram_brute_force": in_ram,
         "style_bytes_read_fraction_all_nine": {
             "median": statistics.median(style_bytes_all) / max(style_array_bytes, 1),
-            "max": max(style_bytes_all) / max(style_array_bytes, 1)},
+            "max": max(style_bytes_all) / max(style_array_bytes, 1),
+        },
         "scans_all_nine_median": statistics.median([fast_results[r].stats.scans for r in rows]),
         "max_relative_score_error": max_rel if brute_s else None,
         "measures": {
             m: {
-                "median_ms": statistics.median(v["ms"]), "p95_ms": p95(v["ms"]),
+                "median_ms": statistics.median(v["ms"]),
+                "p95_ms": p95(v["ms"]),
                 "recall_at_k": statistics.mean(agree[m]) if agree[m] else None,
                 "rows_reranked_median": statistics.median(v["reranked"]),
                 "style_rows_read_median": statistics.median(v["style_rows"]),
@@ -225,34 +269,52 @@ def run_one(store_path: Path, *, queries: int, brute: int, k: int, seed: int, la
         },
     }
     if brute_s:
-        result["speedup_all_nine_vs_brute"] = result["brute_force"]["median_s"] * 1e3 / result["all_nine"]["median_ms"]
-        result["all_nine_over_streaming_brute"] = result["all_nine"]["median_ms"] / (result["brute_force"]["median_s"] * 1e3)
+        result["speedup_all_nine_vs_brute"] = (
+            result["brute_force"]["median_s"] * 1e3 / result["all_nine"]["median_ms"]
+        )
+        result["all_nine_over_streaming_brute"] = result["all_nine"]["median_ms"] / (
+            result["brute_force"]["median_s"] * 1e3
+        )
     if in_ram:
         result["all_nine_over_in_ram_brute"] = result["all_nine"]["median_ms"] / in_ram["median_ms"]
     return result
 
 
 def print_table(run: dict) -> None:
-    print(f"\n{run['label']}: N={run['rows']} D={run['style_dim']} ({run['style_dtype']}), sketch d={run['sketch_dim']}, "
-          f"k={run['k']}, {run['queries']} queries")
-    print(f"  all nine: median {run['all_nine']['median_ms']:.1f} ms, p95 {run['all_nine']['p95_ms']:.1f} ms; "
-          f"brute force median {run['brute_force']['median_s']} s over {run['brute_force']['queries']} queries; "
-          f"speed-up {run.get('speedup_all_nine_vs_brute', float('nan')):.0f}x")
-    print(f"  retriever memory: index {run['retriever_index_bytes'] / 1e6:.0f} MB, RSS +{run['rss_delta_bytes'] / 1e6:.0f} MB; "
-          f"max relative score error vs brute force {run['max_relative_score_error']}")
+    print(
+        f"\n{run['label']}: N={run['rows']} D={run['style_dim']} ({run['style_dtype']}), sketch d={run['sketch_dim']}, "
+        f"k={run['k']}, {run['queries']} queries"
+    )
+    print(
+        f"  all nine: median {run['all_nine']['median_ms']:.1f} ms, p95 {run['all_nine']['p95_ms']:.1f} ms; "
+        f"brute force median {run['brute_force']['median_s']} s over {run['brute_force']['queries']} queries; "
+        f"speed-up {run.get('speedup_all_nine_vs_brute', float('nan')):.0f}x"
+    )
+    print(
+        f"  retriever memory: index {run['retriever_index_bytes'] / 1e6:.0f} MB, RSS +{run['rss_delta_bytes'] / 1e6:.0f} MB; "
+        f"max relative score error vs brute force {run['max_relative_score_error']}"
+    )
     ram = run.get("in_ram_brute_force")
     if ram:
-        print(f"  in-RAM brute force: median {ram['median_ms']:.1f} ms ({ram['resident_bytes'] / 1e6:.0f} MB resident); "
-              f"all nine / in-RAM = {run['all_nine_over_in_ram_brute']:.2f}")
+        print(
+            f"  in-RAM brute force: median {ram['median_ms']:.1f} ms ({ram['resident_bytes'] / 1e6:.0f} MB resident); "
+            f"all nine / in-RAM = {run['all_nine_over_in_ram_brute']:.2f}"
+        )
     frac = run["style_bytes_read_fraction_all_nine"]
-    print(f"  style bytes read per query (all nine): median {100 * frac['median']:.2f} % of the style array, "
-          f"max {100 * frac['max']:.2f} %; scans (median) {run['scans_all_nine_median']}; "
-          f"all nine / streaming brute force = {run.get('all_nine_over_streaming_brute', float('nan')):.3f}")
-    print(f"  {'measure':<10}{'recall@k':>9}{'median ms':>11}{'p95 ms':>9}{'reranked':>10}{'style rd':>10}{'mask rd':>9}{'MB read':>9}")
+    print(
+        f"  style bytes read per query (all nine): median {100 * frac['median']:.2f} % of the style array, "
+        f"max {100 * frac['max']:.2f} %; scans (median) {run['scans_all_nine_median']}; "
+        f"all nine / streaming brute force = {run.get('all_nine_over_streaming_brute', float('nan')):.3f}"
+    )
+    print(
+        f"  {'measure':<10}{'recall@k':>9}{'median ms':>11}{'p95 ms':>9}{'reranked':>10}{'style rd':>10}{'mask rd':>9}{'MB read':>9}"
+    )
     for m, v in run["measures"].items():
         recall = "-" if v["recall_at_k"] is None else f"{v['recall_at_k']:.3f}"
-        print(f"  {m:<10}{recall:>9}{v['median_ms']:>11.1f}{v['p95_ms']:>9.1f}{v['rows_reranked_median']:>10.0f}"
-              f"{v['style_rows_read_median']:>10.0f}{v['mask_rows_read_median']:>9.0f}{v['bytes_read_median'] / 1e6:>9.2f}")
+        print(
+            f"  {m:<10}{recall:>9}{v['median_ms']:>11.1f}{v['p95_ms']:>9.1f}{v['rows_reranked_median']:>10.0f}"
+            f"{v['style_rows_read_median']:>10.0f}{v['mask_rows_read_median']:>9.0f}{v['bytes_read_median'] / 1e6:>9.2f}"
+        )
 
 
 def plot(runs: list[dict], out: Path) -> None:
@@ -294,7 +356,11 @@ def main() -> None:
     parser.add_argument("--brute", type=int, default=5, help="queries also answered by brute force")
     parser.add_argument("-k", type=int, default=5)
     parser.add_argument("--sketch-dim", type=int, default=256)
-    parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("DERMRIS_BENCH_DIR", "/tmp/dermris-bench")))
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(os.environ.get("DERMRIS_BENCH_DIR", "/tmp/dermris-bench")),
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "retrieval.json")
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -309,30 +375,57 @@ def main() -> None:
             cache.write_text(json.dumps(measure_spectrum()))
         spectrum = json.loads(cache.read_text())
         top = np.cumsum(spectrum["variance_fraction"])
-        print(f"measured spectrum (lite0, {spectrum['images']} images): first 16 / 64 / 256 components hold "
-              f"{top[15]:.3f} / {top[63]:.3f} / {top[min(255, len(top) - 1)]:.3f} of the variance")
+        print(
+            f"measured spectrum (lite0, {spectrum['images']} images): first 16 / 64 / 256 components hold "
+            f"{top[15]:.3f} / {top[63]:.3f} / {top[min(255, len(top) - 1)]:.3f} of the variance"
+        )
 
     existing = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": []}
     runs = []
     for n in args.rows:
         t = time.perf_counter()
         if args.source == "pipeline":
-            path = pipeline_store(args.workdir / f"pipeline-{args.preset}-{n}", n, preset=args.preset,
-                                  sketch_dim=args.sketch_dim)
+            path = pipeline_store(
+                args.workdir / f"pipeline-{args.preset}-{n}",
+                n,
+                preset=args.preset,
+                sketch_dim=args.sketch_dim,
+            )
         elif args.source == "photo":
-            path = photo_store(args.workdir / f"photo-{args.preset}-{n}", n, preset=args.preset,
-                               sketch_dim=args.sketch_dim, workdir=args.workdir)
+            path = photo_store(
+                args.workdir / f"photo-{args.preset}-{n}",
+                n,
+                preset=args.preset,
+                sketch_dim=args.sketch_dim,
+                workdir=args.workdir,
+            )
         else:
-            path = spectrum_store(args.workdir / f"spectrum-{n}", n, spectrum, sketch_dim=args.sketch_dim)
+            path = spectrum_store(
+                args.workdir / f"spectrum-{n}", n, spectrum, sketch_dim=args.sketch_dim
+            )
         build_s = time.perf_counter() - t
-        run = run_one(path, queries=args.queries, brute=args.brute, k=args.k, seed=args.seed,
-                      label=f"{args.source}" + (f"-{args.preset}" if args.source != "spectrum" else ""))
+        run = run_one(
+            path,
+            queries=args.queries,
+            brute=args.brute,
+            k=args.k,
+            seed=args.seed,
+            label=f"{args.source}" + (f"-{args.preset}" if args.source != "spectrum" else ""),
+        )
         run["store_build_seconds"] = round(build_s, 1)
         runs.append(run)
         print_table(run)
-    keep = [r for r in existing.get("runs", []) if (r["label"], r["rows"]) not in {(x["label"], x["rows"]) for x in runs}]
+    keep = [
+        r
+        for r in existing.get("runs", [])
+        if (r["label"], r["rows"]) not in {(x["label"], x["rows"]) for x in runs}
+    ]
     payload = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
         "date": time.strftime("%Y-%m-%d"),
         "runs": sorted(keep + runs, key=lambda r: (r["label"], r["rows"])),
     }

@@ -45,9 +45,21 @@ def _free_port() -> int:
 def _start_server(store: Path, port: int) -> subprocess.Popen:
     import httpx
 
-    process = subprocess.Popen([sys.executable, "-c", "from dermris.app.cli import main; main()",
-                                "serve", str(store), "--port", str(port), "--device", "cpu"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from dermris.app.cli import main; main()",
+            "serve",
+            str(store),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -92,11 +104,19 @@ def _load(base: str, make_request, *, clients: int, seconds: float, seed: int) -
         t.join()
     wall = time.monotonic() - began
     latencies.sort()
-    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else None  # noqa: E731
-    return {"requests": len(latencies), "errors": len(errors), "first_errors": errors[:3], "seconds": wall,
-            "requests_per_second": len(latencies) / wall, "p50_ms": 1e3 * pick(0.50) if latencies else None,
-            "p95_ms": 1e3 * pick(0.95) if latencies else None,
-            "mean_ms": 1e3 * statistics.fmean(latencies) if latencies else None}
+    pick = lambda q: (
+        latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else None
+    )  # noqa: E731
+    return {
+        "requests": len(latencies),
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "seconds": wall,
+        "requests_per_second": len(latencies) / wall,
+        "p50_ms": 1e3 * pick(0.50) if latencies else None,
+        "p95_ms": 1e3 * pick(0.95) if latencies else None,
+        "mean_ms": 1e3 * statistics.fmean(latencies) if latencies else None,
+    }
 
 
 def main() -> None:
@@ -105,7 +125,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("DERMRIS_BENCH_DIR", "/tmp/dermris-bench")))
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(os.environ.get("DERMRIS_BENCH_DIR", "/tmp/dermris-bench")),
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "server.json")
     args = parser.parse_args()
 
@@ -126,28 +150,48 @@ def main() -> None:
 
         def image_query(http, rng):
             i = rng.randrange(len(uploads))
-            return http.post("/api/search", data={"k": 5}, files={"file": (f"q{i}.jpg", uploads[i], "image/jpeg")})
+            return http.post(
+                "/api/search",
+                data={"k": 5},
+                files={"file": (f"q{i}.jpg", uploads[i], "image/jpeg")},
+            )
 
         for warm in range(3):  # model loaded and caches warm before timing
             row_query(httpx.Client(base_url=base, timeout=120), random.Random(warm))
             image_query(httpx.Client(base_url=base, timeout=120), random.Random(warm))
-        results = {name: _load(base, request, clients=args.clients, seconds=args.seconds, seed=args.seed)
-                   for name, request in (("row queries", row_query), ("image queries", image_query))}
+        results = {
+            name: _load(base, request, clients=args.clients, seconds=args.seconds, seed=args.seed)
+            for name, request in (("row queries", row_query), ("image queries", image_query))
+        }
     finally:
         server.terminate()
         server.wait(30)
-    run = {"store": {"rows": rows, "preset": info["preset"], "source": "photo (scikit-image photographs)"},
-           "clients": args.clients, "seconds_per_kind": args.seconds, "k": 5, "measures": 9,
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}, "results": results}
+    run = {
+        "store": {
+            "rows": rows,
+            "preset": info["preset"],
+            "source": "photo (scikit-image photographs)",
+        },
+        "clients": args.clients,
+        "seconds_per_kind": args.seconds,
+        "k": 5,
+        "measures": 9,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "results": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(run, indent=1))
-    print(f"dermris serve, {rows} rows ({info['preset']}), {args.clients} clients x {args.seconds:.0f} s, "
-          f"all nine measures, k=5, {os.cpu_count()} CPUs")
+    print(
+        f"dermris serve, {rows} rows ({info['preset']}), {args.clients} clients x {args.seconds:.0f} s, "
+        f"all nine measures, k=5, {os.cpu_count()} CPUs"
+    )
     print(f"{'kind':<15}{'requests':>9}{'errors':>8}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}")
     for name, r in results.items():
         p50 = f"{r['p50_ms']:9.0f}" if r["p50_ms"] is not None else f"{'-':>9}"
         p95 = f"{r['p95_ms']:9.0f}" if r["p95_ms"] is not None else f"{'-':>9}"
-        print(f"{name:<15}{r['requests']:>9}{r['errors']:>8}{r['requests_per_second']:8.2f}{p50}{p95}")
+        print(
+            f"{name:<15}{r['requests']:>9}{r['errors']:>8}{r['requests_per_second']:8.2f}{p50}{p95}"
+        )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ProcessPoolExecutor
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +21,28 @@ from PIL import Image, ImageEnhance
 __all__ = ["SOURCES", "photo_variation", "write_photo_set"]
 
 SOURCES = (
-    "astronaut", "coffee", "chelsea", "rocket", "retina", "immunohistochemistry", "hubble_deep_field",
-    "stereo_motorcycle", "colorwheel", "brick", "grass", "gravel", "camera", "moon", "coins", "cell", "clock",
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "retina",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "stereo_motorcycle",
+    "colorwheel",
+    "brick",
+    "grass",
+    "gravel",
+    "camera",
+    "moon",
+    "coins",
+    "cell",
+    "clock",
 )
 """scikit-image sample photographs that ship with the package (no download)."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def _source(name: str) -> np.ndarray:
     import skimage.data
 
@@ -49,11 +64,13 @@ def photo_variation(seed: int, size: int) -> Image.Image:
     h, w = src.shape[:2]
     side = int(min(h, w) * rng.uniform(0.25, 1.0))
     y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-    crop = src[y:y + side, x:x + side]
+    crop = src[y : y + side, x : x + side]
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
     crop = np.rot90(crop, int(rng.integers(4)))
-    image = Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.Resampling.BICUBIC)
+    image = Image.fromarray(np.ascontiguousarray(crop)).resize(
+        (size, size), Image.Resampling.BICUBIC
+    )
     hsv = np.asarray(image.convert("HSV")).astype(np.int16)
     hsv[..., 0] = (hsv[..., 0] + int(rng.integers(-40, 41))) % 256
     image = Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")
@@ -79,8 +96,15 @@ def _write(args) -> str:
     return str(path)
 
 
-def write_photo_set(folder: str | os.PathLike, n: int, *, size: int, seed: int = 0, quality: int = 90,
-                    processes: int | None = None) -> Path:
+def write_photo_set(
+    folder: str | os.PathLike,
+    n: int,
+    *,
+    size: int,
+    seed: int = 0,
+    quality: int = 90,
+    processes: int | None = None,
+) -> Path:
     """Write ``n`` JPEGs of ``size`` px into ``folder`` (kept between runs); returns the folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -21,15 +21,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from dermris.core import StyleLayout
 from dermris.indexer import Store, StoreWriter, index_folder, store_exists
 from dermris.indexer.synthetic import TEXTURE_CLASSES, synthetic_lesion, write_synthetic_set
-from dermris.core import StyleLayout
 from dermris.models import backbone_info, build_model, get_preset
 
 __all__ = ["pipeline_store", "photo_store", "measure_spectrum", "spectrum_store"]
 
 
-def pipeline_store(path: Path, n: int, *, preset: str = "tiny", seed: int = 0, sketch_dim: int = 256) -> Path:
+def pipeline_store(
+    path: Path, n: int, *, preset: str = "tiny", seed: int = 0, sketch_dim: int = 256
+) -> Path:
     """Index ``n`` synthetic lesion images with ``preset`` into ``path`` (reused if complete)."""
 
     if store_exists(path) and Store.open(path).rows == n:
@@ -43,19 +45,31 @@ def pipeline_store(path: Path, n: int, *, preset: str = "tiny", seed: int = 0, s
         folder.mkdir()
         for image in images:
             image.rename(folder / image.name)
-        index_folder(folder, path, preset=preset, progress=True, sketch_dim=sketch_dim, batch_size=32)
+        index_folder(
+            folder, path, preset=preset, progress=True, sketch_dim=sketch_dim, batch_size=32
+        )
     return path
 
 
-def photo_store(path: Path, n: int, *, preset: str = "lite0", size: int = 320, seed: int = 0,
-                sketch_dim: int = 256, workdir: Path | None = None) -> Path:
+def photo_store(
+    path: Path,
+    n: int,
+    *,
+    preset: str = "lite0",
+    size: int = 320,
+    seed: int = 0,
+    sketch_dim: int = 256,
+    workdir: Path | None = None,
+) -> Path:
     """Index ``n`` JPEGs made from scikit-image's photographs with ``preset`` (reused if complete)."""
     from photos import write_photo_set
 
     if store_exists(path) and Store.open(path).rows == n:
         return path
     shutil.rmtree(path, ignore_errors=True)
-    folder = write_photo_set((workdir or path.parent) / f"photos-{size}-{seed}", n, size=size, seed=seed)
+    folder = write_photo_set(
+        (workdir or path.parent) / f"photos-{size}-{seed}", n, size=size, seed=seed
+    )
     index_folder(folder, path, preset=preset, progress=True, sketch_dim=sketch_dim, batch_size=32)
     return path
 
@@ -69,8 +83,10 @@ def measure_spectrum(n_images: int = 512, *, preset: str = "lite0", seed: int = 
     model = build_model(get_preset(preset))
     embedder = Embedder(model, device=torch.device("cpu"), batch_size=32)
     rng = np.random.default_rng(seed)
-    images = [synthetic_lesion(TEXTURE_CLASSES[i % 4], seed=int(rng.integers(1 << 30)), size=192).image
-              for i in range(n_images)]
+    images = [
+        synthetic_lesion(TEXTURE_CLASSES[i % 4], seed=int(rng.integers(1 << 30)), size=192).image
+        for i in range(n_images)
+    ]
     style = embedder.embed(images).style.astype(np.float64)
     centred = style - style.mean(axis=0)
     sv = np.linalg.svd(centred, compute_uv=False)
@@ -98,7 +114,11 @@ def spectrum_store(
 ) -> Path:
     """Write ``n`` paper-sized rows (B6 layout, float16 style) following ``spectrum``."""
 
-    if store_exists(path) and Store.open(path).rows == n and getattr(Store.open(path).sketch_info, "rows", None) == n:
+    if (
+        store_exists(path)
+        and Store.open(path).rows == n
+        and getattr(Store.open(path).sketch_info, "rows", None) == n
+    ):
         return path
     shutil.rmtree(path, ignore_errors=True)
     config = get_preset("paper")
@@ -118,7 +138,9 @@ def spectrum_store(
     writer = StoreWriter.create(path, model_config=config, style_layout=layout)
     size = config.mask_size
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    feature_basis = rng.standard_normal((rank, config.feature_dim)).astype(np.float32) / np.sqrt(rank)
+    feature_basis = rng.standard_normal((rank, config.feature_dim)).astype(np.float32) / np.sqrt(
+        rank
+    )
     from tqdm import tqdm
 
     bar = tqdm(total=n, desc=f"spectrum store {n}", unit="row", disable=not progress)
@@ -129,25 +151,36 @@ def spectrum_store(
         for i in range(b):
             a, c = rng.integers(0, 64, 2)
             s1, s2 = rng.integers(0, big_d, 2)
-            style[i] += (np.roll(pool[a], int(s1)) + np.roll(pool[c], int(s2)) * rng.choice([-1, 1])) / np.sqrt(2)
+            style[i] += (
+                np.roll(pool[a], int(s1)) + np.roll(pool[c], int(s2)) * rng.choice([-1, 1])
+            ) / np.sqrt(2)
         features = np.tanh(coeff / principal_sd[:1].astype(np.float32)) @ feature_basis * 3
         features += rng.standard_normal(features.shape).astype(np.float32) * 0.3
-        cx, cy, ax, ay = (rng.uniform(0.3, 0.7, b), rng.uniform(0.3, 0.7, b),
-                          rng.uniform(0.08, 0.3, b), rng.uniform(0.08, 0.3, b))
-        masks = ((xx[None] - cx[:, None, None]) / ax[:, None, None]) ** 2 + \
-                ((yy[None] - cy[:, None, None]) / ay[:, None, None]) ** 2 < 1.0
+        cx, cy, ax, ay = (
+            rng.uniform(0.3, 0.7, b),
+            rng.uniform(0.3, 0.7, b),
+            rng.uniform(0.08, 0.3, b),
+            rng.uniform(0.08, 0.3, b),
+        )
+        masks = ((xx[None] - cx[:, None, None]) / ax[:, None, None]) ** 2 + (
+            (yy[None] - cy[:, None, None]) / ay[:, None, None]
+        ) ** 2 < 1.0
         ids = [f"SPEC_{r:07d}" for r in range(start, start + b)]
-        records = pa.table({
-            "image_id": pa.array(ids),
-            "path": pa.array([f"synthetic://{i}" for i in ids]),
-            "sha256": pa.array([f"{r:064x}" for r in range(start, start + b)]),
-            "width": pa.array([size] * b, pa.int32()),
-            "height": pa.array([size] * b, pa.int32()),
-        })
+        records = pa.table(
+            {
+                "image_id": pa.array(ids),
+                "path": pa.array([f"synthetic://{i}" for i in ids]),
+                "sha256": pa.array([f"{r:064x}" for r in range(start, start + b)]),
+                "width": pa.array([size] * b, pa.int32()),
+                "height": pa.array([size] * b, pa.int32()),
+            }
+        )
         writer.append(features=features, style=style, masks=masks, records=records)
         bar.update(b)
     bar.close()
     writer.update_sketch(dim=sketch_dim)
     writer.close()
-    (path / "benchmark-source.json").write_text(json.dumps({"kind": "spectrum", "rank": rank, "seed": seed}))
+    (path / "benchmark-source.json").write_text(
+        json.dumps({"kind": "spectrum", "rank": rank, "seed": seed})
+    )
     return path

@@ -88,7 +88,9 @@ def read_file_bytes(path: str | os.PathLike, *, max_bytes: int = MAX_FILE_BYTES)
         if not stat.S_ISREG(info.st_mode):
             raise ImageDecodeError(f"{name}: not a regular file")
         if info.st_size > max_bytes:
-            raise ImageDecodeError(f"{name}: file of {info.st_size} bytes is over the {max_bytes}-byte limit")
+            raise ImageDecodeError(
+                f"{name}: file of {info.st_size} bytes is over the {max_bytes}-byte limit"
+            )
         chunks, total = [], 0
         while True:
             chunk = os.read(fd, 1 << 20)
@@ -96,7 +98,9 @@ def read_file_bytes(path: str | os.PathLike, *, max_bytes: int = MAX_FILE_BYTES)
                 break
             total += len(chunk)
             if total > max_bytes:
-                raise ImageDecodeError(f"{name}: file grew over the {max_bytes}-byte limit while read")
+                raise ImageDecodeError(
+                    f"{name}: file grew over the {max_bytes}-byte limit while read"
+                )
             chunks.append(chunk)
         return b"".join(chunks)
     except OSError as exc:
@@ -134,7 +138,9 @@ def decode_image_bytes(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            warnings.simplefilter("ignore", UserWarning)  # e.g. "Corrupt EXIF data", "Truncated File Read"
+            warnings.simplefilter(
+                "ignore", UserWarning
+            )  # e.g. "Corrupt EXIF data", "Truncated File Read"
             image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             width, height = image.size
             if width < 1 or height < 1:
@@ -153,12 +159,18 @@ def decode_image_bytes(
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"{name}: too many pixels (PIL's decompression-bomb limit): {exc}") from None
+        raise ImageDecodeError(
+            f"{name}: too many pixels (PIL's decompression-bomb limit): {exc}"
+        ) from None
     except Image.UnidentifiedImageError:
-        raise ImageDecodeError(f"{name}: not an image of a supported format ({', '.join(IMAGE_FORMATS)})") from None
+        raise ImageDecodeError(
+            f"{name}: not an image of a supported format ({', '.join(IMAGE_FORMATS)})"
+        ) from None
     except MemoryError:
         raise ImageDecodeError(f"{name}: cannot decode (out of memory)") from None
-    except Exception as exc:  # PIL raises many types on hostile input; each is a reject, never a crash
+    except (
+        Exception
+    ) as exc:  # PIL raises many types on hostile input; each is a reject, never a crash
         message = str(exc).splitlines()[0] if str(exc) else ""
         raise ImageDecodeError(f"{name}: cannot decode ({type(exc).__name__}: {message})") from None
     return image, width, height

@@ -11,8 +11,8 @@ the store and the retriever can use it. The packing itself runs with the model
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -81,4 +81,6 @@ class StyleLayout:
     @classmethod
     def from_dict(cls, data: dict) -> "StyleLayout":
         """Inverse of :meth:`to_dict`."""
-        return cls(tuple(int(c) for c in data["channels"]), tuple(float(w) for w in data["weights"]))
+        return cls(
+            tuple(int(c) for c in data["channels"]), tuple(float(w) for w in data["weights"])
+        )

@@ -56,18 +56,32 @@ _EXPORTS = {
     "store_exists": ".store",
 }
 
-__all__ = sorted([*_EXPORTS, "ClusterError", "DermrisError", "ImageDecodeError", "MetadataError", "StoreChangedError",
-                  "StoreError", "StoreExistsError", "StoreFormatError", "StoreLockedError", "StoreMismatchError",
-                  "StoreNotFoundError", "StoreReadOnlyError"])
+__all__ = sorted(
+    [
+        *_EXPORTS,
+        "ClusterError",
+        "DermrisError",
+        "ImageDecodeError",
+        "MetadataError",
+        "StoreChangedError",
+        "StoreError",
+        "StoreExistsError",
+        "StoreFormatError",
+        "StoreLockedError",
+        "StoreMismatchError",
+        "StoreNotFoundError",
+        "StoreReadOnlyError",
+    ]
+)
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .cluster import ClusterSpec, parse_cluster
     from .embed import Embedder, Embeddings, preprocess, resolve_device
+    from .loader import ImageLoader
     from .pipeline import index_folder
     from .report import IndexReport
-    from .cluster import ClusterSpec, parse_cluster
-    from .loader import ImageLoader
     from .sources import (
         IMAGE_EXTENSIONS,
         ImageFile,
@@ -80,4 +94,13 @@ if TYPE_CHECKING:  # pragma: no cover
         to_pixels,
         to_rgb,
     )
-    from .store import FORMAT_VERSION, CheckReport, Manifest, Store, StoreWriter, StyleCodec, check_store, store_exists
+    from .store import (
+        FORMAT_VERSION,
+        CheckReport,
+        Manifest,
+        Store,
+        StoreWriter,
+        StyleCodec,
+        check_store,
+        store_exists,
+    )

@@ -21,10 +21,10 @@ import platform
 import socket
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -33,7 +33,14 @@ from dermris.core.errors import ClusterError
 from .sources import ImageFile, LoadedImage, load_image
 from .store import StyleCodec
 
-__all__ = ["BlockOptions", "BlockResult", "ModelSettings", "embed_block", "first_batch_style", "warm_up"]
+__all__ = [
+    "BlockOptions",
+    "BlockResult",
+    "ModelSettings",
+    "embed_block",
+    "first_batch_style",
+    "warm_up",
+]
 
 
 @dataclass(frozen=True)
@@ -142,8 +149,10 @@ def _restore_malloc() -> bool:
         import ctypes
 
         libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
-                    and libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD))
+        return bool(
+            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+            and libc.mallopt(_M_TRIM_THRESHOLD, 2 * _MMAP_THRESHOLD)
+        )
     except (OSError, AttributeError):
         return False
 
@@ -164,16 +173,25 @@ def _embedder(options: BlockOptions):
 
         path = Path(options.model_file)
         if not path.is_file():
-            raise ClusterError(f"worker {_where()} cannot read the model file {path}: the store must be on a file "
-                               "system every worker sees at the same path")
+            raise ClusterError(
+                f"worker {_where()} cannot read the model file {path}: the store must be on a file "
+                "system every worker sees at the same path"
+            )
         if options.model_sha256 and file_sha256(path) != options.model_sha256:
-            raise ClusterError(f"worker {_where()}: {path} does not match the sha256 in the store's manifest")
+            raise ClusterError(
+                f"worker {_where()}: {path} does not match the sha256 in the store's manifest"
+            )
         if options.torch_threads:
             torch.set_num_threads(options.torch_threads)
         _restore_malloc()
         settings = options.model
-        embedder = Embedder(load_model(path), device=resolve_device(settings.device), batch_size=settings.batch_size,
-                            precision=settings.precision, compile=settings.compile)
+        embedder = Embedder(
+            load_model(path),
+            device=resolve_device(settings.device),
+            batch_size=settings.batch_size,
+            precision=settings.precision,
+            compile=settings.compile,
+        )
         _EMBEDDERS.clear()  # one model per worker: a new run's model replaces the last one
         _EMBEDDERS[key] = embedder
         return embedder
@@ -194,12 +212,20 @@ def _decode_threads(device_type: str) -> int:
         return 1
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
     return max(1, min(8, cores // max(1, torch.cuda.device_count())))
 
 
-def _batches(files: Sequence[ImageFile], *, size: int, batch_size: int, skip_sha256: frozenset[str],
-             threads: int) -> Iterator[list[LoadedImage]]:
+def _batches(
+    files: Sequence[ImageFile],
+    *,
+    size: int,
+    batch_size: int,
+    skip_sha256: frozenset[str],
+    threads: int,
+) -> Iterator[list[LoadedImage]]:
     """Read, hash, decode and resize ``files`` in threads (PIL and hashlib release the GIL), a
     bounded number of files ahead of the model, and yield them in order, ``batch_size`` at a time."""
     load = functools.partial(load_image, size=size, skip_sha256=skip_sha256)
@@ -225,13 +251,19 @@ def _batches(files: Sequence[ImageFile], *, size: int, batch_size: int, skip_sha
 
 def _check_images(options: BlockOptions) -> None:
     if not Path(options.images).is_dir():
-        raise ClusterError(f"worker {_where()} cannot see the image folder {options.images}: workers need the images "
-                           "and the store at the same paths as the machine that runs `dermris index`")
+        raise ClusterError(
+            f"worker {_where()} cannot see the image folder {options.images}: workers need the images "
+            "and the store at the same paths as the machine that runs `dermris index`"
+        )
 
 
 # -- the tasks ------------------------------------------------------------------------------
-def embed_block(index: int, files: Sequence[ImageFile], options: BlockOptions,
-                skip_sha256: frozenset[str] = frozenset()) -> BlockResult:
+def embed_block(
+    index: int,
+    files: Sequence[ImageFile],
+    options: BlockOptions,
+    skip_sha256: frozenset[str] = frozenset(),
+) -> BlockResult:
     """Embed one block of files (a Dask task; pure: it writes nothing).
 
     Parameters
@@ -255,11 +287,18 @@ def embed_block(index: int, files: Sequence[ImageFile], options: BlockOptions,
     _check_images(options)
     embedder = _embedder(options)
     device = embedder.device
-    encoder = options.codec.torch_encoder(device, per_row=True) if options.codec is not None else None
+    encoder = (
+        options.codec.torch_encoder(device, per_row=True) if options.codec is not None else None
+    )
     items: list[LoadedImage] = []
     feats, styles, masks, clipped = [], [], [], []
-    for batch in _batches(files, size=embedder.image_size, batch_size=embedder.batch_size,
-                          skip_sha256=skip_sha256, threads=_decode_threads(device.type)):
+    for batch in _batches(
+        files,
+        size=embedder.image_size,
+        batch_size=embedder.batch_size,
+        skip_sha256=skip_sha256,
+        threads=_decode_threads(device.type),
+    ):
         ok = [it for it in batch if it.status == "ok"]
         if ok:
             pixels = torch.from_numpy(np.stack([it.pixels for it in ok]))
@@ -281,14 +320,24 @@ def embed_block(index: int, files: Sequence[ImageFile], options: BlockOptions,
         styles = [np.zeros((0, embedder.model.style_layout.dim), dtype)]
         masks = [np.zeros((0, mask_bytes), np.uint8)]
         clipped = [np.zeros(0, np.int64)]
-    return BlockResult(index=index, items=items, features=np.concatenate(feats), style=np.concatenate(styles),
-                       masks=np.concatenate(masks), clipped=np.concatenate(clipped).astype(np.int64),
-                       encoded=encoder is not None, device=str(device), precision=embedder.precision,
-                       worker=_where(), seconds=time.perf_counter() - started)
+    return BlockResult(
+        index=index,
+        items=items,
+        features=np.concatenate(feats),
+        style=np.concatenate(styles),
+        masks=np.concatenate(masks),
+        clipped=np.concatenate(clipped).astype(np.int64),
+        encoded=encoder is not None,
+        device=str(device),
+        precision=embedder.precision,
+        worker=_where(),
+        seconds=time.perf_counter() - started,
+    )
 
 
-def first_batch_style(files: Sequence[ImageFile], options: BlockOptions,
-                      skip_sha256: frozenset[str] = frozenset()) -> np.ndarray | None:
+def first_batch_style(
+    files: Sequence[ImageFile], options: BlockOptions, skip_sha256: frozenset[str] = frozenset()
+) -> np.ndarray | None:
     """Float32 style vectors of the first batch of ``files`` that holds a decodable image (a Dask
     task): what a new store's float16 codec is fitted on, as in one process. None if no file in
     ``files`` decodes."""
@@ -296,8 +345,13 @@ def first_batch_style(files: Sequence[ImageFile], options: BlockOptions,
     embedder = _embedder(options)
     import torch
 
-    for batch in _batches(files, size=embedder.image_size, batch_size=embedder.batch_size, skip_sha256=skip_sha256,
-                          threads=_decode_threads(embedder.device.type)):
+    for batch in _batches(
+        files,
+        size=embedder.image_size,
+        batch_size=embedder.batch_size,
+        skip_sha256=skip_sha256,
+        threads=_decode_threads(embedder.device.type),
+    ):
         ok = [it.pixels for it in batch if it.status == "ok"]
         if ok:
             _, style, _, _ = embedder.forward_pixels(torch.from_numpy(np.stack(ok)))

@@ -23,9 +23,10 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from dermris.core.errors import ClusterError, ConfigError, OptionalDependencyError
 
@@ -34,7 +35,9 @@ __all__ = ["ClusterSpec", "ClusterSession", "parse_cluster", "as_cluster", "conn
 log = logging.getLogger(__name__)
 
 _SCHEMES = ("tcp", "tls", "ucx", "ucxx", "ws", "wss")
-_ADDRESS = re.compile(r"^(?P<scheme>[a-z]+)://(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})/?$")
+_ADDRESS = re.compile(
+    r"^(?P<scheme>[a-z]+)://(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})/?$"
+)
 _CONNECT_TIMEOUT_S = 30.0
 _WORKER_WAIT_S = 600.0
 
@@ -83,8 +86,10 @@ def parse_cluster(text: str) -> ClusterSpec:
     if "://" in value:
         match = _ADDRESS.match(value)
         if match is None or match["scheme"] not in _SCHEMES or not 0 < int(match["port"]) < 65536:
-            raise ConfigError(f"{value!r} is not a scheduler address like tcp://HOST:PORT "
-                              f"(schemes: {', '.join(_SCHEMES)})")
+            raise ConfigError(
+                f"{value!r} is not a scheduler address like tcp://HOST:PORT "
+                f"(schemes: {', '.join(_SCHEMES)})"
+            )
         return ClusterSpec("address", address=value.rstrip("/"))
     if value.endswith(".json"):
         return ClusterSpec("scheduler-file", address=value)
@@ -100,8 +105,10 @@ def as_cluster(cluster: Any) -> Any:
         return parse_cluster(os.fspath(cluster))
     if _is_client(cluster) or hasattr(cluster, "scheduler_address"):
         return cluster
-    raise ConfigError(f"cluster must be a spec such as 'local:2', a distributed.Client or a Dask cluster, "
-                      f"not {type(cluster).__name__}")
+    raise ConfigError(
+        f"cluster must be a spec such as 'local:2', a distributed.Client or a Dask cluster, "
+        f"not {type(cluster).__name__}"
+    )
 
 
 def _is_client(obj: Any) -> bool:
@@ -154,12 +161,18 @@ def _import_distributed():
 
 
 def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
 
 
 @contextlib.contextmanager
-def connect(cluster: Any, *, connect_timeout_s: float = _CONNECT_TIMEOUT_S,
-            worker_wait_s: float = _WORKER_WAIT_S) -> Iterator[ClusterSession]:
+def connect(
+    cluster: Any,
+    *,
+    connect_timeout_s: float = _CONNECT_TIMEOUT_S,
+    worker_wait_s: float = _WORKER_WAIT_S,
+) -> Iterator[ClusterSession]:
     """Start or reach the cluster, yield a session with at least one worker, and close what was
     started here (a client or cluster handed in is left open).
 
@@ -182,7 +195,9 @@ def connect(cluster: Any, *, connect_timeout_s: float = _CONNECT_TIMEOUT_S,
     cluster = as_cluster(cluster)
     with contextlib.ExitStack() as stack:
         if _is_client(cluster):
-            session = ClusterSession(cluster, str(cluster.scheduler_info(n_workers=0).get("address")))
+            session = ClusterSession(
+                cluster, str(cluster.scheduler_info(n_workers=0).get("address"))
+            )
         elif not isinstance(cluster, ClusterSpec):
             distributed = _import_distributed()
             client = stack.enter_context(distributed.Client(cluster))
@@ -192,25 +207,35 @@ def connect(cluster: Any, *, connect_timeout_s: float = _CONNECT_TIMEOUT_S,
         try:
             session.client.wait_for_workers(1, timeout=worker_wait_s)
         except TimeoutError:
-            raise ClusterError(f"no Dask worker joined the scheduler at {session.name} within {worker_wait_s:.0f} s "
-                               "(start workers with `dask worker ADDRESS`, or check the job queue)") from None
+            raise ClusterError(
+                f"no Dask worker joined the scheduler at {session.name} within {worker_wait_s:.0f} s "
+                "(start workers with `dask worker ADDRESS`, or check the job queue)"
+            ) from None
         yield session
 
 
-def _start(spec: ClusterSpec, stack: contextlib.ExitStack, connect_timeout_s: float) -> ClusterSession:
+def _start(
+    spec: ClusterSpec, stack: contextlib.ExitStack, connect_timeout_s: float
+) -> ClusterSession:
     distributed = _import_distributed()
     if spec.kind == "local":
         workers = spec.workers or _cores()
         threads = max(1, _cores() // workers)
-        log.info("starting a local Dask cluster of %d worker processes (%d torch threads each)", workers, threads)
+        log.info(
+            "starting a local Dask cluster of %d worker processes (%d torch threads each)",
+            workers,
+            threads,
+        )
         try:
-            cluster = stack.enter_context(distributed.LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True))
+            cluster = stack.enter_context(
+                distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True)
+            )
         except (RuntimeError, OSError, TimeoutError) as exc:
             raise ClusterError(
                 f"the local Dask cluster did not start ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                 "from a Python script, call index_folder(..., cluster=...) under `if __name__ == '__main__':` "
-                "(worker processes re-import the script)") from exc
+                "(worker processes re-import the script)"
+            ) from exc
         client = stack.enter_context(distributed.Client(cluster))
         return ClusterSession(client, str(spec), torch_threads=threads)
     if spec.kind == "cuda":
@@ -218,21 +243,28 @@ def _start(spec: ClusterSpec, stack: contextlib.ExitStack, connect_timeout_s: fl
             from dask_cuda import LocalCUDACluster
         except ImportError:
             raise OptionalDependencyError(
-                "--cluster cuda needs dask-cuda: pip install 'dermris[dask-cuda]'") from None
+                "--cluster cuda needs dask-cuda: pip install 'dermris[dask-cuda]'"
+            ) from None
         log.info("starting a local Dask CUDA cluster (one worker per GPU)")
         try:
             cluster = stack.enter_context(LocalCUDACluster(n_workers=spec.workers))
         except (RuntimeError, OSError, TimeoutError, ValueError) as exc:
-            raise ClusterError(f"the local Dask CUDA cluster did not start ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+            raise ClusterError(
+                f"the local Dask CUDA cluster did not start ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from exc
         client = stack.enter_context(distributed.Client(cluster))
         return ClusterSession(client, str(spec))
     kwargs: dict[str, Any] = {"timeout": connect_timeout_s}
-    if spec.kind == "scheduler-file":  # written by a scheduler that may still be starting (a batch job)
+    if (
+        spec.kind == "scheduler-file"
+    ):  # written by a scheduler that may still be starting (a batch job)
         deadline = time.monotonic() + connect_timeout_s
         while not Path(str(spec.address)).is_file():
             if time.monotonic() > deadline:
-                raise ClusterError(f"scheduler file not found: {spec.address} (waited {connect_timeout_s:.0f} s)")
+                raise ClusterError(
+                    f"scheduler file not found: {spec.address} (waited {connect_timeout_s:.0f} s)"
+                )
             time.sleep(0.2)
         kwargs["scheduler_file"] = spec.address
     else:

@@ -52,8 +52,13 @@ class Chunk:
 class Committer:
     """The writer stage on its own thread: gathers chunks and commits every ``commit_every`` rows."""
 
-    def __init__(self, writer: StoreWriter, table: MetadataTable | None, report: IndexReport,
-                 commit_every: int) -> None:
+    def __init__(
+        self,
+        writer: StoreWriter,
+        table: MetadataTable | None,
+        report: IndexReport,
+        commit_every: int,
+    ) -> None:
         self.writer = writer
         self.table = table
         self.report = report
@@ -125,9 +130,13 @@ class Committer:
         chunks = [c for c in chunks if len(c)]
         if chunks:
             items = [it for c in chunks for it in c.items]
-            records = core_records(image_ids=[it.file.image_id for it in items],
-                                   paths=[str(it.file.path) for it in items], sha256=[it.sha256 for it in items],
-                                   widths=[it.width for it in items], heights=[it.height for it in items])
+            records = core_records(
+                image_ids=[it.file.image_id for it in items],
+                paths=[str(it.file.path) for it in items],
+                sha256=[it.sha256 for it in items],
+                widths=[it.width for it in items],
+                heights=[it.height for it in items],
+            )
             if self.table is not None:
                 ids = [it.file.image_id for it in items]
                 self.report.without_metadata += [i for i in ids if i not in self.table]
@@ -138,8 +147,13 @@ class Committer:
             masks = np.concatenate([c.masks for c in chunks])
             style = np.concatenate([c.style for c in chunks])
             if all(c.encoded for c in chunks):
-                self.writer.append(features=features, encoded_style=style, masks=masks, records=records,
-                                   clipped=sum(c.clipped for c in chunks))
+                self.writer.append(
+                    features=features,
+                    encoded_style=style,
+                    masks=masks,
+                    records=records,
+                    clipped=sum(c.clipped for c in chunks),
+                )
             else:
                 self.writer.append(features=features, style=style, masks=masks, records=records)
             self.report.indexed += len(items)
@@ -156,16 +170,23 @@ class Admission:
     is embedded (a mismatch fails now).
     """
 
-    def __init__(self, writer: StoreWriter, table: MetadataTable | None, report: IndexReport) -> None:
+    def __init__(
+        self, writer: StoreWriter, table: MetadataTable | None, report: IndexReport
+    ) -> None:
         _, missing = writer.prepare_metadata(table.schema if table is not None else None)
         if missing and writer.rows:
-            log.warning("%d metadata columns of the store are not in %s; new rows get nulls there: %s",
-                        len(missing), "the CSV" if table is not None else "this run (no --metadata)",
-                        ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+            log.warning(
+                "%d metadata columns of the store are not in %s; new rows get nulls there: %s",
+                len(missing),
+                "the CSV" if table is not None else "this run (no --metadata)",
+                ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""),
+            )
         committed = writer.committed_metadata(["image_id", "sha256", "path"])
         self.known_sha = set(committed.column("sha256").to_pylist())
         self.purged_sha = set(writer.removed_sha256)
-        self.seen_ids = dict(zip(committed.column("image_id").to_pylist(), committed.column("path").to_pylist()))
+        self.seen_ids = dict(
+            zip(committed.column("image_id").to_pylist(), committed.column("path").to_pylist())
+        )
         self.seen_sha: dict[str, str] = {}
         self.report = report
 

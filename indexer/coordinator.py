@@ -35,15 +35,23 @@ import math
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from dermris.core.errors import ClusterError
 
-from .blocks import BlockOptions, BlockResult, ModelSettings, embed_block, first_batch_style, warm_up
+from .blocks import (
+    BlockOptions,
+    BlockResult,
+    ModelSettings,
+    embed_block,
+    first_batch_style,
+    warm_up,
+)
 from .cluster import ClusterSession
 from .commit import Admission, Chunk, Committer
 from .report import IndexReport
@@ -104,7 +112,7 @@ def default_block_size(*, shard_rows: int, files: int, workers: int, batch_size:
 
 
 def _split(files: Sequence[ImageFile], size: int) -> list[list[ImageFile]]:
-    return [list(files[i:i + size]) for i in range(0, len(files), size)]
+    return [list(files[i : i + size]) for i in range(0, len(files), size)]
 
 
 def _failure(exc: BaseException, index: int, block: Sequence[ImageFile]) -> BaseException:
@@ -113,8 +121,10 @@ def _failure(exc: BaseException, index: int, block: Sequence[ImageFile]) -> Base
 
     where = f"block {index} ({block[0].path} ... {block[-1].path})"
     if isinstance(exc, KilledWorker):
-        return ClusterError(f"{where} was running on workers that died each time it was tried ({exc}); "
-                            "a file in it may crash the decoder, or the workers run out of memory")
+        return ClusterError(
+            f"{where} was running on workers that died each time it was tried ({exc}); "
+            "a file in it may crash the decoder, or the workers run out of memory"
+        )
     if type(exc).__name__ in ("CancelledError", "FutureCancelledError"):
         return ClusterError(f"{where} was cancelled: the scheduler lost it ({exc})")
     return exc
@@ -137,7 +147,9 @@ class _Window:
         return self._size
 
 
-def _commit_block(result: BlockResult, admission: Admission, writer: StoreWriter, committer: Committer) -> None:
+def _commit_block(
+    result: BlockResult, admission: Admission, writer: StoreWriter, committer: Committer
+) -> None:
     """Apply the rules of one process to a block's files, in order, and hand its rows to the writer."""
     chunk = Chunk(items=[])
     keep = admission.admit_all(result.items, chunk)
@@ -154,9 +166,16 @@ def _commit_block(result: BlockResult, admission: Admission, writer: StoreWriter
     committer.put(chunk)
 
 
-def index_on_cluster(writer: StoreWriter, files: Sequence[ImageFile], table: MetadataTable | None,
-                     report: IndexReport, *,
-                     session: ClusterSession, run: ClusterRun, progress: bool) -> None:
+def index_on_cluster(
+    writer: StoreWriter,
+    files: Sequence[ImageFile],
+    table: MetadataTable | None,
+    report: IndexReport,
+    *,
+    session: ClusterSession,
+    run: ClusterRun,
+    progress: bool,
+) -> None:
     """Embed ``files`` on a Dask cluster and commit their rows to ``writer`` in order.
 
     Parameters
@@ -187,29 +206,68 @@ def index_on_cluster(writer: StoreWriter, files: Sequence[ImageFile], table: Met
     model_file, model_sha256 = writer.reader().model_file()
     client = session.client
     dashboard = session.dashboard
-    log.info("Dask cluster %s: %d workers; dashboard %s", session.name, session.workers, dashboard or "none")
+    log.info(
+        "Dask cluster %s: %d workers; dashboard %s",
+        session.name,
+        session.workers,
+        dashboard or "none",
+    )
     if progress and dashboard:
         print(f"Dask dashboard: {dashboard}", file=sys.stderr, flush=True)
-    options = BlockOptions(model_file=str(model_file), model_sha256=model_sha256, images=run.images,
-                           model=run.model, torch_threads=session.torch_threads, codec=writer.codec)
+    options = BlockOptions(
+        model_file=str(model_file),
+        model_sha256=model_sha256,
+        images=run.images,
+        model=run.model,
+        torch_threads=session.torch_threads,
+        codec=writer.codec,
+    )
     token = uuid.uuid4().hex[:8]
     skip = admission.skip_sha256
     skip_arg = client.scatter([skip], broadcast=True, hash=False)[0] if skip else skip
     _warm_up(session, options, token)
-    size = run.block_size or default_block_size(shard_rows=writer.manifest.arrays.style_shard_rows,
-                                                files=len(files), workers=session.workers,
-                                                batch_size=run.model.batch_size)
+    size = run.block_size or default_block_size(
+        shard_rows=writer.manifest.arrays.style_shard_rows,
+        files=len(files),
+        workers=session.workers,
+        batch_size=run.model.batch_size,
+    )
     blocks = _split(files, size)
-    if writer.codec is None:  # a new store: its float16 scales come from the first batch, as in one process
-        style = client.submit(first_batch_style, list(files), options, skip_arg, key=f"dermris-codec-{token}",
-                              pure=False, retries=run.retries).result()
+    if (
+        writer.codec is None
+    ):  # a new store: its float16 scales come from the first batch, as in one process
+        style = client.submit(
+            first_batch_style,
+            list(files),
+            options,
+            skip_arg,
+            key=f"dermris-codec-{token}",
+            pure=False,
+            retries=run.retries,
+        ).result()
         if style is not None:
             options = dataclasses.replace(options, codec=writer.fit_codec(style))
     report.stages["cluster"] = time.perf_counter() - started
-    report.cluster = {"cluster": session.name, "dashboard": dashboard, "blocks": len(blocks), "block_size": size}
+    report.cluster = {
+        "cluster": session.name,
+        "dashboard": dashboard,
+        "blocks": len(blocks),
+        "block_size": size,
+    }
     t = time.perf_counter()
-    _embed_blocks(session, blocks, options, skip_arg, admission, writer, table, report, run=run, token=token,
-                  progress=progress)
+    _embed_blocks(
+        session,
+        blocks,
+        options,
+        skip_arg,
+        admission,
+        writer,
+        table,
+        report,
+        run=run,
+        token=token,
+        progress=progress,
+    )
     report.stages["embed"] = time.perf_counter() - t
 
 
@@ -217,21 +275,43 @@ def _warm_up(session: ClusterSession, options: BlockOptions, token: str) -> None
     """Load the model on every worker now, in parallel (a worker that cannot read it fails here)."""
     client = session.client
     workers = list(client.scheduler_info(n_workers=-1).get("workers", {}))
-    futures = [client.submit(warm_up, options, key=f"dermris-warm-up-{token}-{i}", workers=[w],
-                             allow_other_workers=True, pure=False) for i, w in enumerate(workers)]
+    futures = [
+        client.submit(
+            warm_up,
+            options,
+            key=f"dermris-warm-up-{token}-{i}",
+            workers=[w],
+            allow_other_workers=True,
+            pure=False,
+        )
+        for i, w in enumerate(workers)
+    ]
     loaded = client.gather(futures)
     log.info("model loaded on %d workers: %s", len(loaded), ", ".join(sorted(set(loaded))))
 
 
-def _embed_blocks(session: ClusterSession, blocks: list[list[ImageFile]], options: BlockOptions, skip_arg: Any,
-                  admission: Admission, writer: StoreWriter, table: MetadataTable | None, report: IndexReport, *,
-                  run: ClusterRun, token: str, progress: bool) -> None:
+def _embed_blocks(
+    session: ClusterSession,
+    blocks: list[list[ImageFile]],
+    options: BlockOptions,
+    skip_arg: Any,
+    admission: Admission,
+    writer: StoreWriter,
+    table: MetadataTable | None,
+    report: IndexReport,
+    *,
+    run: ClusterRun,
+    token: str,
+    progress: bool,
+) -> None:
     from distributed import as_completed
 
     client = session.client
     window = _Window(session)
     committer = Committer(writer, table, report, run.commit_every)
-    bar = tqdm(total=len(blocks), desc="indexing", unit="block", file=sys.stderr, disable=not progress)
+    bar = tqdm(
+        total=len(blocks), desc="indexing", unit="block", file=sys.stderr, disable=not progress
+    )
     in_flight: dict[Any, int] = {}
     done: dict[int, BlockResult] = {}
     devices: set[str] = set()
@@ -247,9 +327,17 @@ def _embed_blocks(session: ClusterSession, blocks: list[list[ImageFile]], option
         if writer.codec is not None and options.codec is None:
             options = dataclasses.replace(options, codec=writer.codec)
         while next_submit < len(blocks) and next_submit - next_commit < window.size:
-            future = client.submit(embed_block, next_submit, blocks[next_submit], options, skip_arg,
-                                   key=f"dermris-block-{token}-{next_submit:06d}", pure=False, retries=run.retries,
-                                   priority=-next_submit)
+            future = client.submit(
+                embed_block,
+                next_submit,
+                blocks[next_submit],
+                options,
+                skip_arg,
+                key=f"dermris-block-{token}-{next_submit:06d}",
+                pure=False,
+                retries=run.retries,
+                priority=-next_submit,
+            )
             in_flight[future] = next_submit
             pending.add(future)
             next_submit += 1

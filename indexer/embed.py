@@ -11,18 +11,25 @@ the Gram matrices, the style vector and the feature head are always computed in 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from dermris.models import DermrisModel
 from dermris.core.errors import ConfigError
 from dermris.core.imageio import to_pixels
+from dermris.models import DermrisModel
 
-__all__ = ["PRECISIONS", "resolve_device", "resolve_precision", "preprocess", "Embeddings", "Embedder"]
+__all__ = [
+    "PRECISIONS",
+    "resolve_device",
+    "resolve_precision",
+    "preprocess",
+    "Embeddings",
+    "Embedder",
+]
 
 PRECISIONS = ("auto", "float32", "tf32", "bfloat16", "float16")
 """Inference precisions. ``float32`` is IEEE float32 throughout (no TF32); ``tf32`` lets CUDA
@@ -54,13 +61,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The precision to run at: ``auto`` -> float32 on CPU, :data:`CUDA_DEFAULT_PRECISION` on CUDA."""
     if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+        raise ConfigError(
+            f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}"
+        )
     if precision == "auto":
         return CUDA_DEFAULT_PRECISION if device.type == "cuda" else "float32"
     return precision
 
 
-def preprocess(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def preprocess(
+    image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
     """Resize the whole image (no crop) to ``size x size`` and normalise; ``(3, S, S)`` float32."""
     pixels = torch.from_numpy(to_pixels(image, size)).permute(2, 0, 1).float() / 255.0
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
@@ -153,8 +164,11 @@ class Embedder:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
         exact = self.precision == "float32"
-        stack.enter_context(torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False,
-                                                       allow_tf32=not exact))
+        stack.enter_context(
+            torch.backends.cudnn.flags(
+                enabled=True, benchmark=True, deterministic=False, allow_tf32=not exact
+            )
+        )
         previous = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = not exact
         stack.callback(setattr, torch.backends.cuda.matmul, "allow_tf32", previous)
@@ -192,7 +206,9 @@ class Embedder:
             pixels = torch.from_numpy(pixels)
         feats, styles, masks, clipped = [], [], [], 0
         for start in range(0, len(pixels), self.batch_size):
-            f, s, m, c = self.forward_pixels(pixels[start:start + self.batch_size], encoder=encoder)
+            f, s, m, c = self.forward_pixels(
+                pixels[start : start + self.batch_size], encoder=encoder
+            )
             feats.append(f.cpu().numpy())
             styles.append(s.cpu().numpy())
             masks.append(m.cpu().numpy())
@@ -204,7 +220,9 @@ class Embedder:
                 np.zeros((0, self.model.style_layout.dim), np.float32),
                 np.zeros((0, cfg.mask_size, cfg.mask_size), bool),
             )
-        return Embeddings(np.concatenate(feats), np.concatenate(styles), np.concatenate(masks), clipped)
+        return Embeddings(
+            np.concatenate(feats), np.concatenate(styles), np.concatenate(masks), clipped
+        )
 
     def embed(self, images: Sequence[Image.Image]) -> Embeddings:
         """Embed RGB PIL images (resized with :func:`to_pixels`, as indexed files are)."""

@@ -9,8 +9,8 @@ asynchronous copies when the model runs on CUDA; normalisation happens on the de
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,9 @@ __all__ = ["LoadedBatch", "ImageLoader", "default_workers"]
 
 def default_workers() -> int:
     """Decoding processes to use: every core but one for the model's own threads, at most 16."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
     return max(1, min(16, cores - 1))
 
 
@@ -76,8 +78,14 @@ def _worker_init(_: int) -> None:
 
 
 class _Files(torch.utils.data.Dataset):
-    def __init__(self, files: Sequence[ImageFile], size: int, draft_size: int | None,
-                 skip_sha256: frozenset[str], max_bytes: int) -> None:
+    def __init__(
+        self,
+        files: Sequence[ImageFile],
+        size: int,
+        draft_size: int | None,
+        skip_sha256: frozenset[str],
+        max_bytes: int,
+    ) -> None:
         self.files = list(files)
         self.size = size
         self.draft_size = draft_size
@@ -88,8 +96,13 @@ class _Files(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> LoadedImage:
-        return load_image(self.files[i], size=self.size, draft_size=self.draft_size, skip_sha256=self.skip,
-                          max_bytes=self.max_bytes)
+        return load_image(
+            self.files[i],
+            size=self.size,
+            draft_size=self.draft_size,
+            skip_sha256=self.skip,
+            max_bytes=self.max_bytes,
+        )
 
 
 class ImageLoader:
@@ -137,14 +150,23 @@ class ImageLoader:
         self.batch_size = batch_size
         kwargs = {}
         if self.workers > 0:
-            kwargs = {"prefetch_factor": prefetch, "worker_init_fn": _worker_init, "persistent_workers": False}
+            kwargs = {
+                "prefetch_factor": prefetch,
+                "worker_init_fn": _worker_init,
+                "persistent_workers": False,
+            }
             if torch.cuda.is_initialized():
                 # A process that holds CUDA (and its threads) must not fork: workers come from a
                 # fork server that imported this module once (seconds, once per process).
                 kwargs["multiprocessing_context"] = _forkserver()
         self._loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=batch_size, shuffle=False, num_workers=self.workers, collate_fn=_collate,
-            pin_memory=pin_memory and torch.cuda.is_available(), **kwargs,
+            self.dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=self.workers,
+            collate_fn=_collate,
+            pin_memory=pin_memory and torch.cuda.is_available(),
+            **kwargs,
         )
 
     def __len__(self) -> int:

@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from dermris.models import DermrisModel, build_model, get_preset, load_model
 from dermris.core.errors import ConfigError, DataError, StoreMismatchError
+from dermris.models import DermrisModel, build_model, get_preset, load_model
 
-from .embed import Embedder, resolve_device, resolve_precision
 from .commit import Admission, Chunk, Committer
-from .report import IndexReport
+from .embed import Embedder, resolve_device, resolve_precision
 from .loader import ImageLoader
+from .report import IndexReport
 from .sources import IMAGE_EXTENSIONS, MetadataTable, list_images
 from .store import StoreWriter, store_exists
 
@@ -69,10 +69,20 @@ def _open_or_create(
     if weights is not None:
         model = load_model(weights)
     else:
-        model = build_model(get_preset(preset or "tiny"), backbone_weights=backbone_weights, pretrained=pretrained)
-    writer = StoreWriter.create(store, model_config=model.config, style_layout=model.style_layout, model=model)
-    log.info("created %s (preset %s, %s x %s at %d px)", store, model.config.name, model.config.members,
-             model.config.backbone, model.config.image_size)
+        model = build_model(
+            get_preset(preset or "tiny"), backbone_weights=backbone_weights, pretrained=pretrained
+        )
+    writer = StoreWriter.create(
+        store, model_config=model.config, style_layout=model.style_layout, model=model
+    )
+    log.info(
+        "created %s (preset %s, %s x %s at %d px)",
+        store,
+        model.config.name,
+        model.config.members,
+        model.config.backbone,
+        model.config.image_size,
+    )
     return writer, model
 
 
@@ -157,7 +167,9 @@ def index_folder(
         raise ValueError("commit_every and batch_size must be >= 1")
     files = list_images(images)
     if not files:
-        raise DataError(f"no image files ({', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) under {images}")
+        raise DataError(
+            f"no image files ({', '.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) under {images}"
+        )
     table = MetadataTable(metadata, id_column=id_column) if metadata is not None else None
     if cluster is not None:
         if block_size is not None and block_size < 1:
@@ -176,9 +188,14 @@ def index_folder(
                 t = time.perf_counter()
                 session = on_cluster.enter_context(connect(cluster))
                 connect_s = time.perf_counter() - t
-            writer, model = _open_or_create(Path(store), preset=preset, weights=weights,
-                                            backbone_weights=backbone_weights, pretrained=pretrained,
-                                            need_model=session is None)
+            writer, model = _open_or_create(
+                Path(store),
+                preset=preset,
+                weights=weights,
+                backbone_weights=backbone_weights,
+                pretrained=pretrained,
+                need_model=session is None,
+            )
             if session is not None:
                 from .blocks import ModelSettings
                 from .coordinator import ClusterRun, index_on_cluster
@@ -186,25 +203,56 @@ def index_folder(
                 del model  # the workers load the store's copy
                 report = IndexReport()
                 report.stages["setup"] = time.perf_counter() - started - connect_s
-                settings = ModelSettings(device=device, precision=precision, batch_size=batch_size, compile=compile)
-                index_on_cluster(writer, files, table, report, session=session, progress=progress, run=ClusterRun(
-                    images=os.path.abspath(images), model=settings, block_size=block_size, commit_every=commit_every))
+                settings = ModelSettings(
+                    device=device, precision=precision, batch_size=batch_size, compile=compile
+                )
+                index_on_cluster(
+                    writer,
+                    files,
+                    table,
+                    report,
+                    session=session,
+                    progress=progress,
+                    run=ClusterRun(
+                        images=os.path.abspath(images),
+                        model=settings,
+                        block_size=block_size,
+                        commit_every=commit_every,
+                    ),
+                )
                 report.stages["cluster"] += connect_s
             else:
-                embedder = Embedder(model, device=torch_device, batch_size=batch_size, precision=precision,
-                                    compile=compile)
+                embedder = Embedder(
+                    model,
+                    device=torch_device,
+                    batch_size=batch_size,
+                    precision=precision,
+                    compile=compile,
+                )
                 report = IndexReport(device=str(torch_device), precision=embedder.precision)
                 report.stages["setup"] = time.perf_counter() - started
-                _run(writer, embedder, files, table, report, commit_every=commit_every, workers=workers,
-                     progress=progress)
+                _run(
+                    writer,
+                    embedder,
+                    files,
+                    table,
+                    report,
+                    commit_every=commit_every,
+                    workers=workers,
+                    progress=progress,
+                )
         t = time.perf_counter()
         writer.update_faiss_files(enable=faiss_files)  # only when asked (now, or once before)
         writer.update_sketch(dim=sketch_dim, device=torch_device)
         report.stages["derived"] = time.perf_counter() - t
         report.rows = writer.rows
         report.seconds = time.perf_counter() - started
-        log.info("indexed %d images in %.1f s (%s)", report.indexed, report.seconds,
-                 ", ".join(f"{k} {v:.1f} s" for k, v in report.stages.items()))
+        log.info(
+            "indexed %d images in %.1f s (%s)",
+            report.indexed,
+            report.seconds,
+            ", ".join(f"{k} {v:.1f} s" for k, v in report.stages.items()),
+        )
         return report
     finally:
         if writer is not None:
@@ -222,12 +270,27 @@ def _client_device(device: str):
         raise
 
 
-def _run(writer: StoreWriter, embedder: Embedder, files, table, report: IndexReport, *, commit_every: int,
-         workers: int | None, progress: bool) -> None:
+def _run(
+    writer: StoreWriter,
+    embedder: Embedder,
+    files,
+    table,
+    report: IndexReport,
+    *,
+    commit_every: int,
+    workers: int | None,
+    progress: bool,
+) -> None:
     admission = Admission(writer, table, report)
     device = embedder.device
-    loader = ImageLoader(files, size=embedder.image_size, batch_size=embedder.batch_size, workers=workers,
-                         skip_sha256=admission.skip_sha256, pin_memory=device.type == "cuda")
+    loader = ImageLoader(
+        files,
+        size=embedder.image_size,
+        batch_size=embedder.batch_size,
+        workers=workers,
+        skip_sha256=admission.skip_sha256,
+        pin_memory=device.type == "cuda",
+    )
     encoder = writer.codec.torch_encoder(device) if writer.codec is not None else None
     batches = iter(loader)  # worker processes start here, before the writer thread exists
     committer = Committer(writer, table, report, commit_every)

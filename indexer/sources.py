@@ -121,7 +121,9 @@ def load_image(
         sha = hashlib.sha256(data).hexdigest()
         if sha in skip_sha256:
             return LoadedImage(file, "known", sha256=sha)
-        image, width, height = decode_image_bytes(data, name=path, draft_size=draft_size or 2 * size)
+        image, width, height = decode_image_bytes(
+            data, name=path, draft_size=draft_size or 2 * size
+        )
         pixels = to_pixels(image, size)
     except ImageDecodeError as exc:
         return LoadedImage(file, "rejected", reason=str(exc).removeprefix(f"{path}: "))
@@ -193,17 +195,21 @@ class MetadataTable:
             raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise MetadataError(
-                f"{path} is not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
+                f"{path} is not UTF-8 text (byte {exc.start}: {raw[exc.start : exc.start + 1]!r}); "
                 "save it as UTF-8 (values would otherwise be stored as bytes)"
             ) from None
         parse = pacsv.ParseOptions(newlines_in_values=True)
         try:
             columns = pacsv.open_csv(pa.BufferReader(raw), parse_options=parse).schema.names
         except (pa.ArrowInvalid, OSError) as exc:
-            raise MetadataError(f"cannot read metadata CSV {path}: {str(exc).splitlines()[0]}") from None
+            raise MetadataError(
+                f"cannot read metadata CSV {path}: {str(exc).splitlines()[0]}"
+            ) from None
         duplicated = sorted({c for c in columns if columns.count(c) > 1})
         if duplicated:
-            raise MetadataError(f"{path}: column names appear more than once: {', '.join(map(repr, duplicated))}")
+            raise MetadataError(
+                f"{path}: column names appear more than once: {', '.join(map(repr, duplicated))}"
+            )
         if id_column is None:
             id_column = next((c for c in ID_COLUMN_CANDIDATES if c in columns), None)
             if id_column is None:
@@ -212,15 +218,18 @@ class MetadataTable:
                     f"name one with --id-column (columns: {', '.join(columns)})"
                 )
         elif id_column not in columns:
-            raise MetadataError(
-                f"{path}: no column {id_column!r} (columns: {', '.join(columns)})"
-            )
+            raise MetadataError(f"{path}: no column {id_column!r} (columns: {', '.join(columns)})")
         try:
             # ids are text, always: '0001' stays '0001' and '1e3' stays '1e3'
-            table = pacsv.read_csv(pa.BufferReader(raw), parse_options=parse,
-                                   convert_options=pacsv.ConvertOptions(column_types={id_column: pa.string()}))
+            table = pacsv.read_csv(
+                pa.BufferReader(raw),
+                parse_options=parse,
+                convert_options=pacsv.ConvertOptions(column_types={id_column: pa.string()}),
+            )
         except (pa.ArrowInvalid, OSError) as exc:
-            raise MetadataError(f"cannot read metadata CSV {path}: {str(exc).splitlines()[0]}") from None
+            raise MetadataError(
+                f"cannot read metadata CSV {path}: {str(exc).splitlines()[0]}"
+            ) from None
         # a column empty in every row has no type yet: store it as text, so later runs can fill it
         for i, field in enumerate(table.schema):
             if pa.types.is_null(field.type):
@@ -237,13 +246,15 @@ class MetadataTable:
             index[value] = i
         if duplicates:
             shown = ", ".join(sorted(set(duplicates))[:5])
-            raise MetadataError(f"{path}: {len(duplicates)} duplicate ids in {id_column!r} (e.g. {shown})")
-        renamed = [
-            f"csv_{c}" if c in RESERVED_COLUMNS and c != id_column else c for c in columns
-        ]
+            raise MetadataError(
+                f"{path}: {len(duplicates)} duplicate ids in {id_column!r} (e.g. {shown})"
+            )
+        renamed = [f"csv_{c}" if c in RESERVED_COLUMNS and c != id_column else c for c in columns]
         clash = sorted({c for c in renamed if renamed.count(c) > 1})
         if clash:
-            raise MetadataError(f"{path}: columns {', '.join(map(repr, clash))} clash with dermris's own columns")
+            raise MetadataError(
+                f"{path}: columns {', '.join(map(repr, clash))} clash with dermris's own columns"
+            )
         table = table.rename_columns(renamed)
         self.path = path
         self.id_column = id_column

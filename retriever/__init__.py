@@ -40,7 +40,8 @@ from dermris.core.errors import (
 from .measures import COMPONENTS, MEASURE_COMPONENTS, MEASURES
 
 try:
-    from importlib.metadata import PackageNotFoundError, version as _version
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as _version
 
     __version__ = _version("dermris")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
@@ -66,20 +67,43 @@ _EXPORTS = {
 }
 
 _ERRORS = [
-    "ConfigError", "DermrisError", "EvaluationError", "ImageDecodeError", "JudgeError", "MetadataError",
-    "ModelUnavailableError", "QueryError", "StoreChangedError", "StoreError", "StoreExistsError", "StoreFormatError",
-    "StoreLockedError", "StoreMismatchError", "StoreNotFoundError", "StoreReadOnlyError", "UnknownMeasureError",
+    "ConfigError",
+    "DermrisError",
+    "EvaluationError",
+    "ImageDecodeError",
+    "JudgeError",
+    "MetadataError",
+    "ModelUnavailableError",
+    "QueryError",
+    "StoreChangedError",
+    "StoreError",
+    "StoreExistsError",
+    "StoreFormatError",
+    "StoreLockedError",
+    "StoreMismatchError",
+    "StoreNotFoundError",
+    "StoreReadOnlyError",
+    "UnknownMeasureError",
     "WeightsError",
 ]
 
-__all__ = sorted([*_EXPORTS, *_ERRORS, "COMPONENTS", "MEASURES", "MEASURE_COMPONENTS", "__version__"])
+__all__ = sorted(
+    [*_EXPORTS, *_ERRORS, "COMPONENTS", "MEASURES", "MEASURE_COMPONENTS", "__version__"]
+)
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .explain import Explanation, StageLoss
     from .filters import parse_where
-    from .measures import cosine_score, dice_score, harmonic_mean, measure_score, normalised_score, rank
+    from .measures import (
+        cosine_score,
+        dice_score,
+        harmonic_mean,
+        measure_score,
+        normalised_score,
+        rank,
+    )
     from .results import Hit, SearchResult
     from .search import Retriever
     from .types import CostModel, QueryVectors, SearchOptions, SearchStats

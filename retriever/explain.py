@@ -15,8 +15,17 @@ import numpy as np
 
 from dermris.core.style_layout import StyleLayout
 
-__all__ = ["SAME_STYLE", "Explanation", "StageLoss", "mask_outline", "outline_of", "stage_losses", "stage_summary",
-           "style_stages", "unpack_mask"]
+__all__ = [
+    "SAME_STYLE",
+    "Explanation",
+    "StageLoss",
+    "mask_outline",
+    "outline_of",
+    "stage_losses",
+    "stage_summary",
+    "style_stages",
+    "unpack_mask",
+]
 
 
 @dataclass(frozen=True)
@@ -42,15 +51,22 @@ class StageLoss:
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
-        return {"stage": self.stage, "channels": self.channels, "loss": self.loss, "share": self.share}
+        return {
+            "stage": self.stage,
+            "channels": self.channels,
+            "loss": self.loss,
+            "share": self.share,
+        }
 
 
 def stage_losses(layout: StyleLayout, losses: np.ndarray) -> list[StageLoss]:
     """:class:`StageLoss` records from the style loss of every stage (in stage order)."""
     values = [float(v) for v in losses]
     total = sum(values)
-    return [StageLoss(s, c, loss, loss / total if total > 0 else 0.0)
-            for s, (c, loss) in enumerate(zip(layout.channels, values, strict=True))]
+    return [
+        StageLoss(s, c, loss, loss / total if total > 0 else 0.0)
+        for s, (c, loss) in enumerate(zip(layout.channels, values, strict=True))
+    ]
 
 
 def style_stages(layout: StyleLayout, a: np.ndarray, b: np.ndarray) -> list[StageLoss]:
@@ -75,7 +91,11 @@ def style_stages(layout: StyleLayout, a: np.ndarray, b: np.ndarray) -> list[Stag
 
 def unpack_mask(packed: np.ndarray, size: int) -> np.ndarray:
     """A bit-packed ``size x size`` mask as ``(size, size)`` bool."""
-    return np.unpackbits(np.asarray(packed, np.uint8), count=size * size).astype(bool).reshape(size, size)
+    return (
+        np.unpackbits(np.asarray(packed, np.uint8), count=size * size)
+        .astype(bool)
+        .reshape(size, size)
+    )
 
 
 def outline_of(mask: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 
 __all__ = ["FeatureSearch"]
 
-_U = 2.0 ** -24  # float32 unit round-off
+_U = 2.0**-24  # float32 unit round-off
 _MAX_ROUNDS = 6
 
 
@@ -53,9 +53,16 @@ class FeatureSearch:
         self.faiss = faiss
         x = np.ascontiguousarray(features, np.float32)
         self.n, self.dim = x.shape
-        self.sq = np.concatenate([np.einsum("ij,ij->i", b, b) for b in
-                                  (x[a:a + 65536].astype(np.float64) for a in range(0, self.n, 65536))]) \
-            if self.n else np.zeros(0)
+        self.sq = (
+            np.concatenate(
+                [
+                    np.einsum("ij,ij->i", b, b)
+                    for b in (x[a : a + 65536].astype(np.float64) for a in range(0, self.n, 65536))
+                ]
+            )
+            if self.n
+            else np.zeros(0)
+        )
         self.norms = np.sqrt(self.sq)
         self.features = x
         self.max_sq = float(self.sq.max(initial=0.0))
@@ -63,8 +70,10 @@ class FeatureSearch:
         self.far = faiss.IndexFlatIP(self.dim + 1)
         self.ip = faiss.IndexFlatIP(self.dim)  # unit vectors: cosine
         for a in range(0, self.n, 65536):  # in blocks: no full-size temporaries
-            block = x[a:a + 65536]
-            self.far.add(np.concatenate([block, self.sq[a:a + 65536].astype(np.float32)[:, None]], axis=1))
+            block = x[a : a + 65536]
+            self.far.add(
+                np.concatenate([block, self.sq[a : a + 65536].astype(np.float32)[:, None]], axis=1)
+            )
             unit = block.copy()
             faiss.normalize_L2(unit)
             self.ip.add(unit)
@@ -83,7 +92,9 @@ class FeatureSearch:
     def _search(self, index, q: np.ndarray, k: int, allowed: np.ndarray | None):
         k = min(k, self.n)
         sel, bits = _selector(self.faiss, allowed)
-        params = self.faiss.SearchParameters(sel=sel) if sel is not None and not self.on_gpu else None
+        params = (
+            self.faiss.SearchParameters(sel=sel) if sel is not None and not self.on_gpu else None
+        )
         values, ids = index.search(q[None].astype(np.float32), k, params=params)
         values, ids = values[0], ids[0]
         keep = ids >= 0
@@ -107,7 +118,9 @@ class FeatureSearch:
         denom = self.norms[rows] * qn
         return np.where(denom > 0, dots / np.where(denom > 0, denom, 1.0), 0.0)
 
-    def nearest(self, q: np.ndarray, k: int, allowed: np.ndarray | None = None, *, by: str = "euclidean"):
+    def nearest(
+        self, q: np.ndarray, k: int, allowed: np.ndarray | None = None, *, by: str = "euclidean"
+    ):
         """The ``k`` allowed rows nearest to ``q`` by Euclidean distance (``by="euclidean"``) or
         largest cosine (``by="cosine"``), certified exact.
 
@@ -126,10 +139,16 @@ class FeatureSearch:
         qsq = float(q64 @ q64)
         if by == "euclidean":
             # FAISS gives v = 2 q.x - ||x||^2 = ||q||^2 - ||q - x||^2 (largest first)
-            index, err = self.far, 4 * (self.dim + 2) * _U * (qsq + self.max_sq + 2 * np.sqrt(qsq * self.max_sq))
+            index, err = (
+                self.far,
+                4 * (self.dim + 2) * _U * (qsq + self.max_sq + 2 * np.sqrt(qsq * self.max_sq)),
+            )
             q = np.concatenate([2.0 * q64, [-1.0]]).astype(np.float32)
         else:
-            index, err = self.ip, 4 * (self.dim + 1) * _U * 2  # unit vectors (the query normalised too)
+            index, err = (
+                self.ip,
+                4 * (self.dim + 1) * _U * 2,
+            )  # unit vectors (the query normalised too)
             norm = np.sqrt(qsq)
             q = (q64 / norm).astype(np.float32) if norm > 0 else np.zeros_like(q64, np.float32)
         want = min(available, max(2 * k, k + 16))
@@ -141,7 +160,9 @@ class FeatureSearch:
                 if len(ids) >= available:
                     return ids[order[:k]], exact[order[:k]]
                 kth = exact[order[k - 1]] ** 2
-                beyond = qsq - float(values[-1])  # every row not returned has a squared distance >= ~this
+                beyond = qsq - float(
+                    values[-1]
+                )  # every row not returned has a squared distance >= ~this
                 if beyond - err > kth + err:
                     return ids[order[:k]], exact[order[:k]]
             else:
@@ -175,8 +196,10 @@ class FeatureSearch:
             best = float(exact.max(initial=0.0))
             if len(ids) >= available:
                 return best
-            beyond = float(values[-1]) + qsq  # an upper estimate of every other row's squared distance
-            if beyond + err < best ** 2 - err:
+            beyond = (
+                float(values[-1]) + qsq
+            )  # an upper estimate of every other row's squared distance
+            if beyond + err < best**2 - err:
                 return best
             want = min(available, 4 * want)
         return None

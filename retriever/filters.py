@@ -30,20 +30,33 @@ from dermris.core.errors import QueryError
 __all__ = ["parse_where", "rows_matching"]
 
 _COMPARE = {
-    ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt,
-    ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge,
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
 }
 _MAX_LENGTH = 4000
 
 
 def _literal(node: ast.AST, text: str) -> Any:
-    if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, (str, int, float, bool))):
+    if isinstance(node, ast.Constant) and (
+        node.value is None or isinstance(node.value, (str, int, float, bool))
+    ):
         return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant) \
-            and isinstance(node.operand.value, (int, float)) and not isinstance(node.operand.value, bool):
+    if (
+        isinstance(node, ast.UnaryOp)
+        and isinstance(node.op, ast.USub)
+        and isinstance(node.operand, ast.Constant)
+        and isinstance(node.operand.value, (int, float))
+        and not isinstance(node.operand.value, bool)
+    ):
         return -node.operand.value
-    raise QueryError(f"where: expected a literal (string, number, True, False, None) in {text!r}, "
-                     f"got {ast.unparse(node)!r}")
+    raise QueryError(
+        f"where: expected a literal (string, number, True, False, None) in {text!r}, "
+        f"got {ast.unparse(node)!r}"
+    )
 
 
 def _operand(node: ast.AST, text: str) -> Any:
@@ -51,8 +64,12 @@ def _operand(node: ast.AST, text: str) -> Any:
     if isinstance(node, ast.Name):
         return pc.field(node.id)
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "col":
-        if len(node.args) != 1 or node.keywords or not isinstance(node.args[0], ast.Constant) \
-                or not isinstance(node.args[0].value, str):
+        if (
+            len(node.args) != 1
+            or node.keywords
+            or not isinstance(node.args[0], ast.Constant)
+            or not isinstance(node.args[0].value, str)
+        ):
             raise QueryError(f"where: col() takes one quoted column name in {text!r}")
         return pc.field(node.args[0].value)
     return _literal(node, text)
@@ -86,11 +103,15 @@ def _convert(node: ast.AST, text: str) -> pc.Expression:
                     raise QueryError(f"where: a comparison needs a column in {text!r}")
                 if left is None or right is None:
                     raise QueryError(f"where: compare with None using is_null(column) in {text!r}")
-                term = _COMPARE[type(op)](left if isinstance(left, pc.Expression) else pc.scalar(left),
-                                          right if isinstance(right, pc.Expression) else pc.scalar(right))
+                term = _COMPARE[type(op)](
+                    left if isinstance(left, pc.Expression) else pc.scalar(left),
+                    right if isinstance(right, pc.Expression) else pc.scalar(right),
+                )
             else:
-                raise QueryError(f"where: unsupported comparison {ast.unparse(node)!r} "
-                                 "(use == != < <= > >= in, not in)")
+                raise QueryError(
+                    f"where: unsupported comparison {ast.unparse(node)!r} "
+                    "(use == != < <= > >= in, not in)"
+                )
             out = term if out is None else out & term
             left = right if right is not None else left
         return out
@@ -141,7 +162,9 @@ def rows_matching(table: pa.Table, where: "pc.Expression | str") -> np.ndarray:
     """
     expression = parse_where(where) if isinstance(where, str) else where
     if not isinstance(expression, pc.Expression):
-        raise QueryError(f"where must be a pyarrow compute expression or a string, not {type(where).__name__}")
+        raise QueryError(
+            f"where must be a pyarrow compute expression or a string, not {type(where).__name__}"
+        )
     marker = "__dermris_position__"
     indexed = table.append_column(marker, pa.array(np.arange(table.num_rows, dtype=np.int64)))
     try:

@@ -16,7 +16,7 @@ is 0. Ranking: score descending, ties by row ascending.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -38,7 +38,15 @@ __all__ = [
 ]
 
 MEASURES: tuple[str, ...] = (
-    "euclidean", "cosine", "style", "i1_ed", "i1_cd", "i1_ecd", "i1_se", "i1_sc", "i1_sd",
+    "euclidean",
+    "cosine",
+    "style",
+    "i1_ed",
+    "i1_cd",
+    "i1_ecd",
+    "i1_se",
+    "i1_sc",
+    "i1_sd",
 )
 """The nine measures, in the order of the paper's Table 1."""
 
@@ -62,7 +70,9 @@ MEASURE_COMPONENTS: Mapping[str, tuple[str, ...]] = {
 def check_measure(name: str) -> str:
     """Return ``name`` if it is a measure, else raise :class:`UnknownMeasureError`."""
     if not isinstance(name, str) or name not in MEASURE_COMPONENTS:
-        raise UnknownMeasureError(f"unknown measure {name!r}; expected one of {', '.join(MEASURES)}")
+        raise UnknownMeasureError(
+            f"unknown measure {name!r}; expected one of {', '.join(MEASURES)}"
+        )
     return name
 
 
@@ -73,7 +83,9 @@ def check_measures(names) -> tuple[str, ...]:
     try:
         out = tuple(dict.fromkeys(check_measure(n) for n in names))
     except TypeError:
-        raise UnknownMeasureError(f"measures must be a name or a sequence of names, not {names!r}") from None
+        raise UnknownMeasureError(
+            f"measures must be a name or a sequence of names, not {names!r}"
+        ) from None
     if not out:
         raise UnknownMeasureError("no measure given")
     return out

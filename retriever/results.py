@@ -8,9 +8,9 @@ API, the demo) goes through :meth:`SearchResult.to_dict`, :meth:`SearchResult.to
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from dermris.core.errors import OptionalDependencyError
 
@@ -84,8 +84,15 @@ class SearchResult(Mapping):
     breakdown and the lesion masks of every hit when the search was asked to ``explain``.
     """
 
-    def __init__(self, hits: dict[str, list[Hit]], *, stats: SearchStats, query: str, row: int | None,
-                 explanation: "Explanation | None" = None) -> None:
+    def __init__(
+        self,
+        hits: dict[str, list[Hit]],
+        *,
+        stats: SearchStats,
+        query: str,
+        row: int | None,
+        explanation: "Explanation | None" = None,
+    ) -> None:
         self._hits = hits
         self.stats = stats
         self.query = query
@@ -140,9 +147,13 @@ class SearchResult(Mapping):
         ``path``, ``score``, the four components and the metadata columns asked for."""
         import pyarrow as pa
 
-        rows: dict[str, list] = {name: [] for name in ("measure", "rank", "row", "image_id", "path", "score",
-                                                       *COMPONENTS)}
-        meta_columns = list(dict.fromkeys(c for hits in self._hits.values() for h in hits for c in h.metadata))
+        rows: dict[str, list] = {
+            name: []
+            for name in ("measure", "rank", "row", "image_id", "path", "score", *COMPONENTS)
+        }
+        meta_columns = list(
+            dict.fromkeys(c for hits in self._hits.values() for h in hits for c in h.metadata)
+        )
         meta: dict[str, list] = {c: [] for c in meta_columns}
         for measure, hits in self._hits.items():
             for rank, hit in enumerate(hits, start=1):
@@ -156,8 +167,15 @@ class SearchResult(Mapping):
                     rows[c].append(hit.components.get(c))
                 for c in meta_columns:
                     meta[c].append(hit.metadata.get(c))
-        types = {"measure": pa.string(), "rank": pa.int32(), "row": pa.int64(), "image_id": pa.string(),
-                 "path": pa.string(), "score": pa.float64(), **{c: pa.float64() for c in COMPONENTS}}
+        types = {
+            "measure": pa.string(),
+            "rank": pa.int32(),
+            "row": pa.int64(),
+            "image_id": pa.string(),
+            "path": pa.string(),
+            "score": pa.float64(),
+            **{c: pa.float64() for c in COMPONENTS},
+        }
         columns = {name: pa.array(values, types[name]) for name, values in rows.items()}
         for c in meta_columns:
             if c in columns:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -59,7 +60,9 @@ class Retriever:
         Where the model and the bound arithmetic run: ``auto``, ``cpu`` or ``cuda``.
     """
 
-    def __init__(self, store: Store, *, device: str = "auto", options: SearchOptions | None = None) -> None:
+    def __init__(
+        self, store: Store, *, device: str = "auto", options: SearchOptions | None = None
+    ) -> None:
         self.store = store
         self._device_name = device
         self._device = None
@@ -69,10 +72,14 @@ class Retriever:
         self._image_ids: list[str] = meta.column("image_id").to_pylist()
         self._paths: list[str] = meta.column("path").to_pylist()
         self._metadata: pa.Table | None = None
-        self._index = StoreIndex(store, options=self.options, use_gpu=str(device).startswith("cuda"))
+        self._index = StoreIndex(
+            store, options=self.options, use_gpu=str(device).startswith("cuda")
+        )
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, device: str = "auto", options: SearchOptions | None = None) -> "Retriever":
+    def open(
+        cls, path: str | os.PathLike, *, device: str = "auto", options: SearchOptions | None = None
+    ) -> "Retriever":
         """Open the store at ``path`` (the model is loaded on the first image query).
 
         Parameters
@@ -89,7 +96,9 @@ class Retriever:
 
     def refresh(self) -> "Retriever":
         """Re-open the store to see rows committed (or compaction done) since it was opened."""
-        fresh = Retriever(Store.open(self.store.root), device=self._device_name, options=self.options)
+        fresh = Retriever(
+            Store.open(self.store.root), device=self._device_name, options=self.options
+        )
         fresh._embedder = self._embedder
         fresh._device = self._device
         self.__dict__.update(fresh.__dict__)
@@ -184,8 +193,14 @@ class Retriever:
         if isinstance(query, np.ndarray):
             if query.dtype != np.uint8:
                 raise QueryError(f"array queries must be uint8, got {query.dtype}")
-            if query.ndim not in (2, 3) or min(query.shape[:2]) < 1 or (query.ndim == 3 and query.shape[2] not in (3, 4)):
-                raise QueryError(f"array queries must be HxW or HxWx3 uint8 with pixels, got shape {query.shape}")
+            if (
+                query.ndim not in (2, 3)
+                or min(query.shape[:2]) < 1
+                or (query.ndim == 3 and query.shape[2] not in (3, 4))
+            ):
+                raise QueryError(
+                    f"array queries must be HxW or HxWx3 uint8 with pixels, got shape {query.shape}"
+                )
             if query.ndim == 2:
                 return Image.fromarray(query).convert("RGB")
             return Image.fromarray(np.ascontiguousarray(query[:, :, :3]), "RGB")
@@ -200,12 +215,14 @@ class Retriever:
         vectors = []
         for i in range(len(batch)):
             mask = out.masks[i].reshape(-1)
-            vectors.append(QueryVectors(
-                feature=out.features[i],
-                style=self.store.codec.round_trip(out.style[i:i + 1])[0],
-                mask=np.packbits(mask),
-                mask_area=int(mask.sum()),
-            ))
+            vectors.append(
+                QueryVectors(
+                    feature=out.features[i],
+                    style=self.store.codec.round_trip(out.style[i : i + 1])[0],
+                    mask=np.packbits(mask),
+                    mask_area=int(mask.sum()),
+                )
+            )
         return vectors[0] if single else vectors
 
     def vectors(self, row: int) -> QueryVectors:
@@ -244,11 +261,15 @@ class Retriever:
             arr = np.asarray(rows, np.int64)
             bad = arr[(arr < 0) | (arr >= self.store.rows)]
             if len(bad):
-                raise QueryError(f"exclude: row {int(bad[0])} is out of range (the store has {self.store.rows} rows)")
+                raise QueryError(
+                    f"exclude: row {int(bad[0])} is out of range (the store has {self.store.rows} rows)"
+                )
             allowed[arr] = False
         if where is not None:
             if not isinstance(where, (str, pc.Expression)):
-                raise QueryError(f"where must be a pyarrow compute expression or a string, not {type(where).__name__}")
+                raise QueryError(
+                    f"where must be a pyarrow compute expression or a string, not {type(where).__name__}"
+                )
             allowed &= rows_matching(self.metadata(), where)
         return allowed
 
@@ -260,8 +281,10 @@ class Retriever:
             known = set(self.metadata_columns)
             missing = [c for c in columns if c not in known]
             if missing:
-                raise QueryError(f"unknown metadata column {missing[0]!r}; the store has "
-                                 f"{', '.join(sorted(known))}")
+                raise QueryError(
+                    f"unknown metadata column {missing[0]!r}; the store has "
+                    f"{', '.join(sorted(known))}"
+                )
         return columns
 
     @staticmethod
@@ -343,15 +366,24 @@ class Retriever:
             else:
                 images.append(q)
                 positions.append(i)
-                labels[i] = str(q) if isinstance(q, (str, os.PathLike)) else f"{type(q).__name__} image"
+                labels[i] = (
+                    str(q) if isinstance(q, (str, os.PathLike)) else f"{type(q).__name__} image"
+                )
         if images:
             for i, v in zip(positions, self.embed(images)):
                 vectors[i] = v
         return vectors, labels
 
     def _rank(
-        self, vectors: list[QueryVectors], labels: list[str], measures: tuple[str, ...], k: int,
-        allowed: np.ndarray, columns: tuple[str, ...], exclude_self: bool, explain: bool,
+        self,
+        vectors: list[QueryVectors],
+        labels: list[str],
+        measures: tuple[str, ...],
+        k: int,
+        allowed: np.ndarray,
+        columns: tuple[str, ...],
+        exclude_self: bool,
+        explain: bool,
     ) -> list[SearchResult]:
         batch = QueryBatch(self._index, vectors, explain=explain)
         table = self.metadata().select(list(columns)) if columns else None
@@ -367,12 +399,26 @@ class Retriever:
                 rows, scores = batch.top_k(state, measure, k, mask)
                 hit_rows.append(rows)
                 comps = batch.hit_components(state, rows)
-                meta = table.take(pa.array(rows, pa.int64())).to_pylist() if table is not None else [{}] * len(rows)
+                meta = (
+                    table.take(pa.array(rows, pa.int64())).to_pylist()
+                    if table is not None
+                    else [{}] * len(rows)
+                )
                 per_measure[measure] = [
-                    Hit(row=int(r), image_id=self._image_ids[r], path=self._paths[r], score=float(sc),
-                        components={c: float(comps[c][i]) for c in COMPONENTS}, metadata=meta[i])
+                    Hit(
+                        row=int(r),
+                        image_id=self._image_ids[r],
+                        path=self._paths[r],
+                        score=float(sc),
+                        components={c: float(comps[c][i]) for c in COMPONENTS},
+                        metadata=meta[i],
+                    )
                     for i, (r, sc) in enumerate(zip(rows, scores))
                 ]
             why = batch.explanation(state, np.concatenate(hit_rows)) if explain else None
-            results.append(SearchResult(per_measure, stats=state.stats, query=label, row=q.row, explanation=why))
+            results.append(
+                SearchResult(
+                    per_measure, stats=state.stats, query=label, row=q.row, explanation=why
+                )
+            )
         return results

@@ -9,7 +9,7 @@ so that a row's value never depends on the path that computed it. NumPy only.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -18,7 +18,13 @@ from dermris.indexer.store import Store, StyleSketch, mask_block_counts
 from .measures import dice_score
 from .types import SearchOptions
 
-__all__ = ["StoreIndex", "distance_and_dot", "cosine_of", "squared_distances", "mask_block_counts_of"]
+__all__ = [
+    "StoreIndex",
+    "distance_and_dot",
+    "cosine_of",
+    "squared_distances",
+    "mask_block_counts_of",
+]
 
 _FEATURE_BLOCK = 8192
 
@@ -36,17 +42,28 @@ class StoreIndex:
         Put the FAISS indexes on the GPU (faiss-gpu).
     """
 
-    def __init__(self, store: Store, *, options: SearchOptions = SearchOptions(), use_gpu: bool = False) -> None:
+    def __init__(
+        self, store: Store, *, options: SearchOptions = SearchOptions(), use_gpu: bool = False
+    ) -> None:
         self.store = store
         self.options = options
         self.cost = options.cost_model
         self.use_gpu = use_gpu
         self.rows = store.rows
         self.features = store.features()
-        self.feature_sq = np.concatenate(
-            [np.sum(b * b, axis=1) for b in
-             (self.features[a:a + _FEATURE_BLOCK].astype(np.float64) for a in range(0, self.rows, _FEATURE_BLOCK))]
-        ) if self.rows else np.zeros(0)
+        self.feature_sq = (
+            np.concatenate(
+                [
+                    np.sum(b * b, axis=1)
+                    for b in (
+                        self.features[a : a + _FEATURE_BLOCK].astype(np.float64)
+                        for a in range(0, self.rows, _FEATURE_BLOCK)
+                    )
+                ]
+            )
+            if self.rows
+            else np.zeros(0)
+        )
         self.feature_norms = np.sqrt(self.feature_sq)
         self.live = store.live
         self.mask_areas = store.mask_areas()
@@ -55,18 +72,28 @@ class StoreIndex:
         self.masks: np.ndarray | None = None
         if self.rows * self.mask_row_bytes <= options.mask_memory_bytes:
             self.masks = store.masks()
-        self.exact_dice = self.masks is not None and self.rows * self.mask_row_bytes <= options.exact_dice_bytes
+        self.exact_dice = (
+            self.masks is not None and self.rows * self.mask_row_bytes <= options.exact_dice_bytes
+        )
         if self.exact_dice:
             self.mask_blocks, self.mask_grid = np.zeros((self.rows, 1), np.uint16), 1
         else:
             blocks, self.mask_grid = store.mask_blocks()
             # cells hold at most (S / grid)^2 pixels: uint16 halves the memory of large stores
-            self.mask_blocks = blocks.astype(np.uint16) if blocks.size and blocks.max() < 65536 else blocks
+            self.mask_blocks = (
+                blocks.astype(np.uint16) if blocks.size and blocks.max() < 65536 else blocks
+            )
         sketch = store.sketch()
         if sketch is None:
             big_d = store.style_dim
-            sketch = StyleSketch(np.zeros((0, big_d), np.float32), np.zeros(big_d), np.zeros((0, 0)),
-                                 np.zeros(0), np.zeros(0), 0.0)
+            sketch = StyleSketch(
+                np.zeros((0, big_d), np.float32),
+                np.zeros(big_d),
+                np.zeros((0, 0)),
+                np.zeros(0),
+                np.zeros(0),
+                0.0,
+            )
         if sketch.rows < self.rows:  # derived data behind the commit: extend it in memory
             sketch = sketch.extend(block for _, block in store.iter_style_blocks(start=sketch.rows))
         self.sketch_rows = sketch.rows
@@ -91,8 +118,14 @@ class StoreIndex:
 
     def nbytes(self) -> int:
         """Approximate resident bytes of the in-memory arrays."""
-        arrays = [self.features, self.feature_norms, self.mask_areas, self.mask_blocks,
-                  self.sketch_residuals, self.sketch_sq_norms]
+        arrays = [
+            self.features,
+            self.feature_norms,
+            self.mask_areas,
+            self.mask_blocks,
+            self.sketch_residuals,
+            self.sketch_sq_norms,
+        ]
         if self.masks is not None:
             arrays.append(self.masks)
         arrays += [self.components, self.projection_sq, self.mean, self.projections]
@@ -137,13 +170,17 @@ class StoreIndex:
         ed = np.empty((b, n), np.float64)
         cos = np.empty((b, n), np.float64)
         for a in range(0, n, _FEATURE_BLOCK):
-            block = self.features[a:a + _FEATURE_BLOCK].astype(np.float64)
+            block = self.features[a : a + _FEATURE_BLOCK].astype(np.float64)
             for i, q in enumerate(qs):
-                ed[i, a:a + len(block)], dots = distance_and_dot(block, q)
-                cos[i, a:a + len(block)] = cosine_of(dots, self.feature_norms[a:a + len(block)], q)
+                ed[i, a : a + len(block)], dots = distance_and_dot(block, q)
+                cos[i, a : a + len(block)] = cosine_of(
+                    dots, self.feature_norms[a : a + len(block)], q
+                )
         return ed, cos
 
-    def feature_bounds(self, feature: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def feature_bounds(
+        self, feature: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Bounds on every row's Euclidean distance and cosine to ``feature`` from one float32
         BLAS pass, widened by the worst-case float32 error of a length-F dot product
         (``F u ||x|| ||q||``): ``(ed_low, ed_high, cos_low, cos_high)``, float64."""
@@ -153,7 +190,9 @@ class StoreIndex:
         qn = np.sqrt(qsq)
         dots = (self.features @ q32).astype(np.float64)
         f = self.features.shape[1]
-        err = 1.01 * f * 2.0 ** -24 * self.feature_norms * qn + 1e-12 * (self.feature_sq + qsq) + 1e-300
+        err = (
+            1.01 * f * 2.0**-24 * self.feature_norms * qn + 1e-12 * (self.feature_sq + qsq) + 1e-300
+        )
         ed2 = self.feature_sq + qsq - 2.0 * dots
         ed_low = np.sqrt(np.maximum(ed2 - 2.0 * err, 0.0))
         ed_high = np.sqrt(np.maximum(ed2 + 2.0 * err, 0.0))
@@ -169,13 +208,16 @@ class StoreIndex:
             try:
                 from .feature_search import FeatureSearch
 
-                self._feature_search = FeatureSearch(self.features, use_gpu=self.use_gpu,
-                                                     exact=self.feature_values)
+                self._feature_search = FeatureSearch(
+                    self.features, use_gpu=self.use_gpu, exact=self.feature_values
+                )
             except ImportError:  # pragma: no cover - faiss is a dependency
                 self._feature_search = False
         return self._feature_search or None
 
-    def feature_values(self, feature: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def feature_values(
+        self, feature: np.ndarray, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Exact Euclidean distance and cosine of ``rows`` to one query feature (float64), by
         the same arithmetic as :meth:`feature_distances`."""
         rows = np.asarray(rows, np.int64)
@@ -192,11 +234,14 @@ class StoreIndex:
         inter = np.zeros(len(masks), np.int64)
         q64 = np.ascontiguousarray(mask[:words]).view(np.uint64)
         for a in range(0, len(masks), 1024):  # 64-bit words: 8x fewer elements than bytes
-            block = masks[a:a + 1024]
-            inter[a:a + 1024] = np.bitwise_count(np.ascontiguousarray(block[:, :words]).view(np.uint64) & q64).sum(
-                axis=1, dtype=np.int64)
+            block = masks[a : a + 1024]
+            inter[a : a + 1024] = np.bitwise_count(
+                np.ascontiguousarray(block[:, :words]).view(np.uint64) & q64
+            ).sum(axis=1, dtype=np.int64)
             if words < masks.shape[1]:
-                inter[a:a + 1024] += np.bitwise_count(block[:, words:] & mask[words:]).sum(axis=1, dtype=np.int64)
+                inter[a : a + 1024] += np.bitwise_count(block[:, words:] & mask[words:]).sum(
+                    axis=1, dtype=np.int64
+                )
         return dice_score(inter, areas, area)
 
 
@@ -227,4 +272,3 @@ def squared_distances(block: np.ndarray, q: np.ndarray) -> np.ndarray:
 def mask_block_counts_of(mask_packed: np.ndarray, size: int, grid: int) -> np.ndarray:
     mask = np.unpackbits(mask_packed, count=size * size).astype(bool).reshape(1, size, size)
     return mask_block_counts(mask, grid)[0].astype(np.int64)
-

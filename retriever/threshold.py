@@ -22,12 +22,19 @@ cheaper. Exactness does not depend on the path taken.
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from .explain import Explanation, stage_losses
-from .measures import MEASURE_COMPONENTS, cosine_score, dice_score, measure_score, normalised_score, rank
+from .measures import (
+    MEASURE_COMPONENTS,
+    cosine_score,
+    dice_score,
+    measure_score,
+    normalised_score,
+    rank,
+)
 from .store_index import StoreIndex, mask_block_counts_of, squared_distances
 from .types import QueryVectors, SearchStats
 
@@ -40,7 +47,9 @@ _FLOAT64_SLACK = 1e-9  # relative to ||q - mu||^2 + ||x - mu||^2: float64 roundi
 class _Query:
     """Per-query state: exact arrays, bounds, lazily filled exact values."""
 
-    def __init__(self, index: StoreIndex, q: QueryVectors, dy2: np.ndarray, r_q: float, sq_q: float) -> None:
+    def __init__(
+        self, index: StoreIndex, q: QueryVectors, dy2: np.ndarray, r_q: float, sq_q: float
+    ) -> None:
         self.index = index
         self.q = q
         n = index.rows
@@ -66,7 +75,9 @@ class _Query:
             self.dc_upper = dice_score(inter_upper, index.mask_areas, q.mask_area)
             self.dc = np.full(n, np.nan)
             empty = (index.mask_areas == 0) | (q.mask_area == 0)
-            self.dc[empty] = dice_score(np.zeros(int(empty.sum())), index.mask_areas[empty], q.mask_area)
+            self.dc[empty] = dice_score(
+                np.zeros(int(empty.sum())), index.mask_areas[empty], q.mask_area
+            )
         self.stats = SearchStats(rows=n)
         self.stage_losses: dict[int, np.ndarray] = {}  # row -> style loss by stage (explain only)
 
@@ -86,7 +97,9 @@ class QueryBatch:
         that explanations need no second reading of the hits.
     """
 
-    def __init__(self, index: StoreIndex, queries: Sequence[QueryVectors], *, explain: bool = False) -> None:
+    def __init__(
+        self, index: StoreIndex, queries: Sequence[QueryVectors], *, explain: bool = False
+    ) -> None:
         self.index = index
         self.explain = explain
         self._stage_starts = np.asarray(index.store.layout.offsets[:-1], np.intp)
@@ -106,7 +119,11 @@ class QueryBatch:
         """Exact ``ED_max`` over the live rows (a certified FAISS search, else the full pass)."""
         if query.ed_max is None:
             search = self.index.feature_search()
-            value = search.max_distance(query.q.feature, self.index.live) if search is not None else None
+            value = (
+                search.max_distance(query.q.feature, self.index.live)
+                if search is not None
+                else None
+            )
             if value is None:
                 self._all_features()
             else:
@@ -140,8 +157,8 @@ class QueryBatch:
     def _losses(self, rows: np.ndarray, block: np.ndarray) -> None:
         """Exact style losses of ``rows`` (decoded ``block``) for every query that lacks them."""
         for a in range(0, len(rows), _LS_BLOCK):
-            x = block[a:a + _LS_BLOCK].astype(np.float64)
-            part = rows[a:a + _LS_BLOCK]
+            x = block[a : a + _LS_BLOCK].astype(np.float64)
+            part = rows[a : a + _LS_BLOCK]
             for query, q64 in zip(self.queries, self._style_q):
                 todo = np.isnan(query.ls[part])
                 if todo.any():
@@ -178,7 +195,7 @@ class QueryBatch:
             self._scan_style(query)
         else:
             for a in range(0, len(rows), 256):
-                part = rows[a:a + 256]
+                part = rows[a : a + 256]
                 self._losses(part, index.store.style_rows(part))
             query.stats.style_rows_read += len(rows)
             query.stats.bytes_read += len(rows) * index.style_row_bytes
@@ -243,9 +260,13 @@ class QueryBatch:
         known = ~np.isnan(query.ls)
         upper_loss = np.where(known, query.ls, query.ls_upper)
         lower_loss = np.where(known, query.ls, query.ls_lower)
-        return np.maximum(normalised_score(upper_loss, ls_max), 0.0), normalised_score(lower_loss, ls_max)
+        return np.maximum(normalised_score(upper_loss, ls_max), 0.0), normalised_score(
+            lower_loss, ls_max
+        )
 
-    def exact_components(self, query: _Query, rows: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+    def exact_components(
+        self, query: _Query, rows: np.ndarray, names: Sequence[str]
+    ) -> dict[str, np.ndarray]:
         """Exact component scores of ``rows`` (reading what is missing)."""
         out = {}
         for name in names:
@@ -270,7 +291,9 @@ class QueryBatch:
         return need
 
     # -- ranking -----------------------------------------------------------------------
-    def top_k(self, query: _Query, measure: str, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def top_k(
+        self, query: _Query, measure: str, k: int, allowed: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Rows and exact scores of the ``k`` best rows under ``measure`` among ``allowed``.
 
         Parameters
@@ -308,8 +331,9 @@ class QueryBatch:
         kth = -np.inf
         computed = 0
         pos, batch = 0, max(2 * k, 32)
-        row_bytes = (self.index.style_row_bytes if "ss" in names else 0) + \
-            (self.index.mask_row_bytes if "dc" in names and self.index.masks is None else 0)
+        row_bytes = (self.index.style_row_bytes if "ss" in names else 0) + (
+            self.index.mask_row_bytes if "dc" in names and self.index.masks is None else 0
+        )
         while pos < len(order):
             head = upper[order[pos]]
             if head < kth:
@@ -323,17 +347,23 @@ class QueryBatch:
             unread = int(self._unknown(query, names, contention).sum())
             # once a first batch has set the k-th score, compare reading what is still in
             # contention with scanning everything (before that, every row looks in contention)
-            if "ss" in names and np.isfinite(kth) and self.index.cost.prefer_scan(unread, self.index.rows, row_bytes):
+            if (
+                "ss" in names
+                and np.isfinite(kth)
+                and self.index.cost.prefer_scan(unread, self.index.rows, row_bytes)
+            ):
                 self._scan_style(query)  # cheaper than reading the rows still in contention
                 chunk = np.sort(contention)
                 pos = len(order)
             else:
-                chunk = order[pos:pos + batch]
+                chunk = order[pos : pos + batch]
                 chunk = np.sort(chunk[upper[chunk] >= kth])
                 pos += batch
                 batch = min(4 * batch, 4096)
             visited_rows.append(chunk)
-            visited_scores.append(measure_score(measure, self.exact_components(query, chunk, names)))
+            visited_scores.append(
+                measure_score(measure, self.exact_components(query, chunk, names))
+            )
             computed += len(chunk)
             all_scores = np.concatenate(visited_scores)
             if len(all_scores) >= k:
@@ -362,7 +392,6 @@ class QueryBatch:
     def hit_components(self, query: _Query, rows: np.ndarray) -> dict[str, np.ndarray]:
         """All four exact components of the hit rows."""
         return self.exact_components(query, rows, ("es", "cs", "ss", "dc"))
-
 
     def explanation(self, query: _Query, rows: np.ndarray) -> Explanation:
         """Why ``rows`` (hits of ``query``, already scored exactly) scored as they did: their

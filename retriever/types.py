@@ -10,7 +10,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["CostModel", "QueryVectors", "SearchOptions", "SearchStats", "MASK_MEMORY_BYTES", "EXACT_DICE_BYTES"]
+__all__ = [
+    "CostModel",
+    "QueryVectors",
+    "SearchOptions",
+    "SearchStats",
+    "MASK_MEMORY_BYTES",
+    "EXACT_DICE_BYTES",
+]
 
 MASK_MEMORY_BYTES = 1 << 30
 """Masks are kept in memory (no mask is read from disk during a search) up to this many bytes."""
@@ -61,7 +68,9 @@ class CostModel:
 
     def prefer_scan(self, to_read: int, to_scan: int, row_bytes: int) -> bool:
         """Whether scanning ``to_scan`` rows is cheaper than reading ``to_read`` of them."""
-        return to_read > 0 and self.scan_seconds(to_scan, row_bytes) < self.rows_seconds(to_read, row_bytes)
+        return to_read > 0 and self.scan_seconds(to_scan, row_bytes) < self.rows_seconds(
+            to_read, row_bytes
+        )
 
 
 @dataclass(frozen=True)
@@ -150,13 +159,19 @@ class SearchStats:
 
     def add_time(self, stage: str, started: float) -> None:
         """Add the time since ``started`` (``time.perf_counter()``) to ``stage``."""
-        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + time.perf_counter() - started
+        self.stage_seconds[stage] = (
+            self.stage_seconds.get(stage, 0.0) + time.perf_counter() - started
+        )
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
         return {
-            "rows": self.rows, "style_rows_read": self.style_rows_read,
-            "mask_rows_read": self.mask_rows_read, "bytes_read": self.bytes_read, "scans": self.scans,
-            "reranked": dict(self.reranked), "seconds": round(self.seconds, 6),
+            "rows": self.rows,
+            "style_rows_read": self.style_rows_read,
+            "mask_rows_read": self.mask_rows_read,
+            "bytes_read": self.bytes_read,
+            "scans": self.scans,
+            "reranked": dict(self.reranked),
+            "seconds": round(self.seconds, 6),
             "stage_seconds": {k: round(v, 6) for k, v in self.stage_seconds.items()},
         }

@@ -39,8 +39,17 @@ def indexed_store(synthetic_set, tmp_path_factory):
 
     images, csv = synthetic_set
     store = tmp_path_factory.mktemp("stores") / "tiny"
-    report = index_folder(images, store, preset="tiny", metadata=csv, progress=False, device="cpu",
-                          batch_size=8, commit_every=8, faiss_files=True)
+    report = index_folder(
+        images,
+        store,
+        preset="tiny",
+        metadata=csv,
+        progress=False,
+        device="cpu",
+        batch_size=8,
+        commit_every=8,
+        faiss_files=True,
+    )
     assert report.indexed == 32
     return store
 
@@ -72,12 +81,13 @@ def make_random_store(
     ``faiss_files`` keeps FAISS files (one part per commit).
     """
     from dermris.core import StyleLayout
-    from dermris.models import get_preset
     from dermris.indexer import StoreWriter
+    from dermris.models import get_preset
 
     rng = np.random.default_rng(seed)
-    config = get_preset("tiny").replace(feature_dim=feature_dim, image_size=32,
-                                        segmenter=get_preset("tiny").segmenter)
+    config = get_preset("tiny").replace(
+        feature_dim=feature_dim, image_size=32, segmenter=get_preset("tiny").segmenter
+    )
     layout = StyleLayout.from_channels(channels)
     writer = StoreWriter.create(path, model_config=config, style_layout=layout)
     feats = rng.normal(size=(n, feature_dim)).astype(np.float32)
@@ -106,17 +116,23 @@ def make_random_store(
         stop = min(n, start + size)
         if stop <= start:
             break
-        records = pa.table({
-            "image_id": pa.array(ids[start:stop]),
-            "path": pa.array([f"/nonexistent/{i}.jpg" for i in ids[start:stop]]),
-            "sha256": pa.array([f"{i:064x}" for i in range(start, stop)]),
-            "width": pa.array([32] * (stop - start), pa.int32()),
-            "height": pa.array([32] * (stop - start), pa.int32()),
-        })
+        records = pa.table(
+            {
+                "image_id": pa.array(ids[start:stop]),
+                "path": pa.array([f"/nonexistent/{i}.jpg" for i in ids[start:stop]]),
+                "sha256": pa.array([f"{i:064x}" for i in range(start, stop)]),
+                "width": pa.array([32] * (stop - start), pa.int32()),
+                "height": pa.array([32] * (stop - start), pa.int32()),
+            }
+        )
         for name, values in (extra_columns or {}).items():
             records = records.append_column(name, pa.array(list(values)[start:stop]))
-        writer.append(features=feats[start:stop], style=style[start:stop], masks=masks[start:stop],
-                      records=records)
+        writer.append(
+            features=feats[start:stop],
+            style=style[start:stop],
+            masks=masks[start:stop],
+            records=records,
+        )
         writer.update_faiss_files(enable=faiss_files)
         start = stop
     if sketch_dim is not None and sketch_after is None:

@@ -20,8 +20,11 @@ def live_server(make_app, *, timeout: float = 20.0):
     import uvicorn
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(make_app(port), host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_keep_alive=5))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            make_app(port), host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=5
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

@@ -26,7 +26,9 @@ def load_store(path) -> dict:
     group = zarr.open_group(str(path / "arrays.zarr"), mode="r")
     channels = manifest["style"]["channels"]
     scales = manifest["style"]["scales"] or [1.0] * len(channels)
-    column_scale = np.concatenate([np.full(c * (c + 1) // 2, s, np.float64) for c, s in zip(channels, scales)])
+    column_scale = np.concatenate(
+        [np.full(c * (c + 1) // 2, s, np.float64) for c, s in zip(channels, scales)]
+    )
     size = manifest["arrays"]["mask"]["size"]
     masks = np.unpackbits(np.asarray(group["mask"][:n]), axis=1)[:, : size * size].astype(bool)
     parts = [pq.read_table(path / "metadata" / p["file"]) for p in manifest["metadata_parts"]]
@@ -48,7 +50,9 @@ def _harmonic(values):
     return len(values) / sum(1.0 / v for v in values)
 
 
-def brute_force(data: dict, feature, style, mask_bits, *, exclude_row=None, k=5, allowed=None) -> dict:
+def brute_force(
+    data: dict, feature, style, mask_bits, *, exclude_row=None, k=5, allowed=None
+) -> dict:
     """Return {measure: [(row, score), ...]} over all rows of ``data``.
 
     ``allowed`` (a set of rows) limits the rows that may be returned; the normalisers

@@ -19,35 +19,69 @@ def runner():
 def test_index_search_info(runner, tmp_path, synthetic_set):
     images, csv = synthetic_set
     store = tmp_path / "store"
-    result = runner.invoke(main, ["index", str(images), str(store), "--metadata", str(csv),
-                                  "--id-column", "image_id", "--preset", "tiny", "--device", "cpu",
-                                  "--batch-size", "8", "--quiet"])
+    result = runner.invoke(
+        main,
+        [
+            "index",
+            str(images),
+            str(store),
+            "--metadata",
+            str(csv),
+            "--id-column",
+            "image_id",
+            "--preset",
+            "tiny",
+            "--device",
+            "cpu",
+            "--batch-size",
+            "8",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "indexed 32" in result.output and "store has 32 rows" in result.output
 
     query = images / "SYN_homogeneous_002.jpg"
     sheet = tmp_path / "sheet.png"
-    result = runner.invoke(main, ["search", str(store), str(query), "--all", "-k", "3", "--sheet", str(sheet)])
+    result = runner.invoke(
+        main, ["search", str(store), str(query), "--all", "-k", "3", "--sheet", str(sheet)]
+    )
     assert result.exit_code == 0, result.output
-    for measure in ("euclidean", "cosine", "style", "i1_ed", "i1_cd", "i1_ecd", "i1_se", "i1_sc", "i1_sd"):
+    for measure in (
+        "euclidean",
+        "cosine",
+        "style",
+        "i1_ed",
+        "i1_cd",
+        "i1_ecd",
+        "i1_se",
+        "i1_sc",
+        "i1_sd",
+    ):
         assert f"\n{measure}\n" in result.output
     assert result.output.count("SYN_homogeneous_002") >= 9
     with Image.open(sheet) as im:
         assert im.width > 3 * 128 and im.height > 10 * 128
 
-    result = runner.invoke(main, ["search", str(store), str(query), "--measure", "style", "-k", "2", "--json"])
+    result = runner.invoke(
+        main, ["search", str(store), str(query), "--measure", "style", "-k", "2", "--json"]
+    )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert list(payload["results"]) == ["style"] and len(payload["results"]["style"]) == 2
     assert payload["results"]["style"][0]["image_id"] == "SYN_homogeneous_002"
 
-    result = runner.invoke(main, ["search", str(store), "--row", "4", "--measure", "cosine", "--json", "--stats"])
+    result = runner.invoke(
+        main, ["search", str(store), "--row", "4", "--measure", "cosine", "--json", "--stats"]
+    )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert all(h["row"] != 4 for h in payload["results"]["cosine"])
     assert payload["stats"]["rows"] == 32 and "cosine" in payload["stats"]["reranked"]
 
-    result = runner.invoke(main, ["search", str(store), "--row", "4", "--measure", "i1_sd", "--stats"])
+    result = runner.invoke(
+        main, ["search", str(store), "--row", "4", "--measure", "i1_sd", "--stats"]
+    )
     assert result.exit_code == 0, result.output
     assert "style rows read" in result.output and "i1_sd" in result.output
 
@@ -60,29 +94,43 @@ def test_index_search_info(runner, tmp_path, synthetic_set):
     before = payload_style_row4(store)  # with the 31-d sketch the index run built
     result = runner.invoke(main, ["rebuild", str(store), "--sketch-dim", "8"])
     assert result.exit_code == 0 and "d=8" in result.output, result.output
-    again = runner.invoke(main, ["search", str(store), "--row", "4", "--measure", "style", "--json", "--device", "cpu"])
+    again = runner.invoke(
+        main,
+        ["search", str(store), "--row", "4", "--measure", "style", "--json", "--device", "cpu"],
+    )
     assert json.loads(again.stdout)["results"]["style"] == before  # exact whatever the sketch
 
 
 def payload_style_row4(store):
     from dermris.retriever import Retriever
 
-    return [h.to_dict() for h in Retriever.open(store, device="cpu").search(4, measures="style", k=5)["style"]]
+    return [
+        h.to_dict()
+        for h in Retriever.open(store, device="cpu").search(4, measures="style", k=5)["style"]
+    ]
 
 
 def test_cli_errors_are_one_line(runner, tmp_path, synthetic_set):
     images, _ = synthetic_set
     result = runner.invoke(main, ["info", str(tmp_path / "none")])
     assert result.exit_code == 1
-    assert result.stderr.startswith("Error: no store at") and result.stderr.count("\n") == 1 and result.stdout == ""
+    assert (
+        result.stderr.startswith("Error: no store at")
+        and result.stderr.count("\n") == 1
+        and result.stdout == ""
+    )
     assert "Traceback" not in result.output
 
-    result = runner.invoke(main, ["search", str(tmp_path), str(images / "SYN_streaks_000.jpg"), "--measure", "dice"])
+    result = runner.invoke(
+        main, ["search", str(tmp_path), str(images / "SYN_streaks_000.jpg"), "--measure", "dice"]
+    )
     assert result.exit_code == 2 and "dice" in result.output
 
     bad_csv = tmp_path / "bad.csv"
     bad_csv.write_text("isic_id,x\nA,1\nA,2\n")
-    result = runner.invoke(main, ["index", str(images), str(tmp_path / "s"), "--metadata", str(bad_csv), "--quiet"])
+    result = runner.invoke(
+        main, ["index", str(images), str(tmp_path / "s"), "--metadata", str(bad_csv), "--quiet"]
+    )
     assert result.exit_code == 1 and "duplicate ids" in result.output
 
     result = runner.invoke(main, ["search", str(tmp_path / "s")])
@@ -95,7 +143,9 @@ def test_index_json_reports_rejects(runner, tmp_path, synthetic_set):
     folder.mkdir()
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     (folder / "SYN_a.jpg").write_bytes((images / "SYN_globular_001.jpg").read_bytes())
-    result = runner.invoke(main, ["index", str(folder), str(tmp_path / "store"), "--json", "--quiet"])
+    result = runner.invoke(
+        main, ["index", str(folder), str(tmp_path / "store"), "--json", "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["indexed"] == 1 and report["rows"] == 1
@@ -115,18 +165,59 @@ def test_demo(runner, tmp_path):
 
 
 def test_search_where_columns_exclude(runner, indexed_store):
-    result = runner.invoke(main, ["search", str(indexed_store), "--row", "0", "--measure", "style", "-k", "3",
-                                  "--where", "texture == 'streaks'", "--column", "texture", "--exclude", "17",
-                                  "--json", "-q"])
+    result = runner.invoke(
+        main,
+        [
+            "search",
+            str(indexed_store),
+            "--row",
+            "0",
+            "--measure",
+            "style",
+            "-k",
+            "3",
+            "--where",
+            "texture == 'streaks'",
+            "--column",
+            "texture",
+            "--exclude",
+            "17",
+            "--json",
+            "-q",
+        ],
+    )
     assert result.exit_code == 0, result.output
     hits = json.loads(result.stdout)["results"]["style"]
-    assert len(hits) == 3 and all(h["metadata"] == {"texture": "streaks"} and h["row"] != 17 for h in hits)
-    text = runner.invoke(main, ["search", str(indexed_store), "--row", "0", "--measure", "cosine", "-k", "2",
-                                "--where", "texture == 'streaks'", "--column", "texture"])
+    assert len(hits) == 3 and all(
+        h["metadata"] == {"texture": "streaks"} and h["row"] != 17 for h in hits
+    )
+    text = runner.invoke(
+        main,
+        [
+            "search",
+            str(indexed_store),
+            "--row",
+            "0",
+            "--measure",
+            "cosine",
+            "-k",
+            "2",
+            "--where",
+            "texture == 'streaks'",
+            "--column",
+            "texture",
+        ],
+    )
     assert text.exit_code == 0 and "texture" in text.stdout and "streaks" in text.stdout
     bad = runner.invoke(main, ["search", str(indexed_store), "--row", "0", "--where", "import os"])
-    assert bad.exit_code == 1 and bad.stderr.startswith("Error: where:") and bad.stderr.count("\n") == 1
-    bad = runner.invoke(main, ["search", str(indexed_store), "--row", "0", "--where", "nosuch == 1"])
+    assert (
+        bad.exit_code == 1
+        and bad.stderr.startswith("Error: where:")
+        and bad.stderr.count("\n") == 1
+    )
+    bad = runner.invoke(
+        main, ["search", str(indexed_store), "--row", "0", "--where", "nosuch == 1"]
+    )
     assert bad.exit_code == 1 and "nosuch" in bad.stderr
     bad = runner.invoke(main, ["search", str(indexed_store), "--row", "0", "--column", "nosuch"])
     assert bad.exit_code == 1 and "unknown metadata column 'nosuch'" in bad.stderr
@@ -150,12 +241,16 @@ def test_warnings_and_diagnostics_go_to_stderr(runner, tmp_path, synthetic_set):
     folder = tmp_path / "imgs"
     folder.mkdir()
     (folder / "NOT_IN_CSV.jpg").write_bytes((images / "SYN_globular_001.jpg").read_bytes())
-    result = runner.invoke(main, ["index", str(folder), str(tmp_path / "store"), "--metadata", str(csv),
-                                  "--json", "-q"])
+    result = runner.invoke(
+        main,
+        ["index", str(folder), str(tmp_path / "store"), "--metadata", str(csv), "--json", "-q"],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["indexed"] == 1  # stdout is pure JSON
     assert "WARNING" not in result.stdout
-    loud = runner.invoke(main, ["index", str(folder), str(tmp_path / "store2"), "--metadata", str(csv), "--json"])
+    loud = runner.invoke(
+        main, ["index", str(folder), str(tmp_path / "store2"), "--metadata", str(csv), "--json"]
+    )
     assert loud.exit_code == 0 and json.loads(loud.stdout)["without_metadata"] == ["NOT_IN_CSV"]
     assert "WARNING: 1 images have no row in the metadata CSV" in loud.stderr
     verbose = runner.invoke(main, ["info", str(tmp_path / "store2"), "-v"])
@@ -164,6 +259,7 @@ def test_warnings_and_diagnostics_go_to_stderr(runner, tmp_path, synthetic_set):
 
 def test_delete_compact_ids_file_and_locked_store_through_the_cli(runner, tmp_path):
     from conftest import make_random_store
+
     from dermris.indexer import Store, StoreWriter
 
     store = make_random_store(tmp_path / "s", n=12, seed=21)

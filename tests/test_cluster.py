@@ -18,9 +18,17 @@ import time
 import numpy as np
 import pytest
 
-from reference import NAMES, brute_force, load_store, row_query
-from dermris.indexer import ClusterError, ClusterSpec, Store, check_store, index_folder, parse_cluster
 from dermris.core.errors import ConfigError, OptionalDependencyError
+from dermris.indexer import (
+    ClusterError,
+    ClusterSpec,
+    Store,
+    check_store,
+    index_folder,
+    parse_cluster,
+)
+
+from reference import NAMES, brute_force, load_store, row_query
 
 distributed = pytest.importorskip("distributed")
 
@@ -52,22 +60,44 @@ def single(folder, weights, tmp_path_factory):
     """The folder indexed in one process: what every cluster run must reproduce."""
     images, csv = folder
     store = tmp_path_factory.mktemp("cluster-single") / "store"
-    report = index_folder(images, store, weights=weights, metadata=csv, device="cpu", batch_size=BATCH,
-                          workers=0, progress=False)
+    report = index_folder(
+        images,
+        store,
+        weights=weights,
+        metadata=csv,
+        device="cpu",
+        batch_size=BATCH,
+        workers=0,
+        progress=False,
+    )
     assert report.indexed == 32 and len(report.duplicates) == 1 and len(report.rejected) == 1
     return store, report
 
 
 @pytest.fixture(scope="module")
 def client():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") \
-            as cluster, distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         yield client
 
 
 def _cluster_index(images, store, csv, weights, cluster, **kwargs):
-    return index_folder(images, store, weights=weights, metadata=csv, device="cpu", batch_size=BATCH,
-                        block_size=BLOCK, cluster=cluster, progress=False, **kwargs)
+    return index_folder(
+        images,
+        store,
+        weights=weights,
+        metadata=csv,
+        device="cpu",
+        batch_size=BATCH,
+        block_size=BLOCK,
+        cluster=cluster,
+        progress=False,
+        **kwargs,
+    )
 
 
 def assert_same_store(got, expected, *, resumed=False):
@@ -78,7 +108,9 @@ def assert_same_store(got, expected, *, resumed=False):
     """
     a, b = Store.open(got), Store.open(expected)
     assert a.rows == b.rows > 0
-    assert a.codec.stage_scales == b.codec.stage_scales  # fitted on the same first batch as in one process
+    assert (
+        a.codec.stage_scales == b.codec.stage_scales
+    )  # fitted on the same first batch as in one process
     ma, mb = a.metadata(), b.metadata()
     assert ma.column_names == mb.column_names
     for name in ma.column_names:
@@ -89,8 +121,13 @@ def assert_same_store(got, expected, *, resumed=False):
     np.testing.assert_allclose(sa / scale, sb / scale, rtol=0, atol=2e-3)
     np.testing.assert_array_equal(a.masks(), b.masks())
     np.testing.assert_array_equal(a.mask_areas(), b.mask_areas())
+
     def rejects(store):
-        return sorted((r.path, r.reason) for r in store.rejected if not (resumed and r.reason.startswith("same bytes")))
+        return sorted(
+            (r.path, r.reason)
+            for r in store.rejected
+            if not (resumed and r.reason.startswith("same bytes"))
+        )
 
     assert rejects(a) == rejects(b)
     report = check_store(got, full=True)
@@ -108,8 +145,9 @@ def assert_exact(store):
         got = retriever.search(row, k=5, measures=MEASURES)
         for name in NAMES:
             assert [h.row for h in got[name]] == [r for r, _ in expected[name]], name
-            np.testing.assert_allclose([h.score for h in got[name]], [s for _, s in expected[name]], rtol=1e-9,
-                                       atol=1e-12)
+            np.testing.assert_allclose(
+                [h.score for h in got[name]], [s for _, s in expected[name]], rtol=1e-9, atol=1e-12
+            )
 
 
 def test_two_workers_give_the_store_of_one_process(folder, weights, single, client, tmp_path):
@@ -131,8 +169,12 @@ def test_two_workers_give_the_store_of_one_process(folder, weights, single, clie
     checked = CliRunner().invoke(main, ["check", str(store), "--full"])
     assert checked.exit_code == 0, checked.output
     again = index_folder(images, store, metadata=csv, device="cpu", cluster=client, progress=False)
-    assert again.indexed == 0 and again.already_indexed == 33 and again.rows == 32  # nothing new: 32 + the copy
-    assert again.cluster["block_size"] == 16 and again.cluster["blocks"] == 3  # at most 34 / (4 x 2), a batch at least
+    assert (
+        again.indexed == 0 and again.already_indexed == 33 and again.rows == 32
+    )  # nothing new: 32 + the copy
+    assert (
+        again.cluster["block_size"] == 16 and again.cluster["blocks"] == 3
+    )  # at most 34 / (4 x 2), a batch at least
 
 
 class _KillOnce(distributed.WorkerPlugin):
@@ -155,7 +197,9 @@ class _KillOnce(distributed.WorkerPlugin):
         threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGKILL)).start()
 
 
-def test_worker_killed_mid_block_loses_and_duplicates_nothing(folder, weights, single, client, tmp_path):
+def test_worker_killed_mid_block_loses_and_duplicates_nothing(
+    folder, weights, single, client, tmp_path
+):
     images, csv = folder
     marker = tmp_path / "killed"
     pids = set(client.run(os.getpid).values())
@@ -163,8 +207,17 @@ def test_worker_killed_mid_block_loses_and_duplicates_nothing(folder, weights, s
     try:
         address = client.scheduler_info(n_workers=0)["address"]
         store = tmp_path / "store"
-        report = index_folder(images, store, weights=weights, metadata=csv, device="cpu", batch_size=BATCH,
-                              block_size=16, cluster=address, progress=False)  # by address: tcp://HOST:PORT
+        report = index_folder(
+            images,
+            store,
+            weights=weights,
+            metadata=csv,
+            device="cpu",
+            batch_size=BATCH,
+            block_size=16,
+            cluster=address,
+            progress=False,
+        )  # by address: tcp://HOST:PORT
     finally:
         client.unregister_worker_plugin("dermris-kill-once")
     assert marker.is_file(), "no worker was killed"
@@ -180,10 +233,32 @@ def test_worker_killed_mid_block_loses_and_duplicates_nothing(folder, weights, s
 def _cli(images, store, csv, weights):
     code = "import sys; from dermris.app.cli import main; sys.exit(main())"
     return subprocess.Popen(
-        [sys.executable, "-c", code, "index", str(images), str(store), "--weights", str(weights), "--metadata",
-         str(csv), "--cluster", "local:2", "--block-size", "4", "--batch-size", str(BATCH), "--commit-every", "4",
-         "--device", "cpu", "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        [
+            sys.executable,
+            "-c",
+            code,
+            "index",
+            str(images),
+            str(store),
+            "--weights",
+            str(weights),
+            "--metadata",
+            str(csv),
+            "--cluster",
+            "local:2",
+            "--block-size",
+            "4",
+            "--batch-size",
+            str(BATCH),
+            "--commit-every",
+            "4",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
 
 
@@ -201,7 +276,9 @@ def test_client_killed_then_rerun_resumes(folder, weights, single, tmp_path):
                 pass
             time.sleep(0.02)
         assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
-        proc.send_signal(signal.SIGKILL)  # the client only: its worker processes see it die and exit
+        proc.send_signal(
+            signal.SIGKILL
+        )  # the client only: its worker processes see it die and exit
         proc.wait()
         group_gone = time.monotonic() + 30
         while time.monotonic() < group_gone:
@@ -229,7 +306,9 @@ def test_scheduler_file(client, tmp_path):
     from dermris.indexer.cluster import connect
 
     scheduler_file = tmp_path / "scheduler.json"  # what `dask scheduler --scheduler-file` writes
-    scheduler_file.write_text(json.dumps({"type": "Scheduler", "address": client.scheduler_info()["address"]}))
+    scheduler_file.write_text(
+        json.dumps({"type": "Scheduler", "address": client.scheduler_info()["address"]})
+    )
     with connect(str(scheduler_file)) as session:
         assert session.workers == 2 and session.torch_threads is None
 
@@ -258,21 +337,29 @@ def test_default_block_size():
 
 
 # -- the --cluster value, and clear errors --------------------------------------------------
-@pytest.mark.parametrize("text, spec", [
-    ("local", ClusterSpec("local")),
-    ("local:3", ClusterSpec("local", workers=3)),
-    ("cuda", ClusterSpec("cuda")),
-    ("cuda:2", ClusterSpec("cuda", workers=2)),
-    ("tcp://10.0.0.5:8786", ClusterSpec("address", address="tcp://10.0.0.5:8786")),
-    ("tls://scheduler.example.org:8786/", ClusterSpec("address", address="tls://scheduler.example.org:8786")),
-    ("/shared/scheduler.json", ClusterSpec("scheduler-file", address="/shared/scheduler.json")),
-])
+@pytest.mark.parametrize(
+    "text, spec",
+    [
+        ("local", ClusterSpec("local")),
+        ("local:3", ClusterSpec("local", workers=3)),
+        ("cuda", ClusterSpec("cuda")),
+        ("cuda:2", ClusterSpec("cuda", workers=2)),
+        ("tcp://10.0.0.5:8786", ClusterSpec("address", address="tcp://10.0.0.5:8786")),
+        (
+            "tls://scheduler.example.org:8786/",
+            ClusterSpec("address", address="tls://scheduler.example.org:8786"),
+        ),
+        ("/shared/scheduler.json", ClusterSpec("scheduler-file", address="/shared/scheduler.json")),
+    ],
+)
 def test_cluster_values(text, spec):
     assert parse_cluster(text) == spec
     assert parse_cluster(str(spec)) == spec
 
 
-@pytest.mark.parametrize("text", ["", "local:0", "local:two", "gpu", "tcp://host", "http://host:80", "tcp://h:99999"])
+@pytest.mark.parametrize(
+    "text", ["", "local:0", "local:two", "gpu", "tcp://host", "http://host:80", "tcp://h:99999"]
+)
 def test_malformed_cluster_values(text):
     with pytest.raises(ConfigError):
         parse_cluster(text)
@@ -281,13 +368,17 @@ def test_malformed_cluster_values(text):
 def test_cluster_errors_are_one_line(tmp_path, synthetic_set, monkeypatch):
     from click.testing import CliRunner
 
-    from dermris.indexer.cluster import connect
     from dermris.app.cli import main
+    from dermris.indexer.cluster import connect
 
     images, _ = synthetic_set
-    result = CliRunner().invoke(main, ["index", str(images), str(tmp_path / "s"), "--cluster", "local:x"])
+    result = CliRunner().invoke(
+        main, ["index", str(images), str(tmp_path / "s"), "--cluster", "local:x"]
+    )
     assert result.exit_code == 2 and "must be a positive integer" in result.output
-    result = CliRunner().invoke(main, ["index", str(images), str(tmp_path / "s"), "--block-size", "4"])
+    result = CliRunner().invoke(
+        main, ["index", str(images), str(tmp_path / "s"), "--block-size", "4"]
+    )
     assert result.exit_code == 2 and "--block-size needs --cluster" in result.output
     with pytest.raises(ClusterError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:1"):
         with connect("tcp://127.0.0.1:1", connect_timeout_s=1):
@@ -308,13 +399,32 @@ def test_cluster_errors_are_one_line(tmp_path, synthetic_set, monkeypatch):
     assert not (tmp_path / "s").exists()  # nothing was created by a run that could not start
 
 
-def test_blocks_smaller_than_a_batch_fit_the_codec_as_one_process(folder, weights, single, client, tmp_path):
+def test_blocks_smaller_than_a_batch_fit_the_codec_as_one_process(
+    folder, weights, single, client, tmp_path
+):
     """The float16 scales come from the first batch of the run, not from the first block."""
     images, csv = folder
     store = tmp_path / "store"
-    index_folder(images, store, weights=weights, metadata=csv, device="cpu", batch_size=BATCH * 4,
-                 block_size=2, cluster=client, progress=False)
+    index_folder(
+        images,
+        store,
+        weights=weights,
+        metadata=csv,
+        device="cpu",
+        batch_size=BATCH * 4,
+        block_size=2,
+        cluster=client,
+        progress=False,
+    )
     expected = tmp_path / "single"
-    index_folder(images, expected, weights=weights, metadata=csv, device="cpu", batch_size=BATCH * 4,
-                 workers=0, progress=False)
+    index_folder(
+        images,
+        expected,
+        weights=weights,
+        metadata=csv,
+        device="cpu",
+        batch_size=BATCH * 4,
+        workers=0,
+        progress=False,
+    )
     assert_same_store(store, expected)

@@ -10,15 +10,17 @@ import numpy as np
 from click.testing import CliRunner
 from PIL import Image
 
+from dermris.app.cli import main
 from dermris.indexer import Store
 from dermris.indexer.store import check_store
-from dermris.app.cli import main
 
 FORMATS = [("JPEG", "jpg"), ("PNG", "png"), ("BMP", "bmp"), ("TIFF", "tif")]
 
 
 def _encoded(rng: np.random.Generator, fmt: str) -> bytes:
-    pixels = rng.integers(0, 256, (int(rng.integers(8, 48)), int(rng.integers(8, 48)), 3), dtype=np.uint8)
+    pixels = rng.integers(
+        0, 256, (int(rng.integers(8, 48)), int(rng.integers(8, 48)), 3), dtype=np.uint8
+    )
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format=fmt)
     return buf.getvalue()
@@ -39,7 +41,7 @@ def _mutate(rng: np.random.Generator, data: bytes) -> bytes:
         data = data[:32] + bytearray(rng.bytes(int(rng.integers(0, 4000))))
     else:  # a chunk of the file repeated
         a = int(rng.integers(len(data)))
-        data = data + data[a:a + int(rng.integers(1, 4000))] * int(rng.integers(1, 50))
+        data = data + data[a : a + int(rng.integers(1, 4000))] * int(rng.integers(1, 50))
     return bytes(data)
 
 
@@ -56,9 +58,13 @@ def test_fuzzed_files_never_stop_a_run(tmp_path):
             (folder / f"g{i:03d}.{ext}").write_bytes(data)
         else:
             fuzzed.add(f"f{i:03d}")
-            (folder / f"f{i:03d}.{ext}").write_bytes(_mutate(rng, data) if i % 13 else rng.bytes(int(rng.integers(0, 999))))
+            (folder / f"f{i:03d}.{ext}").write_bytes(
+                _mutate(rng, data) if i % 13 else rng.bytes(int(rng.integers(0, 999)))
+            )
     store = tmp_path / "store"
-    result = CliRunner().invoke(main, ["index", str(folder), str(store), "--json", "-q", "--batch-size", "16"])
+    result = CliRunner().invoke(
+        main, ["index", str(folder), str(store), "--json", "-q", "--batch-size", "16"]
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     rejected = {r["path"].rsplit("/", 1)[-1].split(".")[0]: r["reason"] for r in report["rejected"]}

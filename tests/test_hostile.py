@@ -8,16 +8,13 @@ import shutil
 import stat
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
-from dermris.indexer import Store, StoreWriter, index_folder
-from dermris.indexer.store import check_store, compact, load_faiss_index
+from dermris.app.cli import main
 from dermris.core.atomic import default_file_mode
 from dermris.core.errors import (
     MetadataError,
@@ -25,8 +22,9 @@ from dermris.core.errors import (
     StoreFormatError,
     StoreMismatchError,
 )
+from dermris.indexer import Store, StoreWriter, index_folder
+from dermris.indexer.store import check_store, compact
 from dermris.retriever import Retriever, SearchOptions
-from dermris.app.cli import main
 
 
 def _listing(root: Path) -> list[str]:
@@ -48,7 +46,11 @@ def test_read_only_commands_never_follow_or_remove_links(random_store, tmp_path)
     (path / ".compact-old").symlink_to(outside)
     before_outside, before_store = _listing(outside), _listing(path)
     runner = CliRunner()
-    for args in (["info", str(path)], ["check", str(path)], ["search", str(path), "--row", "0", "-k", "2"]):
+    for args in (
+        ["info", str(path)],
+        ["check", str(path)],
+        ["search", str(path), "--row", "0", "-k", "2"],
+    ):
         result = runner.invoke(main, args)
         assert "Traceback" not in result.output, result.output
         assert _listing(outside) == before_outside
@@ -60,7 +62,9 @@ def test_read_only_commands_never_follow_or_remove_links(random_store, tmp_path)
         StoreWriter.open(path)
     assert _listing(outside) == before_outside
     (path / ".compact" / "metadata").unlink()
-    StoreWriter.open(path).close()  # the incomplete switch is cleared (links unlinked, not followed)
+    StoreWriter.open(
+        path
+    ).close()  # the incomplete switch is cleared (links unlinked, not followed)
     assert _listing(outside) == before_outside
     assert not (path / ".compact").exists() and not (path / ".compact-old").exists()
     assert check_store(path).ok
@@ -122,14 +126,20 @@ def test_missing_chunk_is_an_error_never_zeros(random_store, name):
 def test_flipped_bit_is_detected(random_store, name):
     path = random_store(n=30, seed=5, sketch_dim=4)
     if name == "sketch":
-        chunk = next(p for p in sorted((path / "arrays.zarr").glob("sketch_*/projections/c/**/*")) if p.is_file())
+        chunk = next(
+            p
+            for p in sorted((path / "arrays.zarr").glob("sketch_*/projections/c/**/*"))
+            if p.is_file()
+        )
     else:
         chunk = _chunk_file(path, name)
     data = bytearray(chunk.read_bytes())
     data[len(data) // 3] ^= 0x10
     chunk.write_bytes(bytes(data))
     with pytest.raises(StoreFormatError):
-        r = Retriever.open(path, device="cpu", options=SearchOptions(mask_memory_bytes=0, use_faiss=False))
+        r = Retriever.open(
+            path, device="cpu", options=SearchOptions(mask_memory_bytes=0, use_faiss=False)
+        )
         for row in (0, 14, 29):
             r.search(row, measures="all", k=30)
     assert not check_store(path, full=True).ok
@@ -148,7 +158,9 @@ def test_old_layout_missing_empty_mask_chunks_are_fine_but_damage_is_not(random_
     areas = path / "arrays.zarr" / "mask_area" / "c" / "0"
     import zarr
 
-    zarr.open_array(str(path / "arrays.zarr" / "mask_area"), mode="r+")[5] = 17  # claims pixels it has not
+    zarr.open_array(str(path / "arrays.zarr" / "mask_area"), mode="r+")[5] = (
+        17  # claims pixels it has not
+    )
     with pytest.raises(StoreFormatError, match="array mask is damaged at row 5"):
         Store.open(path).masks()
     assert areas.exists()
@@ -157,7 +169,9 @@ def test_old_layout_missing_empty_mask_chunks_are_fine_but_damage_is_not(random_
 # -- metadata ----------------------------------------------------------------------------------
 def _csv(path: Path, rows: list[dict]) -> Path:
     columns = list(rows[0])
-    lines = [",".join(columns)] + [",".join("" if r[c] is None else str(r[c]) for c in columns) for r in rows]
+    lines = [",".join(columns)] + [
+        ",".join("" if r[c] is None else str(r[c]) for c in columns) for r in rows
+    ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -177,11 +191,14 @@ def test_metadata_columns_are_merged_not_lost(tmp_path, synthetic_set):
     first = _images(tmp_path / "a", images, ["0001", "1e3", "C"])
     index_folder(first, store, device="cpu", progress=False)  # no CSV at first
     second = _images(tmp_path / "b", images, ["0001", "1e3", "C", "D"])
-    csv = _csv(tmp_path / "m.csv", [
-        {"image_id": "0001", "diagnosis": "nevus", "age": 40, "note": None},
-        {"image_id": "1e3", "diagnosis": "melanoma", "age": 71, "note": None},
-        {"image_id": "D", "diagnosis": "nevus", "age": 33, "note": None},
-    ])
+    csv = _csv(
+        tmp_path / "m.csv",
+        [
+            {"image_id": "0001", "diagnosis": "nevus", "age": 40, "note": None},
+            {"image_id": "1e3", "diagnosis": "melanoma", "age": 71, "note": None},
+            {"image_id": "D", "diagnosis": "nevus", "age": 33, "note": None},
+        ],
+    )
     report = index_folder(second, store, metadata=csv, device="cpu", progress=False)
     assert report.indexed == 1  # D (the others are the same bytes as indexed before)
     meta = Store.open(store).metadata().to_pylist()
@@ -189,14 +206,24 @@ def test_metadata_columns_are_merged_not_lost(tmp_path, synthetic_set):
     assert set(by_id) == {"0001", "1e3", "C", "D"}  # ids stay text: no 1, no 1000
     assert by_id["D"]["diagnosis"] == "nevus" and by_id["D"]["age"] == 33
     assert by_id["0001"]["diagnosis"] is None  # indexed before the CSV: null, not dropped
-    assert pa.types.is_string(Store.open(store).metadata_schema().field("note").type)  # empty column: text
+    assert pa.types.is_string(
+        Store.open(store).metadata_schema().field("note").type
+    )  # empty column: text
     # a third run without the CSV keeps the columns, with nulls (and a warning)
     third = _images(tmp_path / "c", images, ["E"], start=4)
     index_folder(third, store, device="cpu", progress=False)
     assert Store.open(store).metadata().column("diagnosis").to_pylist()[-1] is None
     # the note column, empty before, can now be filled
-    csv2 = _csv(tmp_path / "m2.csv", [{"image_id": "F", "diagnosis": "bcc", "age": 50, "note": "biopsy"}])
-    index_folder(_images(tmp_path / "d", images, ["F"], start=5), store, metadata=csv2, device="cpu", progress=False)
+    csv2 = _csv(
+        tmp_path / "m2.csv", [{"image_id": "F", "diagnosis": "bcc", "age": 50, "note": "biopsy"}]
+    )
+    index_folder(
+        _images(tmp_path / "d", images, ["F"], start=5),
+        store,
+        metadata=csv2,
+        device="cpu",
+        progress=False,
+    )
     assert Store.open(store).metadata().to_pylist()[-1]["note"] == "biopsy"
     assert check_store(store).ok
 
@@ -205,7 +232,9 @@ def test_metadata_type_conflict_is_refused_before_embedding(tmp_path, synthetic_
     images, _ = synthetic_set
     store = tmp_path / "store"
     csv = _csv(tmp_path / "m.csv", [{"image_id": "A", "age": 40}])
-    index_folder(_images(tmp_path / "a", images, ["A"]), store, metadata=csv, device="cpu", progress=False)
+    index_folder(
+        _images(tmp_path / "a", images, ["A"]), store, metadata=csv, device="cpu", progress=False
+    )
     bad = _csv(tmp_path / "bad.csv", [{"image_id": "B", "age": "forty"}])
     folder_b = _images(tmp_path / "b", images, ["B"], start=1)
     from dermris.indexer.embed import Embedder
@@ -219,11 +248,14 @@ def test_metadata_type_conflict_is_refused_before_embedding(tmp_path, synthetic_
     assert Store.open(store).rows == 1
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"image_id,x,x\nA,1,2\n", "more than once"),
-    ("image_id,diagnosis\nA,n\xe4vus\n".encode("latin-1"), "not UTF-8"),
-    (b"isic_id,x\n,1\n", "empty"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"image_id,x,x\nA,1,2\n", "more than once"),
+        ("image_id,diagnosis\nA,n\xe4vus\n".encode("latin-1"), "not UTF-8"),
+        (b"isic_id,x\n,1\n", "empty"),
+    ],
+)
 def test_bad_csvs_fail_before_anything_runs(tmp_path, content, message):
     path = tmp_path / "m.csv"
     path.write_bytes(content)
@@ -236,9 +268,26 @@ def test_bad_csvs_fail_before_anything_runs(tmp_path, content, message):
 # -- creation and weights --------------------------------------------------------------------
 def _index_process(folder: Path, store: Path, preset: str) -> subprocess.Popen:
     code = "import sys; from dermris.app.cli import main; sys.exit(main())"
-    return subprocess.Popen([sys.executable, "-c", code, "index", str(folder), str(store), "--preset", preset,
-                             "--device", "cpu", "--quiet", "--workers", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "index",
+            str(folder),
+            str(store),
+            "--preset",
+            preset,
+            "--device",
+            "cpu",
+            "--quiet",
+            "--workers",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def test_two_runs_creating_the_same_store(tmp_path, synthetic_set):
@@ -253,7 +302,10 @@ def test_two_runs_creating_the_same_store(tmp_path, synthetic_set):
         for rc, err in outcomes:
             if rc != 0:
                 assert err.startswith("Error:") and err.count("\n") == 1, err
-                assert any(m in err for m in ("another process is writing", "built with preset", "is a store")), err
+                assert any(
+                    m in err
+                    for m in ("another process is writing", "built with preset", "is a store")
+                ), err
         report = check_store(store)
         assert report.ok and report.rows == 6, report.problems
 
@@ -265,10 +317,21 @@ def test_rerun_with_the_same_weights_file_is_accepted(tmp_path, synthetic_set, t
     weights = tmp_path / "w.safetensors"
     save_model(tiny_model, weights)
     store = tmp_path / "store"
-    index_folder(_images(tmp_path / "a", images, ["A", "B"]), store, weights=weights, device="cpu", progress=False)
+    index_folder(
+        _images(tmp_path / "a", images, ["A", "B"]),
+        store,
+        weights=weights,
+        device="cpu",
+        progress=False,
+    )
     save_model(tiny_model, tmp_path / "again.safetensors")  # the same model written again
-    report = index_folder(_images(tmp_path / "b", images, ["A", "B", "C"]), store,
-                          weights=tmp_path / "again.safetensors", device="cpu", progress=False)
+    report = index_folder(
+        _images(tmp_path / "b", images, ["A", "B", "C"]),
+        store,
+        weights=tmp_path / "again.safetensors",
+        device="cpu",
+        progress=False,
+    )
     assert report.indexed == 1 and Store.open(store).rows == 3
     mode = stat.S_IMODE(os.stat(store / "model.safetensors").st_mode)
     assert mode == default_file_mode(), oct(mode)  # readable by whoever may read the store
@@ -289,8 +352,9 @@ def test_disk_full_during_a_commit_leaves_the_store_as_it_was(tmp_path, syntheti
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(writer_module, "atomic_path", full)
-    result = CliRunner().invoke(main, ["index", str(_images(tmp_path / "b", images, ["C", "D"], start=2)), str(store),
-                                       "-q"])
+    result = CliRunner().invoke(
+        main, ["index", str(_images(tmp_path / "b", images, ["C", "D"], start=2)), str(store), "-q"]
+    )
     monkeypatch.setattr(writer_module, "atomic_path", real)
     assert result.exit_code == 1 and result.stderr.startswith("Error: No space left on device")
     assert result.stderr.count("\n") == 1
@@ -318,13 +382,24 @@ def test_cli_one_line_errors(tmp_path, synthetic_set, random_store):
         if message:
             assert message in result.stderr, result.stderr
     assert Store.open(path).deleted_rows.tolist() == []  # nothing deleted: all or nothing
-    result = runner.invoke(main, ["delete", str(path), "--id", "IMG_8_0001", "--id", "NOPE", "--missing-ok"])
+    result = runner.invoke(
+        main, ["delete", str(path), "--id", "IMG_8_0001", "--id", "NOPE", "--missing-ok"]
+    )
     assert result.exit_code == 0 and Store.open(path).deleted_rows.tolist() == [1]
-    assert "no image files" in runner.invoke(main, ["index", str(tmp_path / "empty"), str(tmp_path / "s")]).stderr
+    assert (
+        "no image files"
+        in runner.invoke(main, ["index", str(tmp_path / "empty"), str(tmp_path / "s")]).stderr
+    )
     assert not (tmp_path / "s").exists()
     # judge --out where no folder can be made
-    result = runner.invoke(main, ["judge", str(path), "--out", str(blocker / "session"), "--no-serve"])
-    assert result.exit_code == 1 and result.stderr.startswith("Error:") and result.stderr.count("\n") == 1
+    result = runner.invoke(
+        main, ["judge", str(path), "--out", str(blocker / "session"), "--no-serve"]
+    )
+    assert (
+        result.exit_code == 1
+        and result.stderr.startswith("Error:")
+        and result.stderr.count("\n") == 1
+    )
 
 
 def test_writer_commands_on_a_store_that_cannot_be_written(random_store, monkeypatch):
@@ -339,11 +414,19 @@ def test_writer_commands_on_a_store_that_cannot_be_written(random_store, monkeyp
 
     monkeypatch.setattr(filelock.FileLock, "acquire", refuse)
     runner = CliRunner()
-    for args in (["delete", str(path), "--id", "IMG_9_0001"], ["compact", str(path)], ["rebuild", str(path)]):
+    for args in (
+        ["delete", str(path), "--id", "IMG_9_0001"],
+        ["compact", str(path)],
+        ["rebuild", str(path)],
+    ):
         result = runner.invoke(main, args)
-        assert result.exit_code == 1 and result.stderr.startswith("Error: cannot write to"), result.output
+        assert result.exit_code == 1 and result.stderr.startswith("Error: cannot write to"), (
+            result.output
+        )
         assert result.stderr.count("\n") == 1
-    assert runner.invoke(main, ["search", str(path), "--row", "1", "-k", "2"]).exit_code == 0  # reading works
+    assert (
+        runner.invoke(main, ["search", str(path), "--row", "1", "-k", "2"]).exit_code == 0
+    )  # reading works
     assert _listing(path) == listing
 
 
@@ -355,10 +438,25 @@ def test_sheet_after_the_image_folder_moved(tmp_path, synthetic_set):
     moved = tmp_path / "moved"
     shutil.move(str(folder), str(moved))
     runner = CliRunner()
-    result = runner.invoke(main, ["search", str(store), "--row", "0", "-k", "2", "--sheet", str(tmp_path / "s.png")])
+    result = runner.invoke(
+        main, ["search", str(store), "--row", "0", "-k", "2", "--sheet", str(tmp_path / "s.png")]
+    )
     assert result.exit_code == 0 and "missing" in result.stderr and "--image-root" in result.stderr
-    result = runner.invoke(main, ["search", str(store), "--row", "0", "-k", "2", "--sheet", str(tmp_path / "t.png"),
-                                  "--image-root", str(moved)])
+    result = runner.invoke(
+        main,
+        [
+            "search",
+            str(store),
+            "--row",
+            "0",
+            "-k",
+            "2",
+            "--sheet",
+            str(tmp_path / "t.png"),
+            "--image-root",
+            str(moved),
+        ],
+    )
     assert result.exit_code == 0 and "missing" not in result.stderr
 
 

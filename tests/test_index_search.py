@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from reference import NAMES, brute_force, load_store, row_query
 from dermris.indexer import Store, StoreMismatchError, index_folder
 from dermris.indexer.store import check_store, load_faiss_index
 from dermris.retriever import MEASURES, QueryError, Retriever, UnknownMeasureError
+
+from reference import NAMES, brute_force, load_store, row_query
 
 
 def test_index_writes_every_image_with_metadata(indexed_store, synthetic_set):
@@ -19,7 +20,16 @@ def test_index_writes_every_image_with_metadata(indexed_store, synthetic_set):
     assert store.rows == 32
     meta = store.metadata()
     assert meta.column("row").to_pylist() == list(range(32))
-    assert set(meta.column_names) >= {"row", "image_id", "path", "sha256", "width", "height", "texture", "seed"}
+    assert set(meta.column_names) >= {
+        "row",
+        "image_id",
+        "path",
+        "sha256",
+        "width",
+        "height",
+        "texture",
+        "seed",
+    }
     textures = dict(zip(meta.column("image_id").to_pylist(), meta.column("texture").to_pylist()))
     assert all(image_id.split("_")[1] == t for image_id, t in textures.items())
     assert meta.column("width").to_pylist() == [160] * 32
@@ -35,7 +45,9 @@ def test_search_row_equals_brute_force_from_store_files(indexed_store):
         got = retriever.search(row, k=5, measures="all")
         for name in NAMES:
             assert [h.row for h in got[name]] == [r for r, _ in expected[name]], (row, name)
-            np.testing.assert_allclose([h.score for h in got[name]], [s for _, s in expected[name]], rtol=1e-7)
+            np.testing.assert_allclose(
+                [h.score for h in got[name]], [s for _, s in expected[name]], rtol=1e-7
+            )
 
 
 def test_query_with_indexed_image_returns_it_first(indexed_store, synthetic_set):
@@ -71,8 +83,14 @@ def test_query_types(indexed_store, synthetic_set):
     assert len(gray) == 2
     # a mixed batch: images embedded together, rows read from the store, same answers
     mixed = retriever.search([path, 3, pil], measures="cosine", k=4)
-    assert [h.row for h in mixed[0]["cosine"]] == [h.row for h in by_path] == [h.row for h in mixed[2]["cosine"]]
-    assert [h.row for h in mixed[1]["cosine"]] == [h.row for h in retriever.search(3, measures="cosine", k=4)["cosine"]]
+    assert (
+        [h.row for h in mixed[0]["cosine"]]
+        == [h.row for h in by_path]
+        == [h.row for h in mixed[2]["cosine"]]
+    )
+    assert [h.row for h in mixed[1]["cosine"]] == [
+        h.row for h in retriever.search(3, measures="cosine", k=4)["cosine"]
+    ]
     assert 3 not in [h.row for h in mixed[1]["cosine"]] and mixed[1].row == 3
     with pytest.raises(QueryError, match="not found"):
         retriever.search(images / "missing.jpg")
@@ -103,7 +121,9 @@ def test_query_types(indexed_store, synthetic_set):
     with pytest.raises(QueryError, match="exclude"):
         retriever.search(0, exclude="12")
     assert len(retriever.search(0, measures="euclidean", k=1000)["euclidean"]) == 31
-    textures = retriever.search(0, measures="all", k=3, where="texture == 'streaks'", columns="texture")
+    textures = retriever.search(
+        0, measures="all", k=3, where="texture == 'streaks'", columns="texture"
+    )
     assert all(h.metadata == {"texture": "streaks"} for hits in textures.values() for h in hits)
     assert len(textures["style"]) == 3
 
@@ -152,7 +172,9 @@ def test_rerun_adds_only_new_images_and_refresh(tmp_path, synthetic_set):
     for name in names[:5]:
         shutil.copy(images / name, folder / name)
     store = tmp_path / "store"
-    first = index_folder(folder, store, metadata=csv, progress=False, device="cpu", faiss_files=True)
+    first = index_folder(
+        folder, store, metadata=csv, progress=False, device="cpu", faiss_files=True
+    )
     assert first.indexed == 5
     first_parts = sorted(p.name for p in (store / "faiss").iterdir())
     retriever = Retriever.open(store, device="cpu")
@@ -181,7 +203,9 @@ def test_large_jpeg_query_reproduces_its_row(tmp_path, synthetic_set):
     folder = tmp_path / "big"
     folder.mkdir()
     for name in ("SYN_globular_001", "SYN_streaks_003", "SYN_reticular_005"):
-        Image.open(images / f"{name}.jpg").resize((900, 700)).save(folder / f"{name}.jpg", quality=95)
+        Image.open(images / f"{name}.jpg").resize((900, 700)).save(
+            folder / f"{name}.jpg", quality=95
+        )
     index_folder(folder, tmp_path / "store", progress=False, device="cpu")
     retriever = Retriever.open(tmp_path / "store", device="cpu")
     hits = retriever.search(folder / "SYN_streaks_003.jpg", measures="euclidean", k=1)["euclidean"]

@@ -16,10 +16,11 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from live_server import live_server  # noqa: E402
-from dermris.retriever import MEASURES, Retriever  # noqa: E402
 from dermris.app import judge  # noqa: E402
 from dermris.app.cli import main  # noqa: E402
+from dermris.retriever import MEASURES, Retriever  # noqa: E402
+
+from live_server import live_server  # noqa: E402
 
 BASE = "http://127.0.0.1:8765"
 
@@ -44,8 +45,10 @@ def _judge_queries(client, tasks, key, retriever, rater, queries, flip=lambda q,
         for tok in t["items"]:
             similar = texture[retriever.image_ids[q["items"][tok]]] == texture[q["image_id"]]
             similar ^= flip(q, tok)
-            response = client.post("/judge/api/judgments",
-                                   json={"query": t["query"], "item": tok, "similar": similar, "rater": rater})
+            response = client.post(
+                "/judge/api/judgments",
+                json={"query": t["query"], "item": tok, "similar": similar, "rater": rater},
+            )
             assert response.status_code == 200, response.text
 
 
@@ -72,7 +75,9 @@ def test_judge_round_trip_blinded_resumed_and_scored(retriever, tmp_path):
     for t, q in zip(tasks["queries"], key["queries"]):
         pooled = set(t["items"])
         assert pooled == {tok for ranking in q["rankings"].values() for tok in ranking}
-        assert len(t["items"]) == len(pooled)  # an image returned by several measures is judged once
+        assert len(t["items"]) == len(
+            pooled
+        )  # an image returned by several measures is judged once
         first_seen = list(dict.fromkeys(tok for m in MEASURES for tok in q["rankings"][m]))
         by_row = sorted(t["items"], key=lambda tok: q["items"][tok])
         shuffled += t["items"] != first_seen and t["items"] != by_row
@@ -85,7 +90,11 @@ def test_judge_round_trip_blinded_resumed_and_scored(retriever, tmp_path):
     assert thumb.status_code == full.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
     original = Image.open(key["images"][tok]).size
     assert Image.open(io.BytesIO(full.content)).size == original
-    for bad in ("/judge/image/..%2F..%2Fetc%2Fpasswd", "/judge/image/0123456789abcdef", "/judge/image/key.json"):
+    for bad in (
+        "/judge/image/..%2F..%2Fetc%2Fpasswd",
+        "/judge/image/0123456789abcdef",
+        "/judge/image/key.json",
+    ):
         assert client.get(bad).status_code == 404, bad
 
     pairs = list(zip(tasks["queries"], key["queries"]))
@@ -129,10 +138,15 @@ def test_two_raters_agreement_and_per_rater_scores(retriever, tmp_path):
     client = _client(out)
     _judge_queries(client, tasks, key, retriever, "alice", pairs)
     flipped = {t["items"][0] for t, _ in pairs}  # bob disagrees on the first image of each query
-    _judge_queries(client, tasks, key, retriever, "bob@clinic", pairs[:2], flip=lambda q, tok: tok in flipped)
+    _judge_queries(
+        client, tasks, key, retriever, "bob@clinic", pairs[:2], flip=lambda q, tok: tok in flipped
+    )
     score = judge.score_session(out)
     assert set(score.per_rater) == {"alice", "bob@clinic"}
-    assert score.per_rater["alice"]["complete_queries"] == 3 and score.per_rater["bob@clinic"]["complete_queries"] == 2
+    assert (
+        score.per_rater["alice"]["complete_queries"] == 3
+        and score.per_rater["bob@clinic"]["complete_queries"] == 2
+    )
     (pair,) = score.agreement
     common = sum(len(t["items"]) for t, _ in pairs[:2])
     assert pair.raters == ("alice", "bob@clinic") and pair.items == common
@@ -147,7 +161,11 @@ def test_two_raters_agreement_and_per_rater_scores(retriever, tmp_path):
     with pytest.raises(judge.JudgeError, match="no judgments by rater 'carol'"):
         judge.score_session(out, rater="carol")
     result = CliRunner().invoke(main, ["judge", "--score", str(out)])
-    assert result.exit_code == 0 and "agreement alice / bob@clinic" in result.output and "kappa" in result.output
+    assert (
+        result.exit_code == 0
+        and "agreement alice / bob@clinic" in result.output
+        and "kappa" in result.output
+    )
 
 
 def test_cohens_kappa_by_hand(tmp_path, retriever):
@@ -155,16 +173,24 @@ def test_cohens_kappa_by_hand(tmp_path, retriever):
     out = tmp_path / "session"
     judge.prepare_session(retriever, out, queries=1, seed=0, k=5)
     items = json.loads((out / "tasks.json").read_text())["queries"][0]["items"][:4]
-    lines = [{"rater": r, "query": "Q001", "item": i, "similar": v}
-             for r, values in (("a", [True, True, False, False]), ("b", [True, False, False, False]))
-             for i, v in zip(items, values)]
+    lines = [
+        {"rater": r, "query": "Q001", "item": i, "similar": v}
+        for r, values in (("a", [True, True, False, False]), ("b", [True, False, False, False]))
+        for i, v in zip(items, values)
+    ]
     # a judgment recorded before rater ids (no "rater") and a torn last line
     lines.append({"query": "Q001", "item": items[0], "similar": True})
-    (out / "judgments.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + '\n{"query": "Q0')
+    (out / "judgments.jsonl").write_text(
+        "\n".join(json.dumps(x) for x in lines) + '\n{"query": "Q0'
+    )
     score = judge.score_session(out)
     agreement = {p.raters: p for p in score.agreement}
-    assert agreement[("a", "b")].percent == pytest.approx(75.0) and agreement[("a", "b")].kappa == pytest.approx(0.5)
-    assert agreement[("", "a")].items == 1 and agreement[("", "a")].kappa is None  # one answer each: undefined
+    assert agreement[("a", "b")].percent == pytest.approx(75.0) and agreement[
+        ("a", "b")
+    ].kappa == pytest.approx(0.5)
+    assert (
+        agreement[("", "a")].items == 1 and agreement[("", "a")].kappa is None
+    )  # one answer each: undefined
     assert set(score.per_rater) == {"", "a", "b"} and score.judged_items == 4
 
 
@@ -176,24 +202,45 @@ def test_judge_refuses_bad_input_foreign_hosts_and_tokens(retriever, tmp_path):
     client = _client(out)
     good = {"query": "Q001", "item": item, "similar": True, "rater": "r1"}
     for body, status in [
-        ({**good, "item": "nope"}, 400), ({**good, "similar": "yes"}, 400), ({**good, "rater": ""}, 400),
-        ({**good, "rater": "<script>"}, 400), ({**good, "rater": "x" * 65}, 400), ([good], 400),
+        ({**good, "item": "nope"}, 400),
+        ({**good, "similar": "yes"}, 400),
+        ({**good, "rater": ""}, 400),
+        ({**good, "rater": "<script>"}, 400),
+        ({**good, "rater": "x" * 65}, 400),
+        ([good], 400),
     ]:
         assert client.post("/judge/api/judgments", json=body).status_code == status, body
     assert client.post("/judge/api/judgments", content="[" * 2000 + "]" * 2000).status_code == 400
     assert client.post("/judge/api/judgments", content="{" + " " * 5000 + "}").status_code == 413
     assert client.get("/judge/api/tasks", params={"rater": "a b"}).status_code == 400
-    assert client.get("/judge/api/tasks", params={"rater": "r1"}, headers={"host": "evil.example"}).status_code == 403
-    assert client.post("/judge/api/judgments", json=good, headers={"origin": "http://evil.example"}).status_code == 403
+    assert (
+        client.get(
+            "/judge/api/tasks", params={"rater": "r1"}, headers={"host": "evil.example"}
+        ).status_code
+        == 403
+    )
+    assert (
+        client.post(
+            "/judge/api/judgments", json=good, headers={"origin": "http://evil.example"}
+        ).status_code
+        == 403
+    )
     assert (out / "judgments.jsonl").read_text() == ""  # nothing refused was recorded
     assert client.post("/judge/api/judgments", json=good).status_code == 200
 
     locked = _client(out, token="s3cret")
     assert locked.get("/judge/").status_code == 401
-    assert locked.get("/", params={"token": "s3cret"}, follow_redirects=False).headers["location"] == "/judge/?token=s3cret"
+    assert (
+        locked.get("/", params={"token": "s3cret"}, follow_redirects=False).headers["location"]
+        == "/judge/?token=s3cret"
+    )
     assert locked.get("/judge/", params={"token": "s3cret"}).status_code == 200
-    assert locked.get("/judge/api/tasks", params={"rater": "r1"},
-                      headers={"authorization": "Bearer s3cret"}).status_code == 200
+    assert (
+        locked.get(
+            "/judge/api/tasks", params={"rater": "r1"}, headers={"authorization": "Bearer s3cret"}
+        ).status_code
+        == 200
+    )
     with pytest.raises(judge.JudgeError, match="holds no judgment session"):
         judge.create_judge_app(tmp_path / "nothing")
 
@@ -205,7 +252,9 @@ def test_judge_on_the_search_server_and_a_stalled_client(indexed_store, retrieve
 
     out = tmp_path / "session"
     judge.prepare_session(retriever, out, queries=2, seed=1, k=3)
-    with live_server(lambda port: create_app(indexed_store, port=port, device="cpu", judge_session=out)) as base:
+    with live_server(
+        lambda port: create_app(indexed_store, port=port, device="cpu", judge_session=out)
+    ) as base:
         port = int(base.rsplit(":", 1)[1])
 
         def request(method, path, body=None, headers=None):
@@ -217,8 +266,10 @@ def test_judge_on_the_search_server_and_a_stalled_client(indexed_store, retrieve
         assert request("GET", "/api/health")[0] == 200
         assert request("GET", "/judge/api/tasks?rater=r1")[0] == 200
         with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(b"POST /judge/api/judgments HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
-                         b"Content-Length: 100\r\n\r\n{" % port)
+            sock.sendall(
+                b"POST /judge/api/judgments HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                b"Content-Length: 100\r\n\r\n{" % port
+            )
             started = time.monotonic()
             for _ in range(3):
                 assert request("GET", "/judge/api/tasks?rater=r1")[0] == 200
@@ -229,12 +280,17 @@ def test_judge_on_the_search_server_and_a_stalled_client(indexed_store, retrieve
 def test_judge_cli_prepare_only_and_score_json(indexed_store, tmp_path):
     runner = CliRunner()
     out = tmp_path / "s"
-    result = runner.invoke(main, ["judge", str(indexed_store), "--out", str(out), "--queries", "3", "--no-serve"])
+    result = runner.invoke(
+        main, ["judge", str(indexed_store), "--out", str(out), "--queries", "3", "--no-serve"]
+    )
     assert result.exit_code == 0 and (out / "tasks.json").is_file()
     again = runner.invoke(main, ["judge", "--score", str(out), "--json"])
     payload = json.loads(again.stdout)  # valid JSON before any judgment: no NaN
     assert payload["complete_queries"] == 0 and payload["paper_table1_percent"]["style"] == 61.2
-    assert all(v is None for v in payload["success_rate_percent"].values()) and payload["agreement"] == []
+    assert (
+        all(v is None for v in payload["success_rate_percent"].values())
+        and payload["agreement"] == []
+    )
     refused = runner.invoke(main, ["judge", "--out", str(out), "--host", "0.0.0.0"])
     assert refused.exit_code == 1 and "needs --token" in refused.output
 
@@ -245,9 +301,15 @@ def test_judgments_beside_the_search_page_keep_their_own_limit(indexed_store, re
 
     out = tmp_path / "session"
     judge.prepare_session(retriever, out, queries=1, seed=1, k=2)
-    client = TestClient(create_app(indexed_store, device="cpu", judge_session=out), base_url="http://127.0.0.1:8000")
+    client = TestClient(
+        create_app(indexed_store, device="cpu", judge_session=out), base_url="http://127.0.0.1:8000"
+    )
     response = client.post("/judge/api/judgments", content=b"{" + b" " * 100_000 + b"}")
     assert response.status_code == 413 and (out / "judgments.jsonl").read_text() == ""
     item = json.loads((out / "tasks.json").read_text())["queries"][0]["items"][0]
-    ok = client.post("/judge/api/judgments", json={"query": "Q001", "item": item, "similar": False, "rater": "x"})
-    assert ok.status_code == 200 and json.loads((out / "judgments.jsonl").read_text())["rater"] == "x"
+    ok = client.post(
+        "/judge/api/judgments", json={"query": "Q001", "item": item, "similar": False, "rater": "x"}
+    )
+    assert (
+        ok.status_code == 200 and json.loads((out / "judgments.jsonl").read_text())["rater"] == "x"
+    )

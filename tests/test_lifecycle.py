@@ -16,11 +16,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from reference import NAMES, brute_force, load_store, row_query
+from dermris.app.cli import main
 from dermris.indexer import Store, StoreFormatError, StoreWriter, index_folder
 from dermris.indexer.store import check_store, compact
 from dermris.retriever import QueryError, Retriever
-from dermris.app.cli import main
+
+from reference import NAMES, brute_force, load_store, row_query
 
 
 @pytest.fixture
@@ -52,14 +53,18 @@ def test_delete_hides_rows_everywhere_then_compact(tmp_path, small_set):
         expected = brute_force(data, *row_query(data, row), exclude_row=row, k=20)
         for name in NAMES:
             assert [h.row for h in got[name]] == [r for r, _ in expected[name]]
-            np.testing.assert_allclose([h.score for h in got[name]], [s for _, s in expected[name]], rtol=1e-9)
+            np.testing.assert_allclose(
+                [h.score for h in got[name]], [s for _, s in expected[name]], rtol=1e-9
+            )
             assert not {h.image_id for h in got[name]} & set(gone)
     with pytest.raises(QueryError, match="was deleted"):
         retriever.search(6, measures="style")["style"]
     by_image = retriever.search(folder / f"{gone[0]}.jpg", k=20, measures="all")
     assert all(h.image_id not in gone for hits in by_image.values() for h in hits)
-    reference_hits = {m: [(h.image_id, round(h.score, 12)) for h in hits] for m, hits in
-                      retriever.search(folder / f"{before[3]}.jpg", k=6, measures="all").items()}
+    reference_hits = {
+        m: [(h.image_id, round(h.score, 12)) for h in hits]
+        for m, hits in retriever.search(folder / f"{before[3]}.jpg", k=6, measures="all").items()
+    }
 
     # compact: rows physically removed, renumbered, same answers
     with StoreWriter.open(store) as writer:
@@ -70,8 +75,10 @@ def test_delete_hides_rows_everywhere_then_compact(tmp_path, small_set):
     assert ids == [i for i in before if i not in gone]
     assert check_store(store).ok, check_store(store).problems
     fresh = Retriever.open(store, device="cpu")
-    after = {m: [(h.image_id, round(h.score, 12)) for h in hits] for m, hits in
-             fresh.search(folder / f"{before[3]}.jpg", k=6, measures="all").items()}
+    after = {
+        m: [(h.image_id, round(h.score, 12)) for h in hits]
+        for m, hits in fresh.search(folder / f"{before[3]}.jpg", k=6, measures="all").items()
+    }
     assert after == reference_hits
     assert not any(p.name.startswith(".compact") for p in store.iterdir())
 
@@ -141,12 +148,18 @@ def test_compaction_interrupted_before_and_during_the_switch(tmp_path, small_set
 def test_check_reports_each_problem(tmp_path, small_set):
     folder, csv = small_set
     store = tmp_path / "store"
-    index_folder(folder, store, metadata=csv, progress=False, commit_every=8, batch_size=8, faiss_files=True)
+    index_folder(
+        folder, store, metadata=csv, progress=False, commit_every=8, batch_size=8, faiss_files=True
+    )
     report = check_store(store)
     assert report.ok and report.rows == 16
 
     # damage a mask chunk, a Parquet part, the FAISS file and the model
-    chunk = next(p for p in (store / "arrays.zarr" / "mask").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk = next(
+        p
+        for p in (store / "arrays.zarr" / "mask").rglob("*")
+        if p.is_file() and p.name != "zarr.json"
+    )
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
@@ -188,7 +201,7 @@ def _write_bad_inputs(folder: Path, good: Path) -> dict[str, str]:
     save("gray.png", rgb.convert("L"), "indexed")
     save("rgba.png", rgb.convert("RGBA"), "indexed")
     save("palette.png", rgb.convert("P"), "indexed")
-    arr16 = (np.asarray(rgb.convert("L"), np.uint16) * 257)
+    arr16 = np.asarray(rgb.convert("L"), np.uint16) * 257
     save("sixteen.png", Image.fromarray(arr16), "indexed")
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -196,9 +209,16 @@ def _write_bad_inputs(folder: Path, good: Path) -> dict[str, str]:
     save("tiny8.bmp", rgb.resize((8, 8)), "indexed")
     save("bomb.png", Image.new("L", (6000, 6000)), "rejected")
     # an EXIF block PIL cannot parse (struct.error inside getexif): the pixels are still good
-    save("bad_exif.jpg", rgb.rotate(7), "indexed", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12\x00")
+    save(
+        "bad_exif.jpg",
+        rgb.rotate(7),
+        "indexed",
+        exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x05\x01\x12\x00",
+    )
     # EPS renamed .jpg: PIL would hand it to Ghostscript; dermris decodes only its listed formats
-    (folder / "eps.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto showpage\n")
+    (folder / "eps.jpg").write_bytes(
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto showpage\n"
+    )
     expect["eps.jpg"] = "rejected"
     # a file name that is not UTF-8 (reported with the byte escaped)
     with open(os.path.join(os.fsencode(folder), b"latin\xe9.jpg"), "wb") as fh:
@@ -220,7 +240,9 @@ def test_every_bad_input_is_indexed_or_rejected(tmp_path, synthetic_set, monkeyp
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000_000)  # 36 MP > 2x: a bomb here
     runner = CliRunner()
     store = tmp_path / "store"
-    result = runner.invoke(main, ["index", str(folder), str(store), "--json", "--quiet", "--strict"])
+    result = runner.invoke(
+        main, ["index", str(folder), str(store), "--json", "--quiet", "--strict"]
+    )
     assert result.exit_code == 3, result.output  # --strict: rejects make the run fail
     report = json.loads(result.stdout)
     rejected = {Path(r["path"]).name: r["reason"] for r in report["rejected"]}
@@ -229,7 +251,10 @@ def test_every_bad_input_is_indexed_or_rejected(tmp_path, synthetic_set, monkeyp
     assert "not an image of a supported format" in rejected["eps.jpg"]
     assert "not valid UTF-8" in rejected["latin\\xe9.jpg"]
     assert "link loop" in rejected["loop.jpg"]
-    assert "not a regular file" in rejected["fifo.jpg"] and "not a regular file" in rejected["endless.jpg"]
+    assert (
+        "not a regular file" in rejected["fifo.jpg"]
+        and "not a regular file" in rejected["endless.jpg"]
+    )
     indexed = set(Store.open(store).metadata(columns=["image_id"]).column("image_id").to_pylist())
     assert indexed == {Path(n).stem for n, o in expect.items() if o == "indexed"}
     recorded = {Path(r.path).name for r in Store.open(store).rejected}
@@ -256,16 +281,34 @@ def test_store_of_another_model_or_version(tmp_path, small_set):
 
     other = tmp_path / "other.safetensors"
     save_model(build_model(get_preset("tiny").replace(members=1)), other)
-    result = runner.invoke(main, ["index", str(folder), str(store), "--weights", str(other), "--quiet"])
+    result = runner.invoke(
+        main, ["index", str(folder), str(store), "--weights", str(other), "--quiet"]
+    )
     assert result.exit_code == 1 and "was built with" in result.output
 
 
 def _index_subprocess(folder, store, csv):
     code = "import sys; from dermris.app.cli import main; sys.exit(main())"
     return subprocess.Popen(
-        [sys.executable, "-c", code, "index", str(folder), str(store), "--metadata", str(csv),
-         "--commit-every", "2", "--batch-size", "2", "--quiet", "--device", "cpu"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-c",
+            code,
+            "index",
+            str(folder),
+            str(store),
+            "--metadata",
+            str(csv),
+            "--commit-every",
+            "2",
+            "--batch-size",
+            "2",
+            "--quiet",
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
 
@@ -310,7 +353,9 @@ def test_sigkill_at_random_points_then_resume(tmp_path, synthetic_set):
     assert proc.returncode == 0, err.decode()[-2000:]
     final = Store.open(store)
     ids = final.metadata(columns=["image_id"]).column("image_id").to_pylist()
-    assert sorted(ids) == sorted(p.stem for p in sorted(images.iterdir())[:24])  # one row per unique image
+    assert sorted(ids) == sorted(
+        p.stem for p in sorted(images.iterdir())[:24]
+    )  # one row per unique image
     assert len(ids) == len(set(ids)) == final.rows == 24
     report = check_store(store)
     assert report.ok, report.problems

@@ -31,24 +31,36 @@ def test_normalised_score_and_zero_maximum():
 
 
 def test_cosine_score_is_eq4():
-    np.testing.assert_allclose(cosine_score(np.array([-1.0, 0.0, 1.0, 1.0 + 1e-12])), [0.0, 0.5, 1.0, 1.0])
+    np.testing.assert_allclose(
+        cosine_score(np.array([-1.0, 0.0, 1.0, 1.0 + 1e-12])), [0.0, 0.5, 1.0, 1.0]
+    )
 
 
 def test_dice_edge_cases():
     # both empty -> 1, exactly one empty -> 0, otherwise 2|X&Y| / (|X|+|Y|)
-    np.testing.assert_allclose(dice_score(np.array([0, 0, 0, 3]), np.array([0, 5, 0, 4]), np.array([0, 0, 5, 6])),
-                               [1.0, 0.0, 0.0, 0.6])
+    np.testing.assert_allclose(
+        dice_score(np.array([0, 0, 0, 3]), np.array([0, 5, 0, 4]), np.array([0, 0, 5, 6])),
+        [1.0, 0.0, 0.0, 0.6],
+    )
 
 
 def test_harmonic_mean_and_zero_component():
-    np.testing.assert_allclose(harmonic_mean(np.array([0.5, 1.0, 0.0]), np.array([0.25, 1.0, 0.9])),
-                               [2 / (2 + 4), 1.0, 0.0])
+    np.testing.assert_allclose(
+        harmonic_mean(np.array([0.5, 1.0, 0.0]), np.array([0.25, 1.0, 0.9])),
+        [2 / (2 + 4), 1.0, 0.0],
+    )
     assert harmonic_mean(np.array([0.3]), np.array([0.6]), np.array([0.9]))[0] == pytest.approx(
-        3 / (1 / 0.3 + 1 / 0.6 + 1 / 0.9))
+        3 / (1 / 0.3 + 1 / 0.6 + 1 / 0.9)
+    )
 
 
 def test_measure_score_uses_the_named_components():
-    comps = {"es": np.array([0.2]), "cs": np.array([0.4]), "ss": np.array([0.8]), "dc": np.array([1.0])}
+    comps = {
+        "es": np.array([0.2]),
+        "cs": np.array([0.4]),
+        "ss": np.array([0.8]),
+        "dc": np.array([1.0]),
+    }
     assert measure_score("style", comps)[0] == 0.8
     assert measure_score("i1_sd", comps)[0] == pytest.approx(2 / (1 / 0.8 + 1))
     assert measure_score("i1_ecd", comps)[0] == pytest.approx(3 / (5 + 2.5 + 1))

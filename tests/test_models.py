@@ -6,29 +6,34 @@ import numpy as np
 import pytest
 import torch
 
+from dermris.core import StyleLayout
+from dermris.core.hashing import file_sha256
 from dermris.models import (
     ConfigError,
     ModelConfig,
-    SegmenterConfig,
     Segmenter,
+    SegmenterConfig,
     WeightsError,
     backbone_info,
     build_model,
     get_preset,
     gram_matrix,
-    pack_style,
     load_model,
+    pack_style,
     read_weights_config,
     save_model,
     style_loss_from_grams,
 )
-from dermris.core import StyleLayout
-from dermris.core.hashing import file_sha256
 
 
 def test_paper_preset_matches_the_paper():
     cfg = get_preset("paper")
-    assert (cfg.backbone, cfg.members, cfg.image_size, cfg.feature_dim) == ("efficientnet_b6", 5, 384, 1024)
+    assert (cfg.backbone, cfg.members, cfg.image_size, cfg.feature_dim) == (
+        "efficientnet_b6",
+        5,
+        384,
+        1024,
+    )
     assert cfg.segmenter.arch == "r2unet" and cfg.segmenter.recurrence == 2
     info = backbone_info(cfg.backbone, cfg.style_stages)
     assert info.stage_channels == (32, 40, 72, 144, 200, 344, 576)
@@ -78,14 +83,21 @@ def test_gram_matrix_definition():
 
 
 def _image_batch(seed, n=4, size=128):
-    from dermris.indexer.synthetic import TEXTURE_CLASSES, synthetic_lesion
     from dermris.indexer import preprocess
+    from dermris.indexer.synthetic import TEXTURE_CLASSES, synthetic_lesion
 
     model_mean, model_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    return torch.stack([
-        preprocess(synthetic_lesion(TEXTURE_CLASSES[i % 4], seed=seed + i).image, size, model_mean, model_std)
-        for i in range(n)
-    ])
+    return torch.stack(
+        [
+            preprocess(
+                synthetic_lesion(TEXTURE_CLASSES[i % 4], seed=seed + i).image,
+                size,
+                model_mean,
+                model_std,
+            )
+            for i in range(n)
+        ]
+    )
 
 
 def test_random_tiny_model_gives_informative_outputs(tiny_model):
@@ -177,6 +189,7 @@ def test_lite0_preset_loads_real_imagenet_weights():
     skdata = pytest.importorskip("skimage.data")
     import timm
     from PIL import Image
+
     from dermris.models.weights import lite0_state_dict
 
     classifier = timm.create_model("tf_efficientnet_lite0", pretrained=False)
@@ -190,7 +203,9 @@ def test_lite0_preset_loads_real_imagenet_weights():
 
     model = build_model(get_preset("lite0"))
     assert model.config.backbone_source == "lite0-package"
-    torch.testing.assert_close(model.extractor.members[0].conv_stem.weight, classifier.conv_stem.weight)
+    torch.testing.assert_close(
+        model.extractor.members[0].conv_stem.weight, classifier.conv_stem.weight
+    )
     assert model.mean == (0.5, 0.5, 0.5)
 
 

@@ -28,18 +28,46 @@ def installed_venv(tmp_path_factory):
     """
     work = tmp_path_factory.mktemp("install")
     wheels = work / "wheels"
-    result = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                   "-w", str(wheels), str(ROOT)])
+    result = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheels),
+            str(ROOT),
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     wheel = next(wheels.glob("dermris-*.whl"))
     venv = work / "venv"
     result = _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
     assert result.returncode == 0, result.stderr
     python = venv / "bin" / "python"
-    site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
+    site = Path(
+        _run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
+        ).stdout.strip()
+    )
     (site / "_dermris_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    result = _run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
-                   str(wheel)])
+    result = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            str(wheel),
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return venv
 
@@ -49,36 +77,64 @@ def test_wheel_installs_dermris_namespace_beside_users_own_packages(installed_ve
     project = tmp_path / "research"
     for name in ("core", "models", "indexer", "retriever", "app"):
         (project / name).mkdir(parents=True)
-        (project / name / "__init__.py").write_text(f"raise ImportError('the user\\'s own {name} package')\n")
+        (project / name / "__init__.py").write_text(
+            f"raise ImportError('the user\\'s own {name} package')\n"
+        )
     python = installed_venv / "bin" / "python"
-    code = ("import dermris.retriever as r, dermris.models as m, dermris.indexer as i, dermris.core, dermris.app.cli; "
-            "from dermris.retriever import Retriever, MEASURES; "
-            "print(r.__file__); print(r.__version__); print(len(MEASURES))")
+    code = (
+        "import dermris.retriever as r, dermris.models as m, dermris.indexer as i, dermris.core, dermris.app.cli; "
+        "from dermris.retriever import Retriever, MEASURES; "
+        "print(r.__file__); print(r.__version__); print(len(MEASURES))"
+    )
     result = _run([str(python), "-c", code], cwd=project)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.split()
-    assert str(installed_venv) in lines[0] and "site-packages" in lines[0]  # the wheel, not the checkout
+    assert (
+        str(installed_venv) in lines[0] and "site-packages" in lines[0]
+    )  # the wheel, not the checkout
     assert lines[1] == "0.1.0" and lines[2] == "9"
-    typed = _run([str(python), "-c", "import dermris.retriever, pathlib; "
-                  "print((pathlib.Path(dermris.retriever.__file__).parent / 'py.typed').is_file())"], cwd=project)
+    typed = _run(
+        [
+            str(python),
+            "-c",
+            "import dermris.retriever, pathlib; "
+            "print((pathlib.Path(dermris.retriever.__file__).parent / 'py.typed').is_file())",
+        ],
+        cwd=project,
+    )
     assert typed.stdout.strip() == "True"
 
-    demo = _run([str(installed_venv / "bin" / "dermris"), "demo", "--out", str(tmp_path / "demo"),
-                 "--per-class", "2", "-k", "2", "--quiet"], cwd=project, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    demo = _run(
+        [
+            str(installed_venv / "bin" / "dermris"),
+            "demo",
+            "--out",
+            str(tmp_path / "demo"),
+            "--per-class",
+            "2",
+            "-k",
+            "2",
+            "--quiet",
+        ],
+        cwd=project,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert "model: lite0 preset" in demo.stdout and "indexed 8 synthetic images" in demo.stdout
     assert demo.stderr == ""
 
 
 def test_help_and_argument_errors_do_not_import_torch():
-    code = ("import sys\n"
-            "from dermris.app.cli import main\n"
-            "for argv in (['--help'], ['search', '--help'], ['search', 'S', '--measure', 'dice'], ['index']):\n"
-            "    try:\n"
-            "        main(argv, prog_name='dermris')\n"
-            "    except SystemExit:\n"
-            "        pass\n"
-            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)\n")
+    code = (
+        "import sys\n"
+        "from dermris.app.cli import main\n"
+        "for argv in (['--help'], ['search', '--help'], ['search', 'S', '--measure', 'dice'], ['index']):\n"
+        "    try:\n"
+        "        main(argv, prog_name='dermris')\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)\n"
+    )
     result = _run([sys.executable, "-c", code])
     assert "NO-TORCH" in result.stderr, result.stderr[-2000:]
     assert "Usage: dermris" in result.stdout
@@ -124,7 +180,9 @@ def test_atomic_writes_go_through_one_helper():
         for file in (ROOT / folder).rglob("*.py"):
             rel = file.relative_to(ROOT).as_posix()
             text = file.read_text()
-            if rel not in allowed and re.search(r"os\.replace\(|os\.rename\(|\.replace\(tmp|os\.fsync\(", text):
+            if rel not in allowed and re.search(
+                r"os\.replace\(|os\.rename\(|\.replace\(tmp|os\.fsync\(", text
+            ):
                 offenders.append(rel)
             if re.search(r"\bfcntl\b", text):
                 offenders.append(f"{rel} (fcntl: use filelock)")

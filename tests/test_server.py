@@ -12,8 +12,8 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from dermris.retriever import Retriever  # noqa: E402
 from dermris.app.server import create_app, is_loopback  # noqa: E402
+from dermris.retriever import Retriever  # noqa: E402
 
 BASE = "http://127.0.0.1:8000"
 
@@ -26,7 +26,9 @@ def client(indexed_store):
 def test_health_info_page_and_openapi(client):
     assert client.get("/api/health").json()["rows"] == 32
     info = client.get("/api/info").json()
-    assert info["rows"] == 32 and "texture" in info["metadata_columns"] and len(info["measures"]) == 9
+    assert (
+        info["rows"] == 32 and "texture" in info["metadata_columns"] and len(info["measures"]) == 9
+    )
     assert "store" not in info  # no server paths
     page = client.get("/")
     assert page.status_code == 200 and 'id="drop"' in page.text and "/api/search" in page.text
@@ -35,29 +37,46 @@ def test_health_info_page_and_openapi(client):
 
 
 def test_search_by_row_equals_the_retriever(client, indexed_store):
-    response = client.post("/api/search", data={"row": 4, "measures": ["style", "i1_sd"], "k": 3,
-                                                "columns": ["texture"], "where": "texture != 'streaks'"})
+    response = client.post(
+        "/api/search",
+        data={
+            "row": 4,
+            "measures": ["style", "i1_sd"],
+            "k": 3,
+            "columns": ["texture"],
+            "where": "texture != 'streaks'",
+        },
+    )
     assert response.status_code == 200, response.text
     payload = response.json()
     expected = Retriever.open(indexed_store, device="cpu").search(
-        4, measures=("style", "i1_sd"), k=3, columns=("texture",), where="texture != 'streaks'")
+        4, measures=("style", "i1_sd"), k=3, columns=("texture",), where="texture != 'streaks'"
+    )
     for m in ("style", "i1_sd"):
         assert [h["row"] for h in payload["results"][m]] == [h.row for h in expected[m]]
         assert [h["score"] for h in payload["results"][m]] == [h.score for h in expected[m]]
-        assert all(h["metadata"]["texture"] != "streaks" and set(h["components"]) == {"es", "cs", "ss", "dc"}
-                   for h in payload["results"][m])
+        assert all(
+            h["metadata"]["texture"] != "streaks"
+            and set(h["components"]) == {"es", "cs", "ss", "dc"}
+            for h in payload["results"][m]
+        )
     assert payload["query"]["row"] == 4 and payload["stats"]["rows"] == 32
 
 
 def test_search_by_upload_with_explanations(client, synthetic_set):
     images, _ = synthetic_set
     data = (images / "SYN_reticular_003.jpg").read_bytes()
-    response = client.post("/api/search", files={"file": ("q.jpg", data, "image/jpeg")},
-                           data={"measures": ["style", "euclidean"], "k": 2, "explain": "true"})
+    response = client.post(
+        "/api/search",
+        files={"file": ("q.jpg", data, "image/jpeg")},
+        data={"measures": ["style", "euclidean"], "k": 2, "explain": "true"},
+    )
     assert response.status_code == 200, response.text
     payload = response.json()
     top = payload["results"]["style"][0]
-    assert top["image_id"] == "SYN_reticular_003" and top["components"]["ss"] == pytest.approx(1.0, abs=1e-5)
+    assert top["image_id"] == "SYN_reticular_003" and top["components"]["ss"] == pytest.approx(
+        1.0, abs=1e-5
+    )
     outline = Image.open(io.BytesIO(base64.b64decode(payload["query"]["mask_outline_png"])))
     assert outline.size == (128, 128) and outline.mode == "RGBA"
     second = payload["results"]["style"][1]
@@ -99,13 +118,21 @@ def test_errors_are_clear(client, tmp_path):
 
 
 def test_upload_size_host_origin_and_token(indexed_store):
-    small = TestClient(create_app(indexed_store, device="cpu", max_upload_bytes=1000), base_url=BASE)
+    small = TestClient(
+        create_app(indexed_store, device="cpu", max_upload_bytes=1000), base_url=BASE
+    )
     response = small.post("/api/search", files={"file": ("q.jpg", b"\xff" * 2000, "image/jpeg")})
     assert response.status_code == 413
     # refused from its Content-Length, before the body is read
-    huge = small.post("/api/search", content=b"\0" * ((1 << 20) + 2000), headers={"content-type": "multipart/form-data"})
+    huge = small.post(
+        "/api/search",
+        content=b"\0" * ((1 << 20) + 2000),
+        headers={"content-type": "multipart/form-data"},
+    )
     assert huge.status_code == 413 and "request body over" in huge.json()["detail"]
-    assert small.get("/api/health", headers={"Host": "evil.example"}).status_code == 403  # DNS rebinding
+    assert (
+        small.get("/api/health", headers={"Host": "evil.example"}).status_code == 403
+    )  # DNS rebinding
     assert small.get("/api/health", headers={"Origin": "http://evil.example"}).status_code == 403
     assert small.get("/api/health", headers={"Origin": BASE}).status_code == 200
     locked = TestClient(create_app(indexed_store, device="cpu", token="s3cret"), base_url=BASE)
@@ -116,8 +143,8 @@ def test_upload_size_host_origin_and_token(indexed_store):
 
 
 def test_serve_refuses_open_binding_without_a_token(indexed_store, monkeypatch):
-    from dermris.core.errors import QueryError
     from dermris.app import server
+    from dermris.core.errors import QueryError
 
     monkeypatch.delenv(server.TOKEN_ENV, raising=False)
     with pytest.raises(QueryError, match="needs --token"):
@@ -139,7 +166,9 @@ def test_page_escapes_store_strings(client):
     if node is None:
         pytest.skip("node not installed: the escape function itself is not exercised")
     esc = re.search(r"function esc\(v\) \{.*?\n\}", page, re.S).group(0)
-    script = esc + '\nprocess.stdout.write(esc(`<img src=x onerror="alert(1)">&\'`) + "|" + esc(null));'
+    script = (
+        esc + '\nprocess.stdout.write(esc(`<img src=x onerror="alert(1)">&\'`) + "|" + esc(null));'
+    )
     out = subprocess.run([node, "-e", script], capture_output=True, text=True, check=True).stdout
     assert out == "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;&amp;&#39;|–"
 
@@ -151,34 +180,88 @@ def test_search_cli_explain_json_text_and_sheet(indexed_store, tmp_path):
 
     from click.testing import CliRunner
 
-    from reference import load_store
     from dermris.app.cli import main
+
+    from reference import load_store
 
     data = load_store(indexed_store)
     runner = CliRunner()
-    result = runner.invoke(main, ["search", str(indexed_store), "--row", "5", "--measure", "style",
-                                  "--measure", "i1_sd", "-k", "3", "--explain", "--json", "--device", "cpu"])
+    result = runner.invoke(
+        main,
+        [
+            "search",
+            str(indexed_store),
+            "--row",
+            "5",
+            "--measure",
+            "style",
+            "--measure",
+            "i1_sd",
+            "-k",
+            "3",
+            "--explain",
+            "--json",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     for hits in json.loads(result.stdout)["results"].values():
         for hit in hits:
             stages = hit["style_stages"]
-            style_loss = float(np.sum((data["style"][5].astype(np.float64) - data["style"][hit["row"]]) ** 2))
-            assert len(stages) == 7 and sum(s["loss"] for s in stages) == pytest.approx(style_loss, rel=1e-9)
+            style_loss = float(
+                np.sum((data["style"][5].astype(np.float64) - data["style"][hit["row"]]) ** 2)
+            )
+            assert len(stages) == 7 and sum(s["loss"] for s in stages) == pytest.approx(
+                style_loss, rel=1e-9
+            )
             assert [s["channels"] for s in stages] == sorted(s["channels"] for s in stages)
-    text = runner.invoke(main, ["search", str(indexed_store), "--row", "5", "-k", "2", "--explain", "--device", "cpu"])
+    text = runner.invoke(
+        main,
+        ["search", str(indexed_store), "--row", "5", "-k", "2", "--explain", "--device", "cpu"],
+    )
     assert text.exit_code == 0 and text.output.count("style loss from: stage") == 9 * 2
 
     # an image that is itself in the store: its own copy has the same style, no stage shares of rounding noise
     own = Retriever.open(indexed_store, device="cpu").paths[5]
-    same = runner.invoke(main, ["search", str(indexed_store), own, "-k", "1", "--measure", "style", "--explain",
-                                "--device", "cpu"])
+    same = runner.invoke(
+        main,
+        [
+            "search",
+            str(indexed_store),
+            own,
+            "-k",
+            "1",
+            "--measure",
+            "style",
+            "--explain",
+            "--device",
+            "cpu",
+        ],
+    )
     assert same.exit_code == 0 and "style loss from: - (the same style)" in same.output, same.output
 
     yellow = []
     for flag in ([], ["--explain"]):
         sheet = tmp_path / f"sheet{len(flag)}.png"
-        run = runner.invoke(main, ["search", str(indexed_store), "--row", "5", "-k", "2", "--measure", "style",
-                                   "--sheet", str(sheet), "--device", "cpu", *flag])
+        run = runner.invoke(
+            main,
+            [
+                "search",
+                str(indexed_store),
+                "--row",
+                "5",
+                "-k",
+                "2",
+                "--measure",
+                "style",
+                "--sheet",
+                str(sheet),
+                "--device",
+                "cpu",
+                *flag,
+            ],
+        )
         assert run.exit_code == 0, run.output
         pixels = np.asarray(Image.open(sheet).convert("RGB"))
         yellow.append(int(np.all(pixels == (255, 230, 0), axis=-1).sum()))
@@ -193,12 +276,17 @@ def _chunks(total: int, size: int = 64 << 10):
 
 def test_chunked_bodies_are_limited_too(indexed_store, tmp_path):
     """A body without Content-Length (chunked) is refused as it passes the limit, on both apps."""
-    from dermris.retriever import Retriever
     from dermris.app import judge
+    from dermris.retriever import Retriever
 
-    small = TestClient(create_app(indexed_store, device="cpu", max_upload_bytes=1000), base_url=BASE)
-    response = small.post("/api/search", content=_chunks(4 << 20),
-                          headers={"content-type": "multipart/form-data; boundary=x"})
+    small = TestClient(
+        create_app(indexed_store, device="cpu", max_upload_bytes=1000), base_url=BASE
+    )
+    response = small.post(
+        "/api/search",
+        content=_chunks(4 << 20),
+        headers={"content-type": "multipart/form-data; boundary=x"},
+    )
     assert response.status_code == 413 and "request body over" in response.json()["detail"]
     assert small.get("/api/health").status_code == 200
     out = tmp_path / "session"
@@ -214,17 +302,38 @@ def test_hosts_beyond_loopback_and_same_origin(indexed_store):
 
     with pytest.raises(QueryError, match="needs a token"):
         create_app(indexed_store, host="0.0.0.0", device="cpu")
-    lan = TestClient(create_app(indexed_store, host="0.0.0.0", device="cpu", token="t"),
-                     base_url="http://192.168.1.5:8000")
+    lan = TestClient(
+        create_app(indexed_store, host="0.0.0.0", device="cpu", token="t"),
+        base_url="http://192.168.1.5:8000",
+    )
     assert lan.get("/api/health").status_code == 401  # any Host, but the token always
     assert lan.get("/api/health", params={"token": "t"}).status_code == 200
-    assert lan.get("/api/health", params={"token": "t"}, headers={"origin": "http://192.168.1.5:8000"}).status_code == 200
-    assert lan.get("/api/health", params={"token": "t"}, headers={"origin": "http://evil.example"}).status_code == 403
-    v6 = TestClient(create_app(indexed_store, host="fe80::1", device="cpu", token="t"), base_url="http://[fe80::1]:8000")
+    assert (
+        lan.get(
+            "/api/health", params={"token": "t"}, headers={"origin": "http://192.168.1.5:8000"}
+        ).status_code
+        == 200
+    )
+    assert (
+        lan.get(
+            "/api/health", params={"token": "t"}, headers={"origin": "http://evil.example"}
+        ).status_code
+        == 403
+    )
+    v6 = TestClient(
+        create_app(indexed_store, host="fe80::1", device="cpu", token="t"),
+        base_url="http://[fe80::1]:8000",
+    )
     assert v6.get("/api/health", params={"token": "t"}).status_code == 200
     named = create_app(indexed_store, device="cpu", extra_hosts=("dermris.example",))
-    assert TestClient(named, base_url="http://dermris.example:8000").get("/api/health").status_code == 200
-    assert TestClient(named, base_url="http://other.example:8000").get("/api/health").status_code == 403
+    assert (
+        TestClient(named, base_url="http://dermris.example:8000").get("/api/health").status_code
+        == 200
+    )
+    assert (
+        TestClient(named, base_url="http://other.example:8000").get("/api/health").status_code
+        == 403
+    )
     # the API docs page fetches its schema with the token it was opened with
     docs = lan.get("/api/docs", params={"token": "t"})
     assert docs.status_code == 200 and "/api/openapi.json?token=t" in docs.text

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dermris.indexer import ImageDecodeError, MetadataError, MetadataTable, decode_image, decode_image_bytes, list_images
+from dermris.indexer import (
+    ImageDecodeError,
+    MetadataError,
+    MetadataTable,
+    decode_image,
+    decode_image_bytes,
+    list_images,
+)
 
 
 def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -66,10 +73,13 @@ def test_tiny_and_huge_images(monkeypatch, rgb):
         decode_image_bytes(_encode(rgb, "PNG"))
 
 
-@pytest.mark.parametrize("data, match", [
-    (b"", "empty file"),
-    (b"\x00\x01garbage" * 50, "not an image"),
-])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (b"", "empty file"),
+        (b"\x00\x01garbage" * 50, "not an image"),
+    ],
+)
 def test_non_images(data, match):
     with pytest.raises(ImageDecodeError, match=match):
         decode_image_bytes(data)
@@ -110,9 +120,12 @@ def _csv(tmp_path, text):
 
 
 def test_isic_cli_metadata_with_types(tmp_path):
-    path = _csv(tmp_path, "isic_id,diagnosis_1,benign_malignant,patient_id,age_approx,sex,width\n"
-                          "ISIC_0000001,Benign,benign,IP_1,45,male,640\n"
-                          "ISIC_0000002,Malignant,malignant,IP_2,,female,480\n")
+    path = _csv(
+        tmp_path,
+        "isic_id,diagnosis_1,benign_malignant,patient_id,age_approx,sex,width\n"
+        "ISIC_0000001,Benign,benign,IP_1,45,male,640\n"
+        "ISIC_0000002,Malignant,malignant,IP_2,,female,480\n",
+    )
     table = MetadataTable(path)
     assert table.id_column == "isic_id"
     assert "ISIC_0000002" in table and len(table) == 2

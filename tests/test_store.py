@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
+from dermris.core import StyleLayout
+from dermris.core.errors import DermrisError
 from dermris.indexer import Store, StoreFormatError, StoreNotFoundError, StyleCodec
 from dermris.indexer.store import load_faiss_index
-from dermris.core.errors import DermrisError
-from dermris.core import StyleLayout
 from dermris.retriever import Retriever
 
 
@@ -42,18 +42,23 @@ def test_store_is_read_by_independent_clients(indexed_store):
     assert ids[0, 0] == 3
     duckdb = pytest.importorskip("duckdb")
     con = duckdb.connect()
-    count = con.execute(f"select count(*) from read_parquet('{indexed_store}/metadata/*.parquet')").fetchone()[0]
+    count = con.execute(
+        f"select count(*) from read_parquet('{indexed_store}/metadata/*.parquet')"
+    ).fetchone()[0]
     assert count == n
 
 
 def test_float16_storage_keeps_the_values(tiny_model):
     """Scaled float16 keeps every meaningful style value (no flush to zero, small error)."""
     import torch
-    from dermris.indexer.synthetic import synthetic_lesion, TEXTURE_CLASSES
+
     from dermris.indexer import Embedder
+    from dermris.indexer.synthetic import TEXTURE_CLASSES, synthetic_lesion
 
     emb = Embedder(tiny_model, device=torch.device("cpu"), batch_size=8)
-    style = emb.embed([synthetic_lesion(TEXTURE_CLASSES[i % 4], seed=i).image for i in range(8)]).style
+    style = emb.embed(
+        [synthetic_lesion(TEXTURE_CLASSES[i % 4], seed=i).image for i in range(8)]
+    ).style
     codec = StyleCodec.fit(style[:2], tiny_model.style_layout)
     stored, clipped = codec.encode(style)
     assert clipped == 0
@@ -102,7 +107,9 @@ def test_missing_damaged_and_foreign_stores(tmp_path, random_store):
     m = json.loads(good)
     m["rows"] = 50
     manifest_path.write_text(json.dumps(m))
-    with pytest.raises(StoreFormatError, match="metadata parts cover 5 rows, the manifest commits 50"):
+    with pytest.raises(
+        StoreFormatError, match="metadata parts cover 5 rows, the manifest commits 50"
+    ):
         Store.open(path)
     m["metadata_parts"][-1]["stop"] = 50
     manifest_path.write_text(json.dumps(m))
@@ -145,8 +152,8 @@ def test_one_writer_at_a_time(random_store):
 
 
 def test_interrupted_creation_is_cleared(tmp_path):
-    from dermris.indexer import StoreExistsError, StoreWriter
     from dermris.core import StyleLayout
+    from dermris.indexer import StoreExistsError, StoreWriter
     from dermris.models import get_preset
 
     root = tmp_path / "store"
@@ -167,14 +174,28 @@ WRONG_TYPES = [
     ("arrays", {}, "lacks the field 'arrays.features'"),
     ("arrays", [], "'arrays' must be a JSON object"),
     ("metadata_parts", "x", "'metadata_parts' must be a JSON list"),
-    ("metadata_parts", [{"file": "../../etc/passwd.parquet", "start": 0, "stop": 5}], "plain file name"),
+    (
+        "metadata_parts",
+        [{"file": "../../etc/passwd.parquet", "start": 0, "stop": 5}],
+        "plain file name",
+    ),
     ("metadata_parts", [{"file": "/abs/part.parquet", "start": 0, "stop": 5}], "plain file name"),
-    ("metadata_parts", [{"file": "a.parquet", "start": 0, "stop": 2}, {"file": "b.parquet", "start": 3, "stop": 5}],
-     "expected to start at 2"),
+    (
+        "metadata_parts",
+        [
+            {"file": "a.parquet", "start": 0, "stop": 2},
+            {"file": "b.parquet", "start": 3, "stop": 5},
+        ],
+        "expected to start at 2",
+    ),
     ("model", {"config": {"name": "x"}}, "invalid model config"),
     ("model", None, "'model' must be a JSON object"),
     ("style", {"channels": [2, 3, 4], "weights": [1, 1], "dtype": "float16"}, "style layout"),
-    ("style", {"channels": [2, 3, 4], "weights": [1, 1, 1], "dtype": "int8"}, "one of float16, float32"),
+    (
+        "style",
+        {"channels": [2, 3, 4], "weights": [1, 1, 1], "dtype": "int8"},
+        "one of float16, float32",
+    ),
     ("faiss", {"other": {"file": "x", "ntotal": 1}}, "keyed by"),
     ("faiss", {"features_l2": {"file": "../x.index", "ntotal": 5}}, "'faiss/features_l2.index'"),
     ("sketch", {"group": "../../elsewhere"}, "plain file name"),
@@ -185,7 +206,9 @@ WRONG_TYPES = [
 ]
 
 
-@pytest.mark.parametrize("key,value,message", WRONG_TYPES, ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(WRONG_TYPES)])
+@pytest.mark.parametrize(
+    "key,value,message", WRONG_TYPES, ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(WRONG_TYPES)]
+)
 def test_manifest_of_wrong_types_is_one_line_error(random_store, key, value, message):
     """Every manifest field is typed: a wrong one is one StoreFormatError line, at open."""
     from dermris.indexer import Manifest

@@ -12,13 +12,24 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from dermris.app.cli import main
 from dermris.models import load_model
-from dermris.models.training.augment import AUGMENTATIONS, augment, expand_offline, grid_mask, random_augment
-from dermris.models.training.data import DataError, read_classification_set, read_segmentation_set, split_train_val
+from dermris.models.training.augment import (
+    AUGMENTATIONS,
+    augment,
+    expand_offline,
+    grid_mask,
+    random_augment,
+)
+from dermris.models.training.data import (
+    DataError,
+    read_classification_set,
+    read_segmentation_set,
+    split_train_val,
+)
 from dermris.models.training.losses import binary_focal_loss, focal_tversky_loss
 from dermris.models.training.train import TrainConfig, dice_jaccard, roc_auc, train_segmenter
 from dermris.models.weights import weights_part
-from dermris.app.cli import main
 
 
 def test_binary_focal_loss_by_hand():
@@ -26,10 +37,14 @@ def test_binary_focal_loss_by_hand():
     targets = torch.tensor([1.0, 0.0])
     p = [1 / (1 + math.exp(-2.0)), 1 / (1 + math.exp(1.0))]
     # positive: -0.25 (1-p)^2 log p ; negative: -0.75 p^2 log(1-p)
-    expected = (-0.25 * (1 - p[0]) ** 2 * math.log(p[0]) - 0.75 * p[1] ** 2 * math.log(1 - p[1])) / 2
+    expected = (
+        -0.25 * (1 - p[0]) ** 2 * math.log(p[0]) - 0.75 * p[1] ** 2 * math.log(1 - p[1])
+    ) / 2
     assert float(binary_focal_loss(logits, targets)) == pytest.approx(expected, rel=1e-6)
     ce = float(torch.nn.functional.binary_cross_entropy_with_logits(logits, targets))
-    assert float(binary_focal_loss(logits, targets, alpha=-1, gamma=0)) == pytest.approx(ce, rel=1e-6)
+    assert float(binary_focal_loss(logits, targets, alpha=-1, gamma=0)) == pytest.approx(
+        ce, rel=1e-6
+    )
 
 
 def test_focal_tversky_loss_by_hand():
@@ -74,7 +89,9 @@ def test_auc_matches_pairwise_count():
             assert math.isnan(roc_auc(scores, labels))
             continue
         pos, neg = scores[labels == 1], scores[labels == 0]
-        slow = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg) / (len(pos) * len(neg))
+        slow = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg) / (
+            len(pos) * len(neg)
+        )
         assert roc_auc(scores, labels) == pytest.approx(slow)
 
 
@@ -119,11 +136,18 @@ def test_readers_for_isic_and_ph2_layouts(tmp_path):
     assert pairs[0].mask.name == "IMD002_lesion.bmp"
 
     with open(tmp_path / "challenge.csv", "w") as fh:
-        fh.write("image_name,patient_id,target\nISIC_0000000,P1,0\nISIC_0000001,P1,1\nISIC_0000009,P2,1\n")
+        fh.write(
+            "image_name,patient_id,target\nISIC_0000000,P1,0\nISIC_0000001,P1,1\nISIC_0000009,P2,1\n"
+        )
     items = read_classification_set(isic_images, tmp_path / "challenge.csv")
-    assert [(i.path.stem, i.label, i.group) for i in items] == [("ISIC_0000000", 0, "P1"), ("ISIC_0000001", 1, "P1")]
+    assert [(i.path.stem, i.label, i.group) for i in items] == [
+        ("ISIC_0000000", 0, "P1"),
+        ("ISIC_0000001", 1, "P1"),
+    ]
     with open(tmp_path / "isic_cli.csv", "w") as fh:
-        fh.write("isic_id,benign_malignant,lesion_id\nISIC_0000000,malignant,L1\nISIC_0000002,indeterminate,L2\n")
+        fh.write(
+            "isic_id,benign_malignant,lesion_id\nISIC_0000000,malignant,L1\nISIC_0000002,indeterminate,L2\n"
+        )
     items = read_classification_set(isic_images, tmp_path / "isic_cli.csv")
     assert [(i.label, i.group) for i in items] == [(1, "L1")]
     with pytest.raises(DataError, match="no image id column"):
@@ -141,7 +165,9 @@ def segmentation_data(tmp_path_factory):
     return root / "images", root / "masks"
 
 
-def test_segmenter_training_beats_untrained_resumes_and_indexes(tmp_path, segmentation_data, tiny_model):
+def test_segmenter_training_beats_untrained_resumes_and_indexes(
+    tmp_path, segmentation_data, tiny_model
+):
     images, masks = segmentation_data
     items = read_segmentation_set(images, masks)
     out = tmp_path / "seg.safetensors"
@@ -166,7 +192,10 @@ def test_segmenter_training_beats_untrained_resumes_and_indexes(tmp_path, segmen
     from dermris.models.training.train import split_train_val
 
     _, val_idx = split_train_val([0] * len(items), None, val_fraction=0.2, seed=0)
-    mean, std = torch.tensor(untrained.mean).view(3, 1, 1), torch.tensor(untrained.std).view(3, 1, 1)
+    mean, std = (
+        torch.tensor(untrained.mean).view(3, 1, 1),
+        torch.tensor(untrained.std).view(3, 1, 1),
+    )
     x = torch.stack([(load_image_tensor(items[i].image, 128) - mean) / std for i in val_idx])
     y = torch.stack([load_mask_tensor(items[i].mask, 128) for i in val_idx])
     with torch.no_grad():
@@ -175,19 +204,45 @@ def test_segmenter_training_beats_untrained_resumes_and_indexes(tmp_path, segmen
 
     # the written weights load in dermris index, and a segmenter-only file applies to the preset
     runner = CliRunner()
-    result = runner.invoke(main, ["index", str(images), str(tmp_path / "store"), "--weights", str(out), "--quiet"])
+    result = runner.invoke(
+        main, ["index", str(images), str(tmp_path / "store"), "--weights", str(out), "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     part = tmp_path / "seg-only.safetensors"
-    result = runner.invoke(main, ["train", "segmenter", "--images", str(images), "--masks", str(masks),
-                                  "--weights", str(out), "--epochs", "1", "--batch-size", "8", "--out", str(part),
-                                  "--part-only", "--quiet", "--device", "cpu"])
+    result = runner.invoke(
+        main,
+        [
+            "train",
+            "segmenter",
+            "--images",
+            str(images),
+            "--masks",
+            str(masks),
+            "--weights",
+            str(out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--out",
+            str(part),
+            "--part-only",
+            "--quiet",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "segmenter epoch 1: train_loss" in result.output and "val_dice" in result.output
     assert weights_part(part) == "segmenter"
     applied = load_model(part)
     trained = load_model(out)
-    assert not torch.equal(applied.segmenter.head.weight, trained.segmenter.head.weight)  # one more epoch
-    for (name, a), b in zip(applied.extractor.state_dict().items(), tiny_model.extractor.state_dict().values()):
+    assert not torch.equal(
+        applied.segmenter.head.weight, trained.segmenter.head.weight
+    )  # one more epoch
+    for (name, a), b in zip(
+        applied.extractor.state_dict().items(), tiny_model.extractor.state_dict().values()
+    ):
         assert torch.equal(a, b), name  # the classifier part is the preset's
 
 
@@ -207,9 +262,32 @@ def test_classifier_and_ensemble_training_cli(tmp_path, segmentation_data):
     csv_path = _label_csv(images, tmp_path / "labels.csv")
     runner = CliRunner()
     stage1 = tmp_path / "members.safetensors"
-    result = runner.invoke(main, ["train", "classifier", "--images", str(images), "--metadata", str(csv_path),
-                                  "--preset", "lite0", "--epochs", "2", "--batch-size", "8", "--lr", "1e-3",
-                                  "--val-fraction", "0.4", "--out", str(stage1), "--quiet", "--device", "cpu"])
+    result = runner.invoke(
+        main,
+        [
+            "train",
+            "classifier",
+            "--images",
+            str(images),
+            "--metadata",
+            str(csv_path),
+            "--preset",
+            "lite0",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-3",
+            "--val-fraction",
+            "0.4",
+            "--out",
+            str(stage1),
+            "--quiet",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     history = json.loads((tmp_path / "members.safetensors.metrics.json").read_text())
     assert {h["stage"] for h in history} == {"member0"}  # lite0: one member with ImageNet weights
@@ -217,9 +295,32 @@ def test_classifier_and_ensemble_training_cli(tmp_path, segmentation_data):
     print("member AUCs:", [round(h["val_auc"], 3) for h in history])
     assert best > 0.75, history
     stage2 = tmp_path / "ensemble.safetensors"
-    result = runner.invoke(main, ["train", "ensemble", "--images", str(images), "--metadata", str(csv_path),
-                                  "--weights", str(stage1), "--epochs", "3", "--batch-size", "8", "--lr", "3e-3",
-                                  "--val-fraction", "0.4", "--out", str(stage2), "--quiet", "--device", "cpu"])
+    result = runner.invoke(
+        main,
+        [
+            "train",
+            "ensemble",
+            "--images",
+            str(images),
+            "--metadata",
+            str(csv_path),
+            "--weights",
+            str(stage1),
+            "--epochs",
+            "3",
+            "--batch-size",
+            "8",
+            "--lr",
+            "3e-3",
+            "--val-fraction",
+            "0.4",
+            "--out",
+            str(stage2),
+            "--quiet",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     history = json.loads((tmp_path / "ensemble.safetensors.metrics.json").read_text())
     assert [h["stage"] for h in history] == ["ensemble"] * 3
@@ -229,10 +330,26 @@ def test_classifier_and_ensemble_training_cli(tmp_path, segmentation_data):
     members_after = load_model(stage2).extractor.members.state_dict()
     for name, value in members_before.items():
         assert torch.equal(value, members_after[name]), name  # members frozen in stage 2
-    result = runner.invoke(main, ["index", str(images), str(tmp_path / "store"), "--weights", str(stage2), "--quiet"])
+    result = runner.invoke(
+        main, ["index", str(images), str(tmp_path / "store"), "--weights", str(stage2), "--quiet"]
+    )
     assert result.exit_code == 0, result.output
-    bad = runner.invoke(main, ["train", "ensemble", "--images", str(images), "--metadata", str(csv_path),
-                               "--label-column", "nope", "--out", str(tmp_path / "x"), "--quiet"])
+    bad = runner.invoke(
+        main,
+        [
+            "train",
+            "ensemble",
+            "--images",
+            str(images),
+            "--metadata",
+            str(csv_path),
+            "--label-column",
+            "nope",
+            "--out",
+            str(tmp_path / "x"),
+            "--quiet",
+        ],
+    )
     assert bad.exit_code == 1 and "no column 'nope'" in bad.output
 
 
@@ -250,7 +367,9 @@ def test_resume_uses_the_checkpoint_weights_and_epoch(tmp_path, segmentation_dat
     with torch.no_grad():
         for p in fresh.segmenter.parameters():
             p.mul_(0.5)  # a model that is not the checkpoint's
-    train_segmenter(fresh, items, out, cfg, resume=True, progress=False)  # epoch 0 is done: nothing to train
+    train_segmenter(
+        fresh, items, out, cfg, resume=True, progress=False
+    )  # epoch 0 is done: nothing to train
     resumed = load_model(out).segmenter.state_dict()
     assert all(torch.equal(trained[k], resumed[k]) for k in trained)
     history = json.loads((tmp_path / "seg.safetensors.metrics.json").read_text())

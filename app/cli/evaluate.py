@@ -14,39 +14,78 @@ from ._common import DEVICES, command, main
 
 @command(main, "evaluate")
 @click.argument("store", type=click.Path(path_type=Path))
-@click.option("--label-column", required=True, help="Metadata column with the label (e.g. diagnosis_1, target).")
-@click.option("--group-column", help="Exclude results sharing the query's value here (patient_id, lesion_id).")
+@click.option(
+    "--label-column",
+    required=True,
+    help="Metadata column with the label (e.g. diagnosis_1, target).",
+)
+@click.option(
+    "--group-column", help="Exclude results sharing the query's value here (patient_id, lesion_id)."
+)
 @click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--queries", type=click.IntRange(min=1), default=50, show_default=True,
-              help="Labelled rows sampled as queries.")
+@click.option(
+    "--queries",
+    type=click.IntRange(min=1),
+    default=50,
+    show_default=True,
+    help="Labelled rows sampled as queries.",
+)
 @click.option("--all", "all_rows", is_flag=True, help="Use every labelled row as a query.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--measures", "measures", multiple=True, type=click.Choice(MEASURES), help="Default: all nine.")
+@click.option(
+    "--measures", "measures", multiple=True, type=click.Choice(MEASURES), help="Default: all nine."
+)
 @click.option("--bootstrap", type=click.IntRange(min=0), default=1000, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), help="Bar chart PNG.")
 @click.option("--device", type=DEVICES, default="auto", show_default=True)
-def evaluate_cmd(store, label_column, group_column, k, queries, all_rows, seed, measures, bootstrap, as_json,
-                 plot, device):
+def evaluate_cmd(
+    store,
+    label_column,
+    group_column,
+    k,
+    queries,
+    all_rows,
+    seed,
+    measures,
+    bootstrap,
+    as_json,
+    plot,
+    device,
+):
     """Leave-one-out evaluation of the measures by labels (Table 1, automatically)."""
-    from dermris.retriever import Retriever
     from dermris.app.evaluate import evaluate, plot_report
+    from dermris.retriever import Retriever
 
-    report = evaluate(Retriever.open(store, device=device), label_column, group_column=group_column, k=k,
-                      queries=None if all_rows else queries, seed=seed, measures=measures or MEASURES,
-                      bootstrap=bootstrap)
+    report = evaluate(
+        Retriever.open(store, device=device),
+        label_column,
+        group_column=group_column,
+        k=k,
+        queries=None if all_rows else queries,
+        seed=seed,
+        measures=measures or MEASURES,
+        bootstrap=bootstrap,
+    )
     if plot is not None:
         plot_report(report, plot)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
         return
     pct = int(report.confidence * 100)
-    click.echo(f"{len(report.queries)} queries, k={k}, label {label_column!r}"
-               + (f", same {group_column!r} excluded" if group_column else "") + f"; [{pct} % bootstrap CI]")
-    click.echo(f"{'measure':<10} {'precision@' + str(k):>24} {'mAP@' + str(k):>24} {'MV acc@' + str(k):>24}")
+    click.echo(
+        f"{len(report.queries)} queries, k={k}, label {label_column!r}"
+        + (f", same {group_column!r} excluded" if group_column else "")
+        + f"; [{pct} % bootstrap CI]"
+    )
+    click.echo(
+        f"{'measure':<10} {'precision@' + str(k):>24} {'mAP@' + str(k):>24} {'MV acc@' + str(k):>24}"
+    )
     for m, metrics in report.metrics.items():
-        cells = "".join(f"{s.mean:>8.3f} [{s.low:.3f}, {s.high:.3f}]" for s in
-                        (metrics["precision"], metrics["map"], metrics["majority_vote"]))
+        cells = "".join(
+            f"{s.mean:>8.3f} [{s.low:.3f}, {s.high:.3f}]"
+            for s in (metrics["precision"], metrics["map"], metrics["majority_vote"])
+        )
         click.echo(f"{m:<10} {cells}")
     if plot is not None:
         click.echo(f"plot: {plot}")
@@ -60,15 +99,41 @@ def evaluate_cmd(store, label_column, group_column, k, queries, all_rows, seed, 
 @click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the page binds to.")
 @click.option("--port", type=click.IntRange(min=1, max=65535), default=8765, show_default=True)
-@click.option("--token", default=None, help="Access token required on every request [default: $DERMRIS_TOKEN].")
-@click.option("--allowed-host", "extra_hosts", multiple=True,
-              help="Another name the page is reached by (e.g. a DNS name; repeatable).")
+@click.option(
+    "--token",
+    default=None,
+    help="Access token required on every request [default: $DERMRIS_TOKEN].",
+)
+@click.option(
+    "--allowed-host",
+    "extra_hosts",
+    multiple=True,
+    help="Another name the page is reached by (e.g. a DNS name; repeatable).",
+)
 @click.option("--no-serve", is_flag=True, help="Only prepare the session.")
-@click.option("--score", "score_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Score the judgments in this session folder instead.")
+@click.option(
+    "--score",
+    "score_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Score the judgments in this session folder instead.",
+)
 @click.option("--rater", default=None, help="With --score: only this rater's judgments.")
 @click.option("--json", "as_json", is_flag=True)
-def judge_cmd(store, out, queries, seed, k, host, port, token, extra_hosts, no_serve, score_dir, rater, as_json):
+def judge_cmd(
+    store,
+    out,
+    queries,
+    seed,
+    k,
+    host,
+    port,
+    token,
+    extra_hosts,
+    no_serve,
+    score_dir,
+    rater,
+    as_json,
+):
     """Blinded manual judgment (paper 4.1): prepare and serve a session, or --score it."""
     from dermris.app import judge
 
@@ -78,8 +143,10 @@ def judge_cmd(store, out, queries, seed, k, host, port, token, extra_hosts, no_s
             click.echo(json.dumps(score.to_dict(), indent=1))
             return
         raters = ", ".join(r or "(no id)" for r in score.per_rater) or "none"
-        click.echo(f"{score.complete_queries} of {score.total_queries} queries fully judged "
-                   f"({score.judged_items} of {score.total_items} images; raters: {raters})")
+        click.echo(
+            f"{score.complete_queries} of {score.total_queries} queries fully judged "
+            f"({score.judged_items} of {score.total_items} images; raters: {raters})"
+        )
         click.echo(f"{'similarity measure':<20}{'success rate':>14}{'paper (Table 1)':>17}")
         for m, rate in score.success.items():
             shown = f"{rate:>13.2f}%" if rate is not None else f"{'-':>14}"
@@ -87,8 +154,10 @@ def judge_cmd(store, out, queries, seed, k, host, port, token, extra_hosts, no_s
         for pair in score.agreement:
             kappa = f"{pair.kappa:.3f}" if pair.kappa is not None else "-"
             percent = f"{pair.percent:.1f}%" if pair.percent is not None else "-"
-            click.echo(f"agreement {pair.raters[0]} / {pair.raters[1]}: {percent} of {pair.items} images, "
-                       f"Cohen's kappa {kappa}")
+            click.echo(
+                f"agreement {pair.raters[0]} / {pair.raters[1]}: {percent} of {pair.items} images, "
+                f"Cohen's kappa {kappa}"
+            )
         return
     if out is None:
         raise click.UsageError("give --out DIR (and STORE to prepare a new session)")
@@ -97,9 +166,13 @@ def judge_cmd(store, out, queries, seed, k, host, port, token, extra_hosts, no_s
             raise click.UsageError("give STORE to prepare a new session")
         from dermris.retriever import Retriever
 
-        judge.prepare_session(Retriever.open(store, device="cpu"), out, queries=queries, seed=seed, k=k)
+        judge.prepare_session(
+            Retriever.open(store, device="cpu"), out, queries=queries, seed=seed, k=k
+        )
         click.echo(f"prepared {out}")
     if no_serve:
         return
-    click.echo(f"judge at http://{host}:{port}/judge/ (Ctrl-C to stop; every click is saved)", err=True)
+    click.echo(
+        f"judge at http://{host}:{port}/judge/ (Ctrl-C to stop; every click is saved)", err=True
+    )
     judge.serve(out, host=host, port=port, token=token, extra_hosts=extra_hosts)

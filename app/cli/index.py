@@ -29,61 +29,150 @@ def _cluster_option(ctx, param, value):
 @command(main, "index")
 @click.argument("images", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("store", type=click.Path(path_type=Path))
-@click.option("--metadata", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="CSV with one row per image (isic-cli export, ISIC challenge CSV, ...).")
-@click.option("--id-column", help="Image id column of the CSV (default: isic_id, image_name, image_id, image).")
-@click.option("--preset", type=click.Choice(list_presets()), default=None,
-              help="Model preset for a new store [default: tiny].")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A dermris weights file (safetensors with config); overrides --preset.")
-@click.option("--backbone-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Local timm checkpoint for the backbone (safetensors or weights-only .pth).")
-@click.option("--pretrained", is_flag=True, help="Use timm's pretrained hub weights (needs a network).")
+@click.option(
+    "--metadata",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="CSV with one row per image (isic-cli export, ISIC challenge CSV, ...).",
+)
+@click.option(
+    "--id-column",
+    help="Image id column of the CSV (default: isic_id, image_name, image_id, image).",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(list_presets()),
+    default=None,
+    help="Model preset for a new store [default: tiny].",
+)
+@click.option(
+    "--weights",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A dermris weights file (safetensors with config); overrides --preset.",
+)
+@click.option(
+    "--backbone-weights",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Local timm checkpoint for the backbone (safetensors or weights-only .pth).",
+)
+@click.option(
+    "--pretrained", is_flag=True, help="Use timm's pretrained hub weights (needs a network)."
+)
 @click.option("--device", type=DEVICES, default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--commit-every", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Rows per commit; an interrupted run keeps every committed row.")
-@click.option("--sketch-dim", type=click.IntRange(min=0), default=256, show_default=True,
-              help="Dimension of the style sketch used to bound style losses.")
-@click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Decoding processes [default: all cores but one, at most 16; 0: decode in the main process].")
-@click.option("--precision", type=click.Choice(["auto", "float32", "tf32", "bfloat16", "float16"]), default="auto",
-              show_default=True, help="Model precision on CUDA (auto: float32; the others trade exactness of "
-                                      "the rankings for speed, see the README).")
-@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (long runs on CUDA).")
-@click.option("--cluster", callback=_cluster_option, metavar="local[:N]|cuda[:N]|tcp://HOST:PORT|FILE.json",
-              help="Embed on a Dask cluster: N local worker processes, one worker per GPU, an existing "
-                   "scheduler, or its scheduler file [default: this process].")
-@click.option("--block-size", type=click.IntRange(min=1), default=None,
-              help="Files per cluster task [default: whole style shards, at least 256 files].")
-@click.option("--faiss-files", is_flag=True,
-              help="Also keep FAISS files of the features in STORE/faiss (for other tools; appended by later runs).")
+@click.option(
+    "--commit-every",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Rows per commit; an interrupted run keeps every committed row.",
+)
+@click.option(
+    "--sketch-dim",
+    type=click.IntRange(min=0),
+    default=256,
+    show_default=True,
+    help="Dimension of the style sketch used to bound style losses.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Decoding processes [default: all cores but one, at most 16; 0: decode in the main process].",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "float32", "tf32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+    help="Model precision on CUDA (auto: float32; the others trade exactness of "
+    "the rankings for speed, see the README).",
+)
+@click.option(
+    "--compile", "compile_model", is_flag=True, help="torch.compile the model (long runs on CUDA)."
+)
+@click.option(
+    "--cluster",
+    callback=_cluster_option,
+    metavar="local[:N]|cuda[:N]|tcp://HOST:PORT|FILE.json",
+    help="Embed on a Dask cluster: N local worker processes, one worker per GPU, an existing "
+    "scheduler, or its scheduler file [default: this process].",
+)
+@click.option(
+    "--block-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Files per cluster task [default: whole style shards, at least 256 files].",
+)
+@click.option(
+    "--faiss-files",
+    is_flag=True,
+    help="Also keep FAISS files of the features in STORE/faiss (for other tools; appended by later runs).",
+)
 @click.option("--strict", is_flag=True, help="Exit with code 3 when any file was rejected.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
-def index_cmd(images, store, metadata, id_column, preset, weights, backbone_weights, pretrained,
-              device, batch_size, commit_every, sketch_dim, workers, precision, compile_model, cluster, block_size,
-              faiss_files, strict, as_json):
+def index_cmd(
+    images,
+    store,
+    metadata,
+    id_column,
+    preset,
+    weights,
+    backbone_weights,
+    pretrained,
+    device,
+    batch_size,
+    commit_every,
+    sketch_dim,
+    workers,
+    precision,
+    compile_model,
+    cluster,
+    block_size,
+    faiss_files,
+    strict,
+    as_json,
+):
     """Index the images under IMAGES into STORE (created, or extended with new images)."""
     from dermris.indexer import index_folder
 
     if block_size is not None and cluster is None:
         raise click.UsageError("--block-size needs --cluster")
     report = index_folder(
-        images, store, preset=preset, weights=weights, backbone_weights=backbone_weights,
-        pretrained=pretrained, metadata=metadata, id_column=id_column, device=device,
-        batch_size=batch_size, commit_every=commit_every, sketch_dim=sketch_dim, workers=workers,
-        precision=precision, compile=compile_model, progress=progress(), cluster=cluster, block_size=block_size,
+        images,
+        store,
+        preset=preset,
+        weights=weights,
+        backbone_weights=backbone_weights,
+        pretrained=pretrained,
+        metadata=metadata,
+        id_column=id_column,
+        device=device,
+        batch_size=batch_size,
+        commit_every=commit_every,
+        sketch_dim=sketch_dim,
+        workers=workers,
+        precision=precision,
+        compile=compile_model,
+        progress=progress(),
+        cluster=cluster,
+        block_size=block_size,
         faiss_files=faiss_files,
     )
     if report.without_metadata:
         shown = ", ".join(report.without_metadata[:5])
-        log.warning("%d images have no row in the metadata CSV (metadata left empty): %s%s",
-                    len(report.without_metadata), shown, " ..." if len(report.without_metadata) > 5 else "")
+        log.warning(
+            "%d images have no row in the metadata CSV (metadata left empty): %s%s",
+            len(report.without_metadata),
+            shown,
+            " ..." if len(report.without_metadata) > 5 else "",
+        )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=1))
     else:
         ran = report.cluster
-        on_cluster = f"; {ran.get('workers')} Dask workers, {ran.get('blocks')} blocks" if ran else ""
+        on_cluster = (
+            f"; {ran.get('workers')} Dask workers, {ran.get('blocks')} blocks" if ran else ""
+        )
         click.echo(
             f"indexed {report.indexed}, already in store {report.already_indexed}, "
             f"duplicates {len(report.duplicates)}, rejected {len(report.rejected)}, "

@@ -15,24 +15,65 @@ from ._common import DEVICES, command, main, print_results, print_stats
 @command(main, "search")
 @click.argument("store", type=click.Path(path_type=Path))
 @click.argument("image", required=False, type=click.Path(path_type=Path))
-@click.option("--row", type=click.IntRange(min=0), help="Query with a stored row instead of an image.")
+@click.option(
+    "--row", type=click.IntRange(min=0), help="Query with a stored row instead of an image."
+)
 @click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--measure", "measures", multiple=True, type=click.Choice(MEASURES),
-              help="A measure (repeatable); default: all nine.")
+@click.option(
+    "--measure",
+    "measures",
+    multiple=True,
+    type=click.Choice(MEASURES),
+    help="A measure (repeatable); default: all nine.",
+)
 @click.option("--all", "all_measures", is_flag=True, help="All nine measures (the default).")
-@click.option("--where", help="Only return images whose metadata pass, e.g. \"diagnosis == 'melanoma'\".")
-@click.option("--column", "columns", multiple=True, help="A metadata column to show with every hit (repeatable).")
-@click.option("--exclude", "exclude", multiple=True, type=click.IntRange(min=0), help="A row never to return.")
+@click.option(
+    "--where", help="Only return images whose metadata pass, e.g. \"diagnosis == 'melanoma'\"."
+)
+@click.option(
+    "--column",
+    "columns",
+    multiple=True,
+    help="A metadata column to show with every hit (repeatable).",
+)
+@click.option(
+    "--exclude", "exclude", multiple=True, type=click.IntRange(min=0), help="A row never to return."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
-@click.option("--sheet", type=click.Path(dir_okay=False, path_type=Path), help="Write a contact sheet PNG.")
-@click.option("--image-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="Where the indexed image folder is now, if it moved (for --sheet).")
-@click.option("--stats", is_flag=True, help="Also print rows re-ranked, bytes read and time per stage.")
-@click.option("--explain", is_flag=True,
-              help="Per hit, the style stages that make up most of the style loss; lesion outlines on --sheet.")
+@click.option(
+    "--sheet", type=click.Path(dir_okay=False, path_type=Path), help="Write a contact sheet PNG."
+)
+@click.option(
+    "--image-root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Where the indexed image folder is now, if it moved (for --sheet).",
+)
+@click.option(
+    "--stats", is_flag=True, help="Also print rows re-ranked, bytes read and time per stage."
+)
+@click.option(
+    "--explain",
+    is_flag=True,
+    help="Per hit, the style stages that make up most of the style loss; lesion outlines on --sheet.",
+)
 @click.option("--device", type=DEVICES, default="auto", show_default=True)
-def search_cmd(store, image, row, k, measures, all_measures, where, columns, exclude, as_json, sheet, image_root,
-               stats, explain, device):
+def search_cmd(
+    store,
+    image,
+    row,
+    k,
+    measures,
+    all_measures,
+    where,
+    columns,
+    exclude,
+    as_json,
+    sheet,
+    image_root,
+    stats,
+    explain,
+    device,
+):
     """Rank the images of STORE by similarity to IMAGE (or to a stored --row).
 
     ED_max and LS_max are maxima over the whole store, also with --where.
@@ -45,8 +86,15 @@ def search_cmd(store, image, row, k, measures, all_measures, where, columns, exc
         measures = MEASURES
     retriever = Retriever.open(store, device=device)
     query = image if image is not None else row
-    result = retriever.search(query, measures=measures, k=k, where=where, columns=columns, exclude=exclude,
-                              explain=explain)
+    result = retriever.search(
+        query,
+        measures=measures,
+        k=k,
+        where=where,
+        columns=columns,
+        exclude=exclude,
+        explain=explain,
+    )
     if image is not None:
         query_source, query_name = image, str(image)
     else:
@@ -55,15 +103,29 @@ def search_cmd(store, image, row, k, measures, all_measures, where, columns, exc
     if sheet is not None:
         from dermris.app.sheet import contact_sheet
 
-        contact_sheet(query_source, result, sheet, query_label=Path(str(query_source)).stem,
-                      resolve=lambda p: retriever.locate(p, image_root))
+        contact_sheet(
+            query_source,
+            result,
+            sheet,
+            query_label=Path(str(query_source)).stem,
+            resolve=lambda p: retriever.locate(p, image_root),
+        )
     if as_json:
-        payload = {"store": str(store), "k": k, "where": where, **result.to_dict(stats=stats), "query": query_name}
+        payload = {
+            "store": str(store),
+            "k": k,
+            "where": where,
+            **result.to_dict(stats=stats),
+            "query": query_name,
+        }
         if sheet is not None:
             payload["sheet"] = str(sheet)
         click.echo(json.dumps(payload, indent=1))
         return
-    click.echo(f"query: {query_name}   store: {store} ({len(retriever)} rows)" + (f"   where: {where}" if where else ""))
+    click.echo(
+        f"query: {query_name}   store: {store} ({len(retriever)} rows)"
+        + (f"   where: {where}" if where else "")
+    )
     print_results(result)
     if stats:
         print_stats(result.stats)

@@ -28,17 +28,28 @@ def info_cmd(store, as_json):
         if isinstance(value, (list, tuple)):
             value = ", ".join(map(str, value)) or "-"
         elif isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items()) or "not built (derived; rebuilt on open)"
+            value = (
+                ", ".join(f"{k}={v}" for k, v in value.items())
+                or "not built (derived; rebuilt on open)"
+            )
         click.echo(f"{key:<{width}}  {value}")
 
 
 # -- maintenance -------------------------------------------------------------------------
 @command(main, "rebuild")
 @click.argument("store", type=click.Path(path_type=Path))
-@click.option("--sketch-dim", type=click.IntRange(min=0), default=256, show_default=True,
-              help="Dimension of the style sketch (refitted when it changes).")
-@click.option("--faiss-files", is_flag=True,
-              help="Also write (and from now on keep) FAISS files of the features in STORE/faiss.")
+@click.option(
+    "--sketch-dim",
+    type=click.IntRange(min=0),
+    default=256,
+    show_default=True,
+    help="Dimension of the style sketch (refitted when it changes).",
+)
+@click.option(
+    "--faiss-files",
+    is_flag=True,
+    help="Also write (and from now on keep) FAISS files of the features in STORE/faiss.",
+)
 def rebuild_cmd(store, sketch_dim, faiss_files):
     """Rebuild STORE's derived data (style sketch; FAISS files when kept) from its arrays."""
     from dermris.indexer.store import StoreWriter
@@ -48,16 +59,24 @@ def rebuild_cmd(store, sketch_dim, faiss_files):
         sketch = writer.reader().sketch_info
         rows = writer.rows
         kept = writer.keeps_faiss_files
-    click.echo(f"rebuilt the style sketch (d={sketch.dim}, fitted on {sketch.fitted_rows} rows)"
-               + (" and FAISS files" if kept else "") + f" for {rows} rows")
+    click.echo(
+        f"rebuilt the style sketch (d={sketch.dim}, fitted on {sketch.fitted_rows} rows)"
+        + (" and FAISS files" if kept else "")
+        + f" for {rows} rows"
+    )
 
 
 @command(main, "delete")
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--id", "ids", multiple=True, help="Image id to delete (repeatable).")
-@click.option("--ids-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A file with one image id per line.")
-@click.option("--missing-ok", is_flag=True, help="Skip ids that are not in the store instead of refusing.")
+@click.option(
+    "--ids-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A file with one image id per line.",
+)
+@click.option(
+    "--missing-ok", is_flag=True, help="Skip ids that are not in the store instead of refusing."
+)
 def delete_cmd(store, ids, ids_file, missing_ok):
     """Delete images from STORE: no search returns them from now on (compact frees the space).
 
@@ -68,7 +87,9 @@ def delete_cmd(store, ids, ids_file, missing_ok):
 
     wanted = list(ids)
     if ids_file is not None:
-        wanted += [line.strip() for line in ids_file.read_text("utf-8").splitlines() if line.strip()]
+        wanted += [
+            line.strip() for line in ids_file.read_text("utf-8").splitlines() if line.strip()
+        ]
     if not wanted:
         raise click.UsageError("give --id or --ids-file")
     with StoreWriter.open(store) as writer:

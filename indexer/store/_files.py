@@ -9,7 +9,12 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from dermris.core.atomic import atomic_write_bytes
-from dermris.core.errors import StoreFormatError, StoreLockedError, StoreNotFoundError, StoreReadOnlyError
+from dermris.core.errors import (
+    StoreFormatError,
+    StoreLockedError,
+    StoreNotFoundError,
+    StoreReadOnlyError,
+)
 
 from ._format import LOCK_NAME, MANIFEST_NAME, Manifest, now
 
@@ -31,7 +36,9 @@ def inside(root: Path, relative: str | os.PathLike, *, must_exist: bool = False)
     real_root = os.path.realpath(root)
     real = os.path.realpath(path)
     if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
-        raise StoreFormatError(f"{root}: {relative} leads outside the store (symbolic link or '..')")
+        raise StoreFormatError(
+            f"{root}: {relative} leads outside the store (symbolic link or '..')"
+        )
     if must_exist and not os.path.exists(real):
         raise StoreFormatError(f"{root}: {relative} is missing")
     return path
@@ -51,7 +58,9 @@ def read_manifest(root: Path) -> Manifest:
         raise StoreNotFoundError(f"no store at {root}")
     path = root / MANIFEST_NAME
     if path.is_symlink():
-        raise StoreFormatError(f"{path} is a symbolic link; a store's manifest must be a plain file")
+        raise StoreFormatError(
+            f"{path} is a symbolic link; a store's manifest must be a plain file"
+        )
     if not path.is_file():
         raise StoreNotFoundError(f"{root} is not a dermris store (no {MANIFEST_NAME})")
     try:
@@ -109,7 +118,9 @@ class WriterLock:
         except PermissionError as exc:
             raise StoreReadOnlyError(f"cannot write to {root}: {exc.strerror or exc}") from None
         except OSError as exc:
-            raise StoreReadOnlyError(f"cannot lock {root} for writing: {exc.strerror or exc}") from None
+            raise StoreReadOnlyError(
+                f"cannot lock {root} for writing: {exc.strerror or exc}"
+            ) from None
 
     @property
     def held(self) -> bool:

@@ -14,8 +14,9 @@ import dataclasses
 import datetime as _dt
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +78,7 @@ def faiss_part_file(name: str, start: int, stop: int) -> str:
 
 def now() -> str:
     """The current UTC time as an ISO 8601 string (seconds)."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 class _Fields:
@@ -94,7 +95,9 @@ class _Fields:
         shown = repr(value)
         if len(shown) > 60:
             shown = shown[:57] + "..."
-        raise StoreFormatError(f"{self.source}: manifest field {key!r} must be {expected}, not {shown}")
+        raise StoreFormatError(
+            f"{self.source}: manifest field {key!r} must be {expected}, not {shown}"
+        )
 
     def _key(self, key: str) -> str:
         return f"{self.where}.{key}" if self.where else key
@@ -142,9 +145,14 @@ class _Fields:
         return value
 
     def items(self, key: str, *, default: Any = ...) -> list["_Fields"]:
-        return [_Fields(v, f"{self._key(key)}[{i}]", self.source) for i, v in enumerate(self.list(key, default=default))]
+        return [
+            _Fields(v, f"{self._key(key)}[{i}]", self.source)
+            for i, v in enumerate(self.list(key, default=default))
+        ]
 
-    def name(self, key: str, pattern: re.Pattern = _PLAIN_NAME, *, optional: bool = False) -> str | None:
+    def name(
+        self, key: str, pattern: re.Pattern = _PLAIN_NAME, *, optional: bool = False
+    ) -> str | None:
         value = self.str(key, optional=optional)
         if value is not None and (not pattern.match(value) or value in (".", "..")):
             self.fail(self._key(key), "a plain file name inside the store", value)
@@ -167,8 +175,11 @@ class ModelRecord:
     weights_sha256: str | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "weights_file": self.weights_file,
-                "weights_sha256": self.weights_sha256}
+        return {
+            "config": self.config.to_dict(),
+            "weights_file": self.weights_file,
+            "weights_sha256": self.weights_sha256,
+        }
 
     @classmethod
     def from_fields(cls, f: _Fields) -> "ModelRecord":
@@ -205,8 +216,16 @@ class ArraySpec:
     def to_dict(self) -> dict[str, Any]:
         out = {
             "features": {"dim": self.feature_dim, "dtype": "float32"},
-            "style": {"dim": self.style_dim, "dtype": self.style_dtype, "shard_rows": self.style_shard_rows},
-            "mask": {"size": self.mask_size, "bytes": self.mask_bytes, "packing": "numpy.packbits row-major"},
+            "style": {
+                "dim": self.style_dim,
+                "dtype": self.style_dtype,
+                "shard_rows": self.style_shard_rows,
+            },
+            "mask": {
+                "size": self.mask_size,
+                "bytes": self.mask_bytes,
+                "packing": "numpy.packbits row-major",
+            },
             "mask_area": {"dtype": "int32"},
         }
         if self.mask_grid is not None:
@@ -228,10 +247,15 @@ class ArraySpec:
             mask_grid=None if blocks is None else f.obj("mask_blocks").int("grid", minimum=1),
         )
         if spec.mask_bytes != (mask_size * mask_size + 7) // 8:
-            mask_f.fail("arrays.mask.bytes", f"{(mask_size * mask_size + 7) // 8} for size {mask_size}",
-                        spec.mask_bytes)
+            mask_f.fail(
+                "arrays.mask.bytes",
+                f"{(mask_size * mask_size + 7) // 8} for size {mask_size}",
+                spec.mask_bytes,
+            )
         if spec.mask_grid is not None and mask_size % spec.mask_grid:
-            f.fail("arrays.mask_blocks.grid", f"a divisor of the mask size {mask_size}", spec.mask_grid)
+            f.fail(
+                "arrays.mask_blocks.grid", f"a divisor of the mask size {mask_size}", spec.mask_grid
+            )
         return spec
 
 
@@ -245,14 +269,22 @@ class StyleInfo:
     clipped_values: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.layout.to_dict(), "scales": None if self.scales is None else list(self.scales),
-                "dtype": self.dtype, "clipped_values": self.clipped_values}
+        return {
+            **self.layout.to_dict(),
+            "scales": None if self.scales is None else list(self.scales),
+            "dtype": self.dtype,
+            "clipped_values": self.clipped_values,
+        }
 
     @classmethod
     def from_fields(cls, f: _Fields) -> "StyleInfo":
         try:
             channels = [int(c) for c in f.list("channels") if type(c) is int]
-            weights = [float(w) for w in f.list("weights") if isinstance(w, (int, float)) and not isinstance(w, bool)]
+            weights = [
+                float(w)
+                for w in f.list("weights")
+                if isinstance(w, (int, float)) and not isinstance(w, bool)
+            ]
             if len(channels) != len(f.list("channels")) or len(weights) != len(f.list("weights")):
                 raise ConfigError("channels must be integers and weights numbers")
             layout = StyleLayout.from_channels(channels, weights)
@@ -261,12 +293,26 @@ class StyleInfo:
         scales_raw = f.get("scales", None)
         scales = None
         if scales_raw is not None:
-            if (not isinstance(scales_raw, list) or len(scales_raw) != len(channels)
-                    or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0 for s in scales_raw)):
-                f.fail("style.scales", f"null or a list of {len(channels)} positive numbers", scales_raw)
+            if (
+                not isinstance(scales_raw, list)
+                or len(scales_raw) != len(channels)
+                or not all(
+                    isinstance(s, (int, float)) and not isinstance(s, bool) and s > 0
+                    for s in scales_raw
+                )
+            ):
+                f.fail(
+                    "style.scales",
+                    f"null or a list of {len(channels)} positive numbers",
+                    scales_raw,
+                )
             scales = tuple(float(s) for s in scales_raw)
-        return cls(layout=layout, scales=scales, dtype=f.choice("dtype", STYLE_DTYPES, default="float16"),
-                   clipped_values=f.int("clipped_values", default=0))
+        return cls(
+            layout=layout,
+            scales=scales,
+            dtype=f.choice("dtype", STYLE_DTYPES, default="float16"),
+            clipped_values=f.int("clipped_values", default=0),
+        )
 
 
 @dataclass(frozen=True)
@@ -280,8 +326,12 @@ class MetadataPart(_Record):
 
     @classmethod
     def from_fields(cls, f: _Fields) -> "MetadataPart":
-        part = cls(f.name("file"), f.int("start"), f.int("stop", minimum=1),
-                   f.str("sha256", default=None, optional=True))
+        part = cls(
+            f.name("file"),
+            f.int("start"),
+            f.int("stop", minimum=1),
+            f.str("sha256", default=None, optional=True),
+        )
         if not part.file.endswith(".parquet"):
             f.fail(f"{f.where}.file", "a .parquet file name", part.file)
         return part
@@ -351,11 +401,22 @@ class FaissPart(_Record):
 
     @classmethod
     def from_fields(cls, f: _Fields) -> "FaissPart":
-        part = cls(f.choice("name", FAISS_NAMES), f.name("file"), f.int("start"), f.int("stop", minimum=1))
+        part = cls(
+            f.choice("name", FAISS_NAMES), f.name("file"), f.int("start"), f.int("stop", minimum=1)
+        )
         match = _FAISS_PART.match(part.file)
-        if match is None or match.group(1) != part.name or int(match.group(2)) != part.start \
-                or int(match.group(3)) != part.stop or part.stop <= part.start:
-            f.fail(f"{f.where}.file", f"{faiss_part_file(part.name, part.start, part.stop)!r}", part.file)
+        if (
+            match is None
+            or match.group(1) != part.name
+            or int(match.group(2)) != part.start
+            or int(match.group(3)) != part.stop
+            or part.stop <= part.start
+        ):
+            f.fail(
+                f"{f.where}.file",
+                f"{faiss_part_file(part.name, part.start, part.stop)!r}",
+                part.file,
+            )
         return part
 
 
@@ -373,9 +434,15 @@ class SketchInfo(_Record):
 
     @classmethod
     def from_fields(cls, f: _Fields) -> "SketchInfo":
-        return cls(group=f.name("group", _SKETCH_GROUP), serial=f.int("serial"), dim=f.int("dim"),
-                   dim_requested=f.int("dim_requested"), fitted_rows=f.int("fitted_rows"),
-                   orthonormality_error=f.float("orthonormality_error"), rows=f.int("rows"))
+        return cls(
+            group=f.name("group", _SKETCH_GROUP),
+            serial=f.int("serial"),
+            dim=f.int("dim"),
+            dim_requested=f.int("dim_requested"),
+            fitted_rows=f.int("fitted_rows"),
+            orthonormality_error=f.float("orthonormality_error"),
+            rows=f.int("rows"),
+        )
 
 
 def _contiguous(parts: list, source: str, what: str) -> int:
@@ -383,15 +450,35 @@ def _contiguous(parts: list, source: str, what: str) -> int:
     expected = 0
     for part in parts:
         if part.start != expected or part.stop <= part.start:
-            raise StoreFormatError(f"{source}: {what} {part.file} covers rows {part.start}..{part.stop}, "
-                                   f"expected to start at {expected}")
+            raise StoreFormatError(
+                f"{source}: {what} {part.file} covers rows {part.start}..{part.stop}, "
+                f"expected to start at {expected}"
+            )
         expected = part.stop
     return expected
 
 
-_KNOWN_KEYS = frozenset({"format", "format_version", "rows", "model", "arrays", "style", "metadata_parts", "faiss",
-                         "faiss_files", "faiss_parts", "rejected", "deleted", "purged", "sketch", "created",
-                         "updated", "generation"})
+_KNOWN_KEYS = frozenset(
+    {
+        "format",
+        "format_version",
+        "rows",
+        "model",
+        "arrays",
+        "style",
+        "metadata_parts",
+        "faiss",
+        "faiss_files",
+        "faiss_parts",
+        "rejected",
+        "deleted",
+        "purged",
+        "sketch",
+        "created",
+        "updated",
+        "generation",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -476,21 +563,33 @@ class Manifest:
         arrays = ArraySpec.from_fields(top.obj("arrays"))
         style = StyleInfo.from_fields(top.obj("style"))
         if style.layout.dim != arrays.style_dim:
-            raise StoreFormatError(f"{source}: style layout has {style.layout.dim} values, "
-                                   f"the style array {arrays.style_dim}")
+            raise StoreFormatError(
+                f"{source}: style layout has {style.layout.dim} values, "
+                f"the style array {arrays.style_dim}"
+            )
         if style.dtype != arrays.style_dtype:
-            raise StoreFormatError(f"{source}: style dtype {style.dtype} differs from the style array's")
+            raise StoreFormatError(
+                f"{source}: style dtype {style.dtype} differs from the style array's"
+            )
         parts = [MetadataPart.from_fields(p) for p in top.items("metadata_parts")]
         if _contiguous(parts, source, "metadata part") < rows:
-            raise StoreFormatError(f"{source}: metadata parts cover {parts[-1].stop if parts else 0} rows, "
-                                   f"the manifest commits {rows}")
+            raise StoreFormatError(
+                f"{source}: metadata parts cover {parts[-1].stop if parts else 0} rows, "
+                f"the manifest commits {rows}"
+            )
         faiss_parts = [FaissPart.from_fields(p) for p in top.items("faiss_parts", default=[])]
-        for name in FAISS_NAMES:  # parts past the committed rows are never read (check reports them)
+        for (
+            name
+        ) in FAISS_NAMES:  # parts past the committed rows are never read (check reports them)
             _contiguous([p for p in faiss_parts if p.name == name], source, "FAISS part")
         deleted = tuple(DeletedImage.from_fields(d) for d in top.items("deleted", default=[]))
         if any(d.row >= rows for d in deleted):
             raise StoreFormatError(f"{source}: deleted rows lie outside the {rows} committed rows")
-        sketch = SketchInfo.from_fields(top.obj("sketch")) if top.get("sketch", None) is not None else None
+        sketch = (
+            SketchInfo.from_fields(top.obj("sketch"))
+            if top.get("sketch", None) is not None
+            else None
+        )
         generation = top.str("generation", default=None, optional=True)
         if generation is not None and not re.fullmatch(r"[0-9a-f]{8,64}", generation):
             top.fail("generation", "a hex string", generation)
@@ -498,8 +597,13 @@ class Manifest:
         if not isinstance(faiss_files, bool):
             top.fail("faiss_files", "true or false", faiss_files)
         return cls(
-            rows=rows, model=ModelRecord.from_fields(top.obj("model")), arrays=arrays, style=style,
-            metadata_parts=tuple(parts), faiss=_legacy_faiss(top), faiss_files=faiss_files,
+            rows=rows,
+            model=ModelRecord.from_fields(top.obj("model")),
+            arrays=arrays,
+            style=style,
+            metadata_parts=tuple(parts),
+            faiss=_legacy_faiss(top),
+            faiss_files=faiss_files,
             faiss_parts=tuple(faiss_parts),
             rejected=tuple(RejectedFile.from_fields(r) for r in top.items("rejected", default=[])),
             deleted=deleted,
@@ -514,19 +618,21 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (the same keys every dermris version 1 store has)."""
         out = dict(self.extra)
-        out.update({
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "created": self.created,
-            "updated": self.updated,
-            "rows": self.rows,
-            "model": self.model.to_dict(),
-            "arrays": self.arrays.to_dict(),
-            "style": self.style.to_dict(),
-            "metadata_parts": [p.to_dict() for p in self.metadata_parts],
-            "faiss": {f.name: {"file": f.file, "ntotal": f.ntotal} for f in self.faiss},
-            "rejected": [r.to_dict() for r in self.rejected],
-        })
+        out.update(
+            {
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "created": self.created,
+                "updated": self.updated,
+                "rows": self.rows,
+                "model": self.model.to_dict(),
+                "arrays": self.arrays.to_dict(),
+                "style": self.style.to_dict(),
+                "metadata_parts": [p.to_dict() for p in self.metadata_parts],
+                "faiss": {f.name: {"file": f.file, "ntotal": f.ntotal} for f in self.faiss},
+                "rejected": [r.to_dict() for r in self.rejected],
+            }
+        )
         if self.faiss_files:
             out["faiss_files"] = True
         if self.faiss_parts:

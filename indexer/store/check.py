@@ -45,7 +45,12 @@ class CheckReport:
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
-        return {"rows": self.rows, "ok": self.ok, "problems": list(self.problems), "checked": list(self.checked)}
+        return {
+            "rows": self.rows,
+            "ok": self.ok,
+            "problems": list(self.problems),
+            "checked": list(self.checked),
+        }
 
 
 def check_store(path: str | os.PathLike, *, full: bool = False) -> CheckReport:
@@ -80,11 +85,15 @@ def check_store(path: str | os.PathLike, *, full: bool = False) -> CheckReport:
         popcount = np.bitwise_count(masks).sum(axis=1, dtype=np.int64)
         bad = np.flatnonzero(popcount != areas)
         if len(bad):
-            report.problems.append(f"mask_area: {len(bad)} rows disagree with their masks (first row {bad[0]})")
+            report.problems.append(
+                f"mask_area: {len(bad)} rows disagree with their masks (first row {bad[0]})"
+            )
         blocks, _ = store.mask_blocks()
         bad = np.flatnonzero(blocks.sum(axis=1) != areas)
         if len(bad):
-            report.problems.append(f"mask_blocks: {len(bad)} rows disagree with mask_area (first row {bad[0]})")
+            report.problems.append(
+                f"mask_blocks: {len(bad)} rows disagree with mask_area (first row {bad[0]})"
+            )
         report.checked.append("features, mask, mask_area, mask_blocks (checksums and consistency)")
     except DermrisError as exc:
         report.problems.append(f"arrays: {exc}")
@@ -123,12 +132,20 @@ def check_store(path: str | os.PathLike, *, full: bool = False) -> CheckReport:
             report.problems.append(f"metadata: part {part.file} unreadable: {exc}")
             continue
         if not np.array_equal(rows, np.arange(part.start, part.stop)):
-            report.problems.append(f"metadata: part {part.file} has rows other than {part.start}..{part.stop - 1}")
+            report.problems.append(
+                f"metadata: part {part.file} has rows other than {part.start}..{part.stop - 1}"
+            )
     metadata_dir = root / METADATA_DIR
-    extra = sorted(p.name for p in metadata_dir.iterdir() if p.name not in listed) if metadata_dir.is_dir() else []
+    extra = (
+        sorted(p.name for p in metadata_dir.iterdir() if p.name not in listed)
+        if metadata_dir.is_dir()
+        else []
+    )
     if extra:
-        report.problems.append(f"metadata: files not listed in the manifest: {', '.join(extra[:3])}"
-                               " (left by an interrupted run; the next index or delete removes them)")
+        report.problems.append(
+            f"metadata: files not listed in the manifest: {', '.join(extra[:3])}"
+            " (left by an interrupted run; the next index or delete removes them)"
+        )
     try:
         meta = store.metadata(columns=["sha256", "image_id"])
         shas = meta.column("sha256").to_pylist()
@@ -164,7 +181,9 @@ def check_store(path: str | os.PathLike, *, full: bool = False) -> CheckReport:
             if not model_file.is_file():
                 report.problems.append("model: model.safetensors is missing")
             elif file_sha256(model_file) != m.model.weights_sha256:
-                report.problems.append("model: model.safetensors does not match the sha256 in the manifest")
+                report.problems.append(
+                    "model: model.safetensors does not match the sha256 in the manifest"
+                )
         except DermrisError as exc:
             report.problems.append(f"model: {exc}")
         report.checked.append("model sha256")
@@ -175,7 +194,9 @@ def _check_faiss(root: Path, m, n: int, report: CheckReport) -> None:
     import faiss
 
     entries = [(info.name, info.file, 0, n, info.ntotal) for info in m.faiss]
-    entries += [(p.name, f"{FAISS_DIR}/{p.file}", p.start, p.stop, p.stop - p.start) for p in m.faiss_parts]
+    entries += [
+        (p.name, f"{FAISS_DIR}/{p.file}", p.start, p.stop, p.stop - p.start) for p in m.faiss_parts
+    ]
     for name, relative, start, stop, ntotal in entries:
         try:
             index = faiss.read_index(str(inside(root, relative, must_exist=True)))
@@ -186,9 +207,15 @@ def _check_faiss(root: Path, m, n: int, report: CheckReport) -> None:
             report.problems.append(f"faiss: {relative} unreadable ({str(exc).splitlines()[0]})")
             continue
         if index.ntotal != stop - start or ntotal != stop - start:
-            report.problems.append(f"faiss: {relative} holds {index.ntotal} vectors, expected {stop - start} "
-                                   f"(rows {start}..{stop - 1})")
+            report.problems.append(
+                f"faiss: {relative} holds {index.ntotal} vectors, expected {stop - start} "
+                f"(rows {start}..{stop - 1})"
+            )
             continue
-        ids = faiss.vector_to_array(index.id_map) if hasattr(index, "id_map") else np.arange(index.ntotal)
+        ids = (
+            faiss.vector_to_array(index.id_map)
+            if hasattr(index, "id_map")
+            else np.arange(index.ntotal)
+        )
         if not np.array_equal(np.sort(ids), np.arange(start, stop)):
             report.problems.append(f"faiss: {relative} ids are not the rows {start}..{stop - 1}")

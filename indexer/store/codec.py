@@ -47,7 +47,7 @@ class StyleCodec:
             raise ConfigError(f"style dtype must be float16 or float32, not {dtype!r}")
         scales = []
         for s in range(len(layout.channels)):
-            block = np.abs(style[:, layout.offsets[s]:layout.offsets[s + 1]])
+            block = np.abs(style[:, layout.offsets[s] : layout.offsets[s + 1]])
             peak = float(block.max()) if block.size else 0.0
             if dtype == "float32" or not peak > 0 or not math.isfinite(peak):
                 scales.append(1.0)

@@ -50,13 +50,25 @@ def compact(writer: StoreWriter, *, chunk_rows: int = 256) -> int:
         remove_tree(staging)
     staging.mkdir()
     m = writer.manifest
-    fresh = initialise_store(staging, m.model.config, m.style.layout, style_dtype=m.style.dtype,
-                             model_record=m.model, created=m.created)
+    fresh = initialise_store(
+        staging,
+        m.model.config,
+        m.style.layout,
+        style_dtype=m.style.dtype,
+        model_record=m.model,
+        created=m.created,
+    )
     purged = m.purged + tuple(PurgedImage(d.image_id, d.sha256, d.deleted) for d in m.deleted)
     # the same float16 scales keep the stored bits identical
-    write_manifest(staging, fresh.replace(style=dataclasses.replace(fresh.style, scales=m.style.scales),
-                                          rejected=m.rejected, purged=purged,
-                                          faiss_files=m.faiss_files or bool(m.faiss)))
+    write_manifest(
+        staging,
+        fresh.replace(
+            style=dataclasses.replace(fresh.style, scales=m.style.scales),
+            rejected=m.rejected,
+            purged=purged,
+            faiss_files=m.faiss_files or bool(m.faiss),
+        ),
+    )
 
     new = StoreWriter(staging, lock=WriterLock(staging))
     try:
@@ -64,15 +76,21 @@ def compact(writer: StoreWriter, *, chunk_rows: int = 256) -> int:
         meta = store.metadata().drop_columns(["row"])
         features = store.features()
         for a in range(0, len(live), chunk_rows):
-            rows = live[a:a + chunk_rows]
-            new.append(features=features[rows], style=store.style_rows(rows.tolist()),
-                       masks=store.mask_rows(rows.tolist()), records=meta.take(pa.array(rows)))
+            rows = live[a : a + chunk_rows]
+            new.append(
+                features=features[rows],
+                style=store.style_rows(rows.tolist()),
+                masks=store.mask_rows(rows.tolist()),
+                records=meta.take(pa.array(rows)),
+            )
         new.build_derived(sketch_dim=m.sketch.dim_requested if m.sketch else 256)
     finally:
         new.close()
     (staging / LOCK_NAME).unlink(missing_ok=True)
     if read_manifest(staging).rows != len(live):
-        raise StoreFormatError(f"{root}: the compacted copy is incomplete; the store was left as it was")
+        raise StoreFormatError(
+            f"{root}: the compacted copy is incomplete; the store was left as it was"
+        )
     atomic_write_bytes(staging / COMPACT_READY, b"ready\n")
     finish_compaction(root)
     writer.reload()

@@ -73,15 +73,23 @@ def load_faiss_index(store: "Store", name: str) -> "faiss.Index":
     if name not in FAISS_NAMES:
         raise ValueError(f"unknown FAISS index {name!r}; expected one of {', '.join(FAISS_NAMES)}")
     legacy = m.faiss_file(name)
-    files = [legacy.file] if legacy is not None else [f"{FAISS_DIR}/{p.file}" for p in m.faiss_parts_of(name)]
+    files = (
+        [legacy.file]
+        if legacy is not None
+        else [f"{FAISS_DIR}/{p.file}" for p in m.faiss_parts_of(name)]
+    )
     if not files:
-        raise StoreFormatError(f"{store.root} keeps no FAISS files; `dermris rebuild --faiss-files` writes them")
+        raise StoreFormatError(
+            f"{store.root} keeps no FAISS files; `dermris rebuild --faiss-files` writes them"
+        )
     merged = None
     for relative in files:
         try:
             part = faiss.read_index(str(inside(store.root, relative, must_exist=True)))
         except RuntimeError as exc:
-            raise StoreFormatError(f"{store.root}: {relative} unreadable ({str(exc).splitlines()[0]})") from None
+            raise StoreFormatError(
+                f"{store.root}: {relative} unreadable ({str(exc).splitlines()[0]})"
+            ) from None
         if merged is None:
             merged = part
         else:
@@ -90,7 +98,13 @@ def load_faiss_index(store: "Store", name: str) -> "faiss.Index":
 
 
 def update_sketch(
-    store: "Store", arrays: zarr.Group, info: SketchInfo | None, *, dim: int, fit_rows: int, refit_growth: int,
+    store: "Store",
+    arrays: zarr.Group,
+    info: SketchInfo | None,
+    *,
+    dim: int,
+    fit_rows: int,
+    refit_growth: int,
     device=None,
 ) -> tuple[SketchInfo | None, str | None]:
     """Bring the style sketch up to the store's committed rows.
@@ -115,7 +129,9 @@ def update_sketch(
         or (info.fitted_rows < fit_rows and n >= refit_growth * max(1, info.fitted_rows))
     )
     if refit:
-        sample_rows = np.unique(np.linspace(0, n - 1, num=min(n, fit_rows)).round().astype(int)) if n else []
+        sample_rows = (
+            np.unique(np.linspace(0, n - 1, num=min(n, fit_rows)).round().astype(int)) if n else []
+        )
         if n:
             components, mean = fit_style_basis(store.style_rows(sample_rows), dim, device=device)
         else:
@@ -128,18 +144,33 @@ def update_sketch(
         group.attrs["dermris_all_chunks_written"] = True
         d, big_d = components.shape
         # checksummed like the primary arrays, every chunk written: damage is detected, not read
-        every = {"compressors": [zarr.codecs.Crc32cCodec()], "config": {"write_empty_chunks": True}, "fill_value": 0}
+        every = {
+            "compressors": [zarr.codecs.Crc32cCodec()],
+            "config": {"write_empty_chunks": True},
+            "fill_value": 0,
+        }
         with zarr.config.set({"array.write_empty_chunks": True}):
-            group.create_array("components", shape=components.shape, dtype="float32", chunks=(1, big_d), **every)
+            group.create_array(
+                "components", shape=components.shape, dtype="float32", chunks=(1, big_d), **every
+            )
             group["components"][:] = components
             group.create_array("mean", shape=mean.shape, dtype="float64", chunks=(big_d,), **every)
             group["mean"][:] = mean
-        group.create_array("projections", shape=(0, d), dtype="float64", chunks=(1 << 14, max(d, 1)), **every)
+        group.create_array(
+            "projections", shape=(0, d), dtype="float64", chunks=(1 << 14, max(d, 1)), **every
+        )
         group.create_array("residuals", shape=(0,), dtype="float64", chunks=(1 << 16,), **every)
         group.create_array("sq_norms", shape=(0,), dtype="float64", chunks=(1 << 16,), **every)
         start = 0
-        new = SketchInfo(group=name, serial=serial, dim=d, dim_requested=dim, fitted_rows=len(sample_rows),
-                         orthonormality_error=orthonormality_error(components), rows=0)
+        new = SketchInfo(
+            group=name,
+            serial=serial,
+            dim=d,
+            dim_requested=dim,
+            fitted_rows=len(sample_rows),
+            orthonormality_error=orthonormality_error(components),
+            rows=0,
+        )
     else:
         group = arrays[info.group]
         components = np.asarray(group["components"][:])

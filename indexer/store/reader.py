@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -47,7 +48,11 @@ def store_exists(path: str | os.PathLike) -> bool:
 
 def unpack_masks(packed: np.ndarray, size: int) -> np.ndarray:
     """Bit-packed rows ``(B, ceil(S*S/8))`` -> boolean masks ``(B, S, S)``."""
-    return np.unpackbits(packed, axis=1, count=size * size).astype(bool).reshape(len(packed), size, size)
+    return (
+        np.unpackbits(packed, axis=1, count=size * size)
+        .astype(bool)
+        .reshape(len(packed), size, size)
+    )
 
 
 class Store:
@@ -87,8 +92,12 @@ class Store:
         }
         for name, (tail, dtype) in expected.items():
             arr = self._arrays[name]
-            if not isinstance(arr, zarr.Array) or arr.shape[0] < self.rows or tuple(arr.shape[1:]) != tail \
-                    or arr.dtype != dtype:
+            if (
+                not isinstance(arr, zarr.Array)
+                or arr.shape[0] < self.rows
+                or tuple(arr.shape[1:]) != tail
+                or arr.dtype != dtype
+            ):
                 shape = getattr(arr, "shape", "?")
                 raise StoreFormatError(
                     f"{root}: array {name} has shape {shape} {getattr(arr, 'dtype', '')}, expected "
@@ -98,11 +107,15 @@ class Store:
                 self._check_chunk_files(name, arr, self.rows)
         arrays_dir = root / ARRAYS_DIR
         self._style_reader = ShardedRows.for_array(arrays_dir / "style", "style")
-        self._mask_reader = ShardedRows.for_array(arrays_dir / "mask", "mask", missing_ok=not self.all_chunks_written)
+        self._mask_reader = ShardedRows.for_array(
+            arrays_dir / "mask", "mask", missing_ok=not self.all_chunks_written
+        )
         self._mask_chunks: dict[int, np.ndarray] = {}
         self._areas: np.ndarray | None = None
 
-    def _check_chunk_files(self, name: str, arr: zarr.Array, rows: int, *, path: str | None = None) -> None:
+    def _check_chunk_files(
+        self, name: str, arr: zarr.Array, rows: int, *, path: str | None = None
+    ) -> None:
         """Every chunk (or shard) file that holds committed rows must exist: zarr would read a
         missing one as its fill value, silently."""
         if rows == 0 or 0 in arr.shape:  # an empty array has no chunks
@@ -112,8 +125,10 @@ class Store:
         for i in range((rows - 1) // outer[0] + 1):
             key = arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
             if not (array_dir / key).is_file():
-                raise StoreFormatError(f"{self.root}: array {name} is missing its chunk file {key} "
-                                       f"(rows {i * outer[0]} to {min(rows, (i + 1) * outer[0]) - 1})")
+                raise StoreFormatError(
+                    f"{self.root}: array {name} is missing its chunk file {key} "
+                    f"(rows {i * outer[0]} to {min(rows, (i + 1) * outer[0]) - 1})"
+                )
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> "Store":
@@ -223,7 +238,9 @@ class Store:
                 f"{self.root} was compacted since it was opened (rows were renumbered); reopen it"
             )
         self._stamp = stamp
-        deleted = np.array(sorted({d.row for d in manifest.deleted if d.row < self.rows}), dtype=np.int64)
+        deleted = np.array(
+            sorted({d.row for d in manifest.deleted if d.row < self.rows}), dtype=np.int64
+        )
         self._deleted = np.union1d(self._deleted, deleted).astype(np.int64)
         return self._deleted
 
@@ -278,7 +295,9 @@ class Store:
         try:
             return self._arrays[name][selection]
         except (ValueError, OSError, RuntimeError, KeyError) as exc:
-            raise StoreFormatError(f"{self.root}: array {name} is damaged at {selection!r}: {exc}") from None
+            raise StoreFormatError(
+                f"{self.root}: array {name} is damaged at {selection!r}: {exc}"
+            ) from None
 
     def _check_rows(self, rows: Sequence[int]) -> None:
         for row in rows:
@@ -322,8 +341,9 @@ class Store:
         """Decoded style vectors of the given rows, float32."""
         return self.codec.decode(self.stored_style_rows(rows))
 
-    def iter_style_blocks(self, *, start: int = 0, max_bytes: int = 64 << 20,
-                          stored: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+    def iter_style_blocks(
+        self, *, start: int = 0, max_bytes: int = 64 << 20, stored: bool = False
+    ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start, block)`` over committed rows from ``start``, shard-aligned blocks of
         about ``max_bytes`` (decoded float32, or as stored with ``stored=True``)."""
         shard = self.manifest.arrays.style_shard_rows
@@ -355,7 +375,9 @@ class Store:
             c = int(row) // chunk
             block = self._mask_chunks.get(c)
             if block is None:
-                block = np.asarray(self._read("mask", slice(c * chunk, min(self.rows, (c + 1) * chunk))), np.uint8)
+                block = np.asarray(
+                    self._read("mask", slice(c * chunk, min(self.rows, (c + 1) * chunk))), np.uint8
+                )
                 if len(self._mask_chunks) >= 64:
                     self._mask_chunks.pop(next(iter(self._mask_chunks)))
                 self._mask_chunks[c] = block
@@ -370,8 +392,10 @@ class Store:
         bad = np.flatnonzero(counts != areas)
         if len(bad):
             row = int(np.asarray(rows)[bad[0]])
-            raise StoreFormatError(f"{self.root}: array mask is damaged at row {row} "
-                                   f"({counts[bad[0]]} lesion pixels, mask_area says {areas[bad[0]]})")
+            raise StoreFormatError(
+                f"{self.root}: array mask is damaged at row {row} "
+                f"({counts[bad[0]]} lesion pixels, mask_area says {areas[bad[0]]})"
+            )
         return masks
 
     def _mask_areas(self) -> np.ndarray:
@@ -387,18 +411,26 @@ class Store:
         grid = self.manifest.arrays.mask_grid
         if grid is not None and "mask_blocks" in self._group:
             arr = self._group["mask_blocks"]
-            if isinstance(arr, zarr.Array) and arr.shape[0] >= self.rows and arr.shape[1:] == (grid * grid,):
+            if (
+                isinstance(arr, zarr.Array)
+                and arr.shape[0] >= self.rows
+                and arr.shape[1:] == (grid * grid,)
+            ):
                 if self.all_chunks_written:
                     self._check_chunk_files("mask_blocks", arr, self.rows)
                 try:
                     return np.asarray(arr[: self.rows], np.int32), grid
                 except (ValueError, OSError, RuntimeError) as exc:
-                    raise StoreFormatError(f"{self.root}: array mask_blocks is damaged: {exc}") from None
+                    raise StoreFormatError(
+                        f"{self.root}: array mask_blocks is damaged: {exc}"
+                    ) from None
         grid = MASK_GRID if self.mask_size % MASK_GRID == 0 else 1
         out = np.zeros((self.rows, grid * grid), np.int32)
         for a in range(0, self.rows, 4096):
             b = min(self.rows, a + 4096)
-            out[a:b] = mask_block_counts(unpack_masks(np.asarray(self._read("mask", slice(a, b))), self.mask_size), grid)
+            out[a:b] = mask_block_counts(
+                unpack_masks(np.asarray(self._read("mask", slice(a, b))), self.mask_size), grid
+            )
         return out, grid
 
     def sketch(self) -> StyleSketch | None:
@@ -410,9 +442,16 @@ class Store:
         rows = min(info.rows, self.rows)
         try:
             if group.attrs.get("dermris_all_chunks_written", False):
-                for key, n in (("components", info.dim), ("mean", 1), ("projections", rows), ("residuals", rows),
-                               ("sq_norms", rows)):
-                    self._check_chunk_files(f"{info.group}/{key}", group[key], n, path=f"{info.group}/{key}")
+                for key, n in (
+                    ("components", info.dim),
+                    ("mean", 1),
+                    ("projections", rows),
+                    ("residuals", rows),
+                    ("sq_norms", rows),
+                ):
+                    self._check_chunk_files(
+                        f"{info.group}/{key}", group[key], n, path=f"{info.group}/{key}"
+                    )
             sketch = StyleSketch(
                 components=np.asarray(group["components"][:], np.float32),
                 mean=np.asarray(group["mean"][:], np.float64),
@@ -423,8 +462,12 @@ class Store:
             )
         except (KeyError, ValueError, OSError, RuntimeError, TypeError) as exc:
             raise StoreFormatError(f"{self.root}: style sketch is damaged ({exc})") from None
-        if sketch.components.shape != (info.dim, self.style_dim) or sketch.mean.shape != (self.style_dim,) \
-                or sketch.projections.shape != (rows, info.dim) or sketch.residuals.shape != (rows,):
+        if (
+            sketch.components.shape != (info.dim, self.style_dim)
+            or sketch.mean.shape != (self.style_dim,)
+            or sketch.projections.shape != (rows, info.dim)
+            or sketch.residuals.shape != (rows,)
+        ):
             raise StoreFormatError(f"{self.root}: style sketch arrays do not match the manifest")
         return sketch
 
@@ -439,24 +482,37 @@ class Store:
             try:
                 data = path.read_bytes()
             except OSError as exc:
-                raise StoreFormatError(f"{self.root}: metadata part {part.file} unreadable: {exc.strerror or exc}") \
-                    from None
+                raise StoreFormatError(
+                    f"{self.root}: metadata part {part.file} unreadable: {exc.strerror or exc}"
+                ) from None
             if part.sha256 and hashlib.sha256(data).hexdigest() != part.sha256:
-                raise StoreFormatError(f"{self.root}: metadata part {part.file} does not match its sha256")
+                raise StoreFormatError(
+                    f"{self.root}: metadata part {part.file} does not match its sha256"
+                )
             try:
-                table = pq.read_table(pa.BufferReader(data), columns=list(columns) if columns is not None else None)
+                table = pq.read_table(
+                    pa.BufferReader(data), columns=list(columns) if columns is not None else None
+                )
             except (OSError, pa.ArrowInvalid, pa.ArrowNotImplementedError, KeyError) as exc:
-                raise StoreFormatError(f"{self.root}: metadata part {part.file} unreadable: {exc}") from None
+                raise StoreFormatError(
+                    f"{self.root}: metadata part {part.file} unreadable: {exc}"
+                ) from None
             tables.append(table.slice(0, min(part.stop, self.rows) - part.start))
         if not tables:
             names = list(columns) if columns is not None else ["row", "image_id", "path", "sha256"]
-            return pa.table({c: pa.array([], pa.int64() if c == "row" else pa.string()) for c in names})
+            return pa.table(
+                {c: pa.array([], pa.int64() if c == "row" else pa.string()) for c in names}
+            )
         try:  # parts written before a column was added read it as null
             table = pa.concat_tables(tables, promote_options="permissive")
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise StoreFormatError(f"{self.root}: metadata parts disagree on their columns: {exc}") from None
+            raise StoreFormatError(
+                f"{self.root}: metadata parts disagree on their columns: {exc}"
+            ) from None
         if table.num_rows != self.rows:
-            raise StoreFormatError(f"{self.root}: metadata has {table.num_rows} rows, manifest {self.rows}")
+            raise StoreFormatError(
+                f"{self.root}: metadata has {table.num_rows} rows, manifest {self.rows}"
+            )
         return table
 
     def metadata_schema(self) -> pa.Schema:
@@ -468,11 +524,15 @@ class Store:
             try:
                 schemas.append(pq.read_schema(inside(self.root, f"{METADATA_DIR}/{part.file}")))
             except (OSError, pa.ArrowInvalid) as exc:
-                raise StoreFormatError(f"{self.root}: metadata part {part.file} unreadable: {exc}") from None
+                raise StoreFormatError(
+                    f"{self.root}: metadata part {part.file} unreadable: {exc}"
+                ) from None
         try:
             return pa.unify_schemas(schemas, promote_options="permissive")
         except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise StoreFormatError(f"{self.root}: metadata parts disagree on their columns: {exc}") from None
+            raise StoreFormatError(
+                f"{self.root}: metadata parts disagree on their columns: {exc}"
+            ) from None
 
     # -- summary -------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -498,8 +558,11 @@ class Store:
             "mask_size": self.mask_size,
             "weights_sha256": m.model.weights_sha256,
             "metadata_columns": self.metadata_schema().names,
-            "faiss_files": ({p.name: p.stop for p in m.faiss_parts} | {f.name: f.ntotal for f in m.faiss})
-            if (m.faiss_files or m.faiss) else None,
+            "faiss_files": (
+                {p.name: p.stop for p in m.faiss_parts} | {f.name: f.ntotal for f in m.faiss}
+            )
+            if (m.faiss_files or m.faiss)
+            else None,
             "sketch_dim": m.sketch.dim if m.sketch else None,
             "rejected": len(m.rejected),
             "created": m.created,

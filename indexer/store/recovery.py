@@ -22,8 +22,15 @@ from dermris.core.errors import StoreFormatError
 from ._files import inside
 from ._format import ARRAYS_DIR, FAISS_DIR, MANIFEST_NAME, METADATA_DIR, Manifest
 
-__all__ = ["COMPACT_DIR", "COMPACT_OLD", "COMPACT_READY", "compaction_pending", "finish_compaction",
-           "remove_tree", "remove_uncommitted_files"]
+__all__ = [
+    "COMPACT_DIR",
+    "COMPACT_OLD",
+    "COMPACT_READY",
+    "compaction_pending",
+    "finish_compaction",
+    "remove_tree",
+    "remove_uncommitted_files",
+]
 
 COMPACT_DIR = ".compact"
 COMPACT_OLD = ".compact-old"
@@ -47,7 +54,11 @@ def remove_tree(path: Path) -> None:
 def compaction_pending(root: Path) -> bool:
     """Whether a complete compacted copy waits to be switched in."""
     staging = root / COMPACT_DIR
-    return _real_dir(staging) and (staging / COMPACT_READY).is_file() and not (staging / COMPACT_READY).is_symlink()
+    return (
+        _real_dir(staging)
+        and (staging / COMPACT_READY).is_file()
+        and not (staging / COMPACT_READY).is_symlink()
+    )
 
 
 def finish_compaction(root: Path) -> None:
@@ -69,7 +80,9 @@ def finish_compaction(root: Path) -> None:
     for name in _SWITCHED:
         source = staging / name
         if source.is_symlink():
-            raise StoreFormatError(f"{source} is a symbolic link; refusing to switch it into the store")
+            raise StoreFormatError(
+                f"{source} is a symbolic link; refusing to switch it into the store"
+            )
         if _real_dir(source):
             current = root / name
             if current.exists() or current.is_symlink():
@@ -87,15 +100,16 @@ def finish_compaction(root: Path) -> None:
     remove_tree(old)
 
 
-
-
 def remove_uncommitted_files(root: Path, manifest: Manifest) -> None:
     """Delete what an interrupted writer left: unlisted Parquet and FAISS parts, temporary files.
 
     Only regular files inside the store are removed, never through a symbolic link.
     """
-    listed = {METADATA_DIR: {p.file for p in manifest.metadata_parts},
-              FAISS_DIR: {p.file for p in manifest.faiss_parts} | {os.path.basename(f.file) for f in manifest.faiss}}
+    listed = {
+        METADATA_DIR: {p.file for p in manifest.metadata_parts},
+        FAISS_DIR: {p.file for p in manifest.faiss_parts}
+        | {os.path.basename(f.file) for f in manifest.faiss},
+    }
     for folder, keep in listed.items():
         directory = inside(root, folder)
         if directory.is_dir() and not directory.is_symlink():

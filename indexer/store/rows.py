@@ -61,8 +61,18 @@ class ShardedRows:
         without ``write_empty_chunks``; otherwise it is an error.
     """
 
-    def __init__(self, array_dir: Path, name: str, *, shard_rows: int, width: int, dtype, zstd: bool,
-                 missing_ok: bool = False, max_open: int = 64) -> None:
+    def __init__(
+        self,
+        array_dir: Path,
+        name: str,
+        *,
+        shard_rows: int,
+        width: int,
+        dtype,
+        zstd: bool,
+        missing_ok: bool = False,
+        max_open: int = 64,
+    ) -> None:
         self.dir = array_dir
         self.name = name
         self.shard_rows = shard_rows
@@ -76,7 +86,9 @@ class ShardedRows:
         self._lock = threading.Lock()
 
     @classmethod
-    def for_array(cls, array_dir: Path, name: str, *, missing_ok: bool = False) -> "ShardedRows | None":
+    def for_array(
+        cls, array_dir: Path, name: str, *, missing_ok: bool = False
+    ) -> "ShardedRows | None":
         """A reader for the array in ``array_dir``, or None when its layout is not one row per
         inner chunk in shards with checksums (then read it through zarr)."""
         try:
@@ -99,14 +111,23 @@ class ShardedRows:
                 return None
             if meta.get("chunk_key_encoding", {}).get("name", "default") != "default":
                 return None
-            separator = meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/")
+            separator = (
+                meta.get("chunk_key_encoding", {}).get("configuration", {}).get("separator", "/")
+            )
             if separator != "/":
                 return None
             dtype = np.dtype(meta["data_type"])
         except (OSError, ValueError, KeyError, TypeError, IndexError):
             return None
-        return cls(array_dir, name, shard_rows=int(shard_rows), width=int(shape[1]), dtype=dtype,
-                   zstd=inner[1] == "zstd", missing_ok=missing_ok)
+        return cls(
+            array_dir,
+            name,
+            shard_rows=int(shard_rows),
+            width=int(shape[1]),
+            dtype=dtype,
+            zstd=inner[1] == "zstd",
+            missing_ok=missing_ok,
+        )
 
     # -- shards --------------------------------------------------------------------------
     def _shard(self, shard: int) -> tuple[int, np.ndarray]:
@@ -121,9 +142,13 @@ class ShardedRows:
         except FileNotFoundError:
             if self.missing_ok:
                 return -1, np.full((self.shard_rows, 2), _EMPTY, dtype="<u8")
-            raise StoreFormatError(f"array {self.name}: shard file c/{shard}/0 is missing") from None
+            raise StoreFormatError(
+                f"array {self.name}: shard file c/{shard}/0 is missing"
+            ) from None
         except OSError as exc:
-            raise StoreFormatError(f"array {self.name}: cannot open shard c/{shard}/0 ({exc.strerror})") from None
+            raise StoreFormatError(
+                f"array {self.name}: cannot open shard c/{shard}/0 ({exc.strerror})"
+            ) from None
         try:
             size = os.fstat(fd).st_size
             index_bytes = 16 * self.shard_rows + 4
@@ -131,9 +156,13 @@ class ShardedRows:
                 raise StoreFormatError(f"array {self.name}: shard c/{shard}/0 is truncated")
             raw = os.pread(fd, index_bytes, size - index_bytes)
             if _crc32c(np.frombuffer(raw, np.uint8)[:-4]) != int.from_bytes(raw[-4:], "little"):
-                raise StoreFormatError(f"array {self.name}: the index of shard c/{shard}/0 fails its checksum")
+                raise StoreFormatError(
+                    f"array {self.name}: the index of shard c/{shard}/0 fails its checksum"
+                )
             index = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.shard_rows, 2)
-            bad = (index[:, 0] != _EMPTY) & ((index[:, 0] + index[:, 1]) > np.uint64(size - index_bytes))
+            bad = (index[:, 0] != _EMPTY) & (
+                (index[:, 0] + index[:, 1]) > np.uint64(size - index_bytes)
+            )
             if bad.any():
                 raise StoreFormatError(f"array {self.name}: shard c/{shard}/0 points past its end")
         except BaseException:
@@ -162,7 +191,9 @@ class ShardedRows:
     # -- rows ----------------------------------------------------------------------------
     def _decode(self, chunk: np.ndarray, row: int) -> np.ndarray:
         if len(chunk) < 4 or _crc32c(chunk[:-4]) != int.from_bytes(chunk[-4:].tobytes(), "little"):
-            raise StoreFormatError(f"array {self.name}: row {row} fails its checksum (damaged chunk)")
+            raise StoreFormatError(
+                f"array {self.name}: row {row} fails its checksum (damaged chunk)"
+            )
         payload = chunk[:-4]
         if self.zstd:
             from numcodecs import Zstd
@@ -170,9 +201,13 @@ class ShardedRows:
             try:
                 payload = np.frombuffer(Zstd().decode(payload.tobytes()), np.uint8)
             except Exception as exc:  # numcodecs raises RuntimeError on corrupt frames
-                raise StoreFormatError(f"array {self.name}: row {row} cannot be decompressed ({exc})") from None
+                raise StoreFormatError(
+                    f"array {self.name}: row {row} cannot be decompressed ({exc})"
+                ) from None
         if len(payload) != self.row_bytes:
-            raise StoreFormatError(f"array {self.name}: row {row} has {len(payload)} bytes, expected {self.row_bytes}")
+            raise StoreFormatError(
+                f"array {self.name}: row {row} has {len(payload)} bytes, expected {self.row_bytes}"
+            )
         return np.frombuffer(payload, dtype=self.dtype)
 
     def read(self, rows) -> np.ndarray:
@@ -194,7 +229,9 @@ class ShardedRows:
             if missing.any():
                 if not self.missing_ok:
                     row = int(sorted_rows[group[np.flatnonzero(missing)[0]]])
-                    raise StoreFormatError(f"array {self.name}: row {row} is missing from shard c/{shard}/0")
+                    raise StoreFormatError(
+                        f"array {self.name}: row {row} is missing from shard c/{shard}/0"
+                    )
                 out[order[group[missing]]] = 0
                 group, offsets, sizes = group[~missing], offsets[~missing], sizes[~missing]
             by_offset = np.argsort(offsets, kind="stable")
@@ -213,11 +250,13 @@ class ShardedRows:
                 try:
                     buf = np.frombuffer(os.pread(fd, end - begin, begin), np.uint8)
                 except OSError as exc:
-                    raise StoreFormatError(f"array {self.name}: cannot read shard c/{shard}/0 ({exc.strerror})") from None
+                    raise StoreFormatError(
+                        f"array {self.name}: cannot read shard c/{shard}/0 ({exc.strerror})"
+                    ) from None
                 for j in by_offset[run_start:run_end]:
                     start = int(offsets[j]) - begin
                     row = int(sorted_rows[group[j]])
-                    out[order[group[j]]] = self._decode(buf[start:start + int(sizes[j])], row)
+                    out[order[group[j]]] = self._decode(buf[start : start + int(sizes[j])], row)
                 run_start = run_end
         return out
 

@@ -12,8 +12,8 @@ All arithmetic that the bounds rest on is float64.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 
@@ -98,8 +98,14 @@ class StyleSketch:
             ys.append(y)
             rs.append(r)
             ns.append(n)
-        return StyleSketch(self.components, self.mean, np.concatenate(ys), np.concatenate(rs),
-                           np.concatenate(ns), self.orthonormality_error)
+        return StyleSketch(
+            self.components,
+            self.mean,
+            np.concatenate(ys),
+            np.concatenate(rs),
+            np.concatenate(ns),
+            self.orthonormality_error,
+        )
 
 
 def _column_blocks(dim: int, width: int = 1 << 15):
@@ -146,7 +152,9 @@ def fit_style_basis(sample: np.ndarray, dim: int, *, device=None) -> tuple[np.nd
     if cuda is not None:
         import torch
 
-        z = torch.from_numpy(np.ascontiguousarray(sample)).to(cuda, torch.float64) - torch.from_numpy(mean).to(cuda)
+        z = torch.from_numpy(np.ascontiguousarray(sample)).to(
+            cuda, torch.float64
+        ) - torch.from_numpy(mean).to(cuda)
         evals, evecs = torch.linalg.eigh(z @ z.T)
         evals, evecs = evals.flip(0), evecs.flip(1)
         keep = evals > max(float(evals[0]), 0.0) * 1e-10
@@ -206,8 +214,9 @@ def project_style(
     if cuda is not None:
         import torch
 
-        z = torch.from_numpy(np.ascontiguousarray(block)).to(cuda, torch.float64) - torch.from_numpy(
-            np.asarray(mean, np.float64)).to(cuda)
+        z = torch.from_numpy(np.ascontiguousarray(block)).to(
+            cuda, torch.float64
+        ) - torch.from_numpy(np.asarray(mean, np.float64)).to(cuda)
         p = torch.from_numpy(np.asarray(components)).to(cuda, torch.float64)
         y = z @ p.T
         sq = (z * z).sum(dim=1)

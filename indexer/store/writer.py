@@ -11,8 +11,9 @@ import dataclasses
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -20,8 +21,8 @@ import pyarrow.parquet as pq
 import zarr
 
 from dermris.core.atomic import atomic_path, fsync_dir, fsync_file
-from dermris.core.hashing import file_sha256
 from dermris.core.errors import ConfigError, StoreExistsError, StoreFormatError, StoreMismatchError
+from dermris.core.hashing import file_sha256
 from dermris.core.style_layout import StyleLayout
 from dermris.models.presets import ModelConfig
 
@@ -76,8 +77,9 @@ def _fsync_rows(array_dir: Path, arr: zarr.Array, start: int, stop: int) -> None
     fsync_file(array_dir / "zarr.json")
 
 
-def _initialise_arrays(root: Path, model_config: ModelConfig, layout: StyleLayout, style_dtype: str,
-                       generation: str) -> ArraySpec:
+def _initialise_arrays(
+    root: Path, model_config: ModelConfig, layout: StyleLayout, style_dtype: str, generation: str
+) -> ArraySpec:
     feature_dim = model_config.feature_dim
     size = model_config.mask_size
     mask_bytes = (size * size + 7) // 8
@@ -88,35 +90,85 @@ def _initialise_arrays(root: Path, model_config: ModelConfig, layout: StyleLayou
     # Every chunk is written, even one equal to the fill value, so that a missing chunk file is
     # always damage (zarr would read it as zeros).
     every = {"config": {"write_empty_chunks": True}, "fill_value": 0}
-    group.create_array("features", shape=(0, feature_dim), dtype="float32",
-                       chunks=(max(1, (4 << 20) // (4 * feature_dim)), feature_dim), compressors=_checksummed(),
-                       **every)
-    group.create_array("style", shape=(0, dim), dtype=style_dtype, chunks=(1, dim), shards=(shard_rows, dim),
-                       compressors=_checksummed(), **every)
+    group.create_array(
+        "features",
+        shape=(0, feature_dim),
+        dtype="float32",
+        chunks=(max(1, (4 << 20) // (4 * feature_dim)), feature_dim),
+        compressors=_checksummed(),
+        **every,
+    )
+    group.create_array(
+        "style",
+        shape=(0, dim),
+        dtype=style_dtype,
+        chunks=(1, dim),
+        shards=(shard_rows, dim),
+        compressors=_checksummed(),
+        **every,
+    )
     # one mask per chunk (so reading a row never decompresses others), 1,024 per shard file
-    group.create_array("mask", shape=(0, mask_bytes), dtype="uint8", chunks=(1, mask_bytes),
-                       shards=(1024, mask_bytes), compressors=_checksummed(zstd=True), **every)
-    group.create_array("mask_area", shape=(0,), dtype="int32", chunks=(1 << 16,),
-                       compressors=_checksummed(zstd=True), **every)
-    group.create_array("mask_blocks", shape=(0, grid * grid), dtype="int32", chunks=(1 << 12, grid * grid),
-                       compressors=_checksummed(zstd=True), **every)
+    group.create_array(
+        "mask",
+        shape=(0, mask_bytes),
+        dtype="uint8",
+        chunks=(1, mask_bytes),
+        shards=(1024, mask_bytes),
+        compressors=_checksummed(zstd=True),
+        **every,
+    )
+    group.create_array(
+        "mask_area",
+        shape=(0,),
+        dtype="int32",
+        chunks=(1 << 16,),
+        compressors=_checksummed(zstd=True),
+        **every,
+    )
+    group.create_array(
+        "mask_blocks",
+        shape=(0, grid * grid),
+        dtype="int32",
+        chunks=(1 << 12, grid * grid),
+        compressors=_checksummed(zstd=True),
+        **every,
+    )
     group.attrs["dermris_format_version"] = 1
     group.attrs["dermris_generation"] = generation
     group.attrs["dermris_all_chunks_written"] = True
-    return ArraySpec(feature_dim=feature_dim, style_dim=dim, style_dtype=style_dtype, style_shard_rows=shard_rows,
-                     mask_size=size, mask_bytes=mask_bytes, mask_grid=grid)
+    return ArraySpec(
+        feature_dim=feature_dim,
+        style_dim=dim,
+        style_dtype=style_dtype,
+        style_shard_rows=shard_rows,
+        mask_size=size,
+        mask_bytes=mask_bytes,
+        mask_grid=grid,
+    )
 
 
-def initialise_store(root: Path, model_config: ModelConfig, layout: StyleLayout, *, style_dtype: str,
-                     model_record: ModelRecord, created: str | None = None) -> Manifest:
+def initialise_store(
+    root: Path,
+    model_config: ModelConfig,
+    layout: StyleLayout,
+    *,
+    style_dtype: str,
+    model_record: ModelRecord,
+    created: str | None = None,
+) -> Manifest:
     """Create the empty arrays and directories of a store in ``root`` and write its manifest."""
     (root / METADATA_DIR).mkdir()
     (root / FAISS_DIR).mkdir()
     generation = uuid.uuid4().hex
     arrays = _initialise_arrays(root, model_config, layout, style_dtype, generation)
-    manifest = Manifest(rows=0, model=model_record, arrays=arrays,
-                        style=StyleInfo(layout=layout, scales=None, dtype=style_dtype), created=created or now(),
-                        generation=generation)
+    manifest = Manifest(
+        rows=0,
+        model=model_record,
+        arrays=arrays,
+        style=StyleInfo(layout=layout, scales=None, dtype=style_dtype),
+        created=created or now(),
+        generation=generation,
+    )
     return write_manifest(root, manifest)
 
 
@@ -132,7 +184,9 @@ class StoreWriter:
         self.root = root
         self._lock = lock or WriterLock(root)
         try:
-            finish_compaction(root)  # an interrupted compaction is finished (or cleared) under the lock
+            finish_compaction(
+                root
+            )  # an interrupted compaction is finished (or cleared) under the lock
             self.manifest = read_manifest(root)
             remove_uncommitted_files(root, self.manifest)
             self._load()
@@ -149,11 +203,19 @@ class StoreWriter:
         """Set what the writer derives from the manifest (on open, and after compaction)."""
         m = self.manifest
         try:
-            self._group = zarr.open_group(str(inside(self.root, ARRAYS_DIR, must_exist=True)), mode="r+")
+            self._group = zarr.open_group(
+                str(inside(self.root, ARRAYS_DIR, must_exist=True)), mode="r+"
+            )
         except (FileNotFoundError, ValueError, OSError) as exc:
-            raise StoreFormatError(f"{self.root}: arrays.zarr is missing or damaged ({exc})") from None
-        self.codec = StyleCodec(m.style.layout, m.style.scales, m.style.dtype) if m.style.scales else None
-        self._schema: pa.Schema | None = Store(self.root, m).metadata_schema() if m.metadata_parts else None
+            raise StoreFormatError(
+                f"{self.root}: arrays.zarr is missing or damaged ({exc})"
+            ) from None
+        self.codec = (
+            StyleCodec(m.style.layout, m.style.scales, m.style.dtype) if m.style.scales else None
+        )
+        self._schema: pa.Schema | None = (
+            Store(self.root, m).metadata_schema() if m.metadata_parts else None
+        )
 
     @property
     def rows(self) -> int:
@@ -241,7 +303,8 @@ class StoreWriter:
             others = [p.name for p in root.iterdir() if p.name not in (_CREATE_DIR, ".writer.lock")]
             if others:
                 raise StoreExistsError(
-                    f"{root} exists and is not empty" + (" (it is a store)" if MANIFEST_NAME in others else "")
+                    f"{root} exists and is not empty"
+                    + (" (it is a store)" if MANIFEST_NAME in others else "")
                 )
             staging = root / _CREATE_DIR
             if staging.is_symlink():
@@ -253,8 +316,12 @@ class StoreWriter:
                 from dermris.models.weights import save_model
 
                 weights_sha256 = save_model(model, staging / MODEL_FILE)
-            record = ModelRecord(model_config, MODEL_FILE if weights_sha256 else None, weights_sha256)
-            initialise_store(staging, model_config, style_layout, style_dtype=style_dtype, model_record=record)
+            record = ModelRecord(
+                model_config, MODEL_FILE if weights_sha256 else None, weights_sha256
+            )
+            initialise_store(
+                staging, model_config, style_layout, style_dtype=style_dtype, model_record=record
+            )
             for child in sorted(staging.iterdir()):
                 if child.name != MANIFEST_NAME:
                     os.replace(child, root / child.name)
@@ -288,7 +355,9 @@ class StoreWriter:
                 f"{model.config.name!r} ({model.config.backbone}); use another store path"
             )
         if not models_compute_alike(self.load_model(), model):
-            raise StoreMismatchError(f"{self.root} was built with other model weights; use another store path")
+            raise StoreMismatchError(
+                f"{self.root} was built with other model weights; use another store path"
+            )
 
     def load_model(self) -> "DermrisModel":
         """The model stored with the store (checksum verified)."""
@@ -305,7 +374,9 @@ class StoreWriter:
         The scales are committed with the first rows.
         """
         if self.codec is None:
-            self.codec = StyleCodec.fit(style, self.manifest.style.layout, self.manifest.style.dtype)
+            self.codec = StyleCodec.fit(
+                style, self.manifest.style.layout, self.manifest.style.dtype
+            )
         return self.codec
 
     def append(
@@ -378,10 +449,17 @@ class StoreWriter:
 
         n0, n1 = self.rows, self.rows + b
         arrays_dir = self.root / ARRAYS_DIR
-        columns = [("features", features), ("style", encoded), ("mask", packed), ("mask_area", areas)]
+        columns = [
+            ("features", features),
+            ("style", encoded),
+            ("mask", packed),
+            ("mask_area", areas),
+        ]
         if blocks is not None:
             columns.append(("mask_blocks", blocks))
-        with zarr.config.set({"array.write_empty_chunks": True}):  # a missing chunk is always damage
+        with zarr.config.set(
+            {"array.write_empty_chunks": True}
+        ):  # a missing chunk is always damage
             for name, data in columns:
                 arr = self._group[name]
                 arr.resize((n1, *arr.shape[1:]))
@@ -396,8 +474,15 @@ class StoreWriter:
         parts = m.metadata_parts + (MetadataPart(part, n0, n1, file_sha256(target)),)
         style_info = dataclasses.replace(m.style, clipped_values=m.style.clipped_values + clipped)
         # an older store's whole-store FAISS files no longer cover the rows: replaced by parts later
-        self._commit(m.replace(rows=n1, metadata_parts=parts, style=style_info, faiss=(),
-                               faiss_files=m.faiss_files or bool(m.faiss)))
+        self._commit(
+            m.replace(
+                rows=n1,
+                metadata_parts=parts,
+                style=style_info,
+                faiss=(),
+                faiss_files=m.faiss_files or bool(m.faiss),
+            )
+        )
         return range(n0, n1)
 
     def prepare_metadata(self, user_schema: pa.Schema | None) -> tuple[pa.Schema, list[str]]:
@@ -423,7 +508,9 @@ class StoreWriter:
         StoreMismatchError
             A column's type cannot be reconciled.
         """
-        new = pa.schema(list(CORE_SCHEMA) + [f for f in (user_schema or []) if f.name not in CORE_COLUMNS])
+        new = pa.schema(
+            list(CORE_SCHEMA) + [f for f in (user_schema or []) if f.name not in CORE_COLUMNS]
+        )
         stored = self._schema
         if stored is None:
             self._schema = new
@@ -437,10 +524,14 @@ class StoreWriter:
             if pa.types.is_string(old.type) or pa.types.is_large_string(old.type):
                 continue  # anything can be written as text
             try:
-                unified = pa.unify_schemas([pa.schema([old]), pa.schema([field])], promote_options="permissive")
+                unified = pa.unify_schemas(
+                    [pa.schema([old]), pa.schema([field])], promote_options="permissive"
+                )
             except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
                 unified = None
-            if unified is None or (pa.types.is_string(field.type) and not pa.types.is_string(old.type)):
+            if unified is None or (
+                pa.types.is_string(field.type) and not pa.types.is_string(old.type)
+            ):
                 raise StoreMismatchError(
                     f"metadata column {field.name!r} holds {old.type} in the store but {field.type} in the CSV; "
                     "fix the CSV or index into a new store"
@@ -454,7 +545,9 @@ class StoreWriter:
         rows = pa.array(np.arange(start, start + records.num_rows, dtype=np.int64))
         table = records.add_column(0, "row", rows) if "row" not in records.column_names else records
         if self._schema is None:
-            self.prepare_metadata(pa.schema([f for f in table.schema if f.name not in CORE_COLUMNS]))
+            self.prepare_metadata(
+                pa.schema([f for f in table.schema if f.name not in CORE_COLUMNS])
+            )
         columns = []
         try:
             for field in self._schema:
@@ -463,8 +556,9 @@ class StoreWriter:
                 else:
                     columns.append(pa.nulls(table.num_rows, field.type))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
-            raise StoreMismatchError(f"metadata columns do not fit the store's ({exc}); index into a new store") \
-                from None
+            raise StoreMismatchError(
+                f"metadata columns do not fit the store's ({exc}); index into a new store"
+            ) from None
         return pa.Table.from_arrays(columns, schema=self._schema)
 
     def record_rejected(self, rejected: Sequence[tuple[str, str]]) -> None:
@@ -480,7 +574,9 @@ class StoreWriter:
         if added:
             self._commit(self.manifest.replace(rejected=self.manifest.rejected + tuple(added)))
 
-    def delete(self, image_ids: Sequence[str], *, missing_ok: bool = True) -> tuple[list[int], list[str]]:
+    def delete(
+        self, image_ids: Sequence[str], *, missing_ok: bool = True
+    ) -> tuple[list[int], list[str]]:
         """Mark images as deleted: from this commit on no search returns them and they no longer
         count in any normaliser. :meth:`compact` removes them physically.
 
@@ -498,8 +594,14 @@ class StoreWriter:
             The rows deleted now, and the ids that are not (or no longer) in the store.
         """
         meta = self.reader().metadata(columns=["row", "image_id", "sha256"])
-        by_id = {i: (r, sha) for r, i, sha in zip(meta.column("row").to_pylist(), meta.column("image_id").to_pylist(),
-                                                  meta.column("sha256").to_pylist())}
+        by_id = {
+            i: (r, sha)
+            for r, i, sha in zip(
+                meta.column("row").to_pylist(),
+                meta.column("image_id").to_pylist(),
+                meta.column("sha256").to_pylist(),
+            )
+        }
         already = {d.row for d in self.manifest.deleted}
         rows, unknown, marks = [], [], []
         for image_id in dict.fromkeys(image_ids):
@@ -512,8 +614,10 @@ class StoreWriter:
             marks.append(DeletedImage(hit[0], image_id, hit[1], now()))
         if unknown and not missing_ok:
             shown = ", ".join(map(repr, unknown[:5])) + (" ..." if len(unknown) > 5 else "")
-            raise StoreMismatchError(f"{len(unknown)} ids are not in {self.root} (or already deleted): {shown}; "
-                                     "nothing was deleted (--missing-ok skips them)")
+            raise StoreMismatchError(
+                f"{len(unknown)} ids are not in {self.root} (or already deleted): {shown}; "
+                "nothing was deleted (--missing-ok skips them)"
+            )
         if marks:
             self._commit(self.manifest.replace(deleted=self.manifest.deleted + tuple(marks)))
         return rows, unknown
@@ -544,13 +648,17 @@ class StoreWriter:
         if covered < m.rows:
             parts = parts + write_faiss_parts(self.reader(), self.root, covered, m.rows)
         self._commit(m.replace(faiss_files=True, faiss_parts=parts, faiss=()))
-        stale = ({os.path.basename(f.file) for f in m.faiss} | {p.file for p in m.faiss_parts}) - {p.file for p in parts}
+        stale = ({os.path.basename(f.file) for f in m.faiss} | {p.file for p in m.faiss_parts}) - {
+            p.file for p in parts
+        }
         for name in stale:  # no reader uses them once the manifest no longer lists them
             path = inside(self.root, f"{FAISS_DIR}/{name}")
             if path.is_file() and not path.is_symlink():
                 path.unlink()
 
-    def update_sketch(self, *, dim: int = 256, fit_rows: int = 1024, refit_growth: int = 4, device=None) -> None:
+    def update_sketch(
+        self, *, dim: int = 256, fit_rows: int = 1024, refit_growth: int = 4, device=None
+    ) -> None:
         """Bring the style sketch up to the committed rows (derived data, crash-safe).
 
         New rows are projected onto the current basis; the basis is refitted into a new zarr
@@ -560,16 +668,29 @@ class StoreWriter:
         """
         if dim < 0 or fit_rows < 1:
             raise ValueError("sketch dim must be >= 0 and fit_rows >= 1")
-        info, stale = update_sketch(self.reader(), self._group, self.manifest.sketch, dim=dim, fit_rows=fit_rows,
-                                    refit_growth=refit_growth, device=device)
+        info, stale = update_sketch(
+            self.reader(),
+            self._group,
+            self.manifest.sketch,
+            dim=dim,
+            fit_rows=fit_rows,
+            refit_growth=refit_growth,
+            device=device,
+        )
         if info is None:
             return
         self._commit(self.manifest.replace(sketch=info))
         if stale and stale in self._group:  # the basis before the previous one: no reader uses it
             del self._group[stale]
 
-    def build_derived(self, *, sketch_dim: int = 256, sketch_fit_rows: int = 1024, faiss_files: bool = False,
-                      rewrite: bool = False) -> None:
+    def build_derived(
+        self,
+        *,
+        sketch_dim: int = 256,
+        sketch_fit_rows: int = 1024,
+        faiss_files: bool = False,
+        rewrite: bool = False,
+    ) -> None:
         """Extend (or with ``rewrite``, rebuild) everything derived from the arrays: the style
         sketch, and the FAISS files when the store keeps them (``faiss_files`` starts that)."""
         self.update_faiss_files(enable=faiss_files, rewrite=rewrite)

@@ -18,7 +18,11 @@ AUGMENTATIONS = ("gridmask", "hflip", "vflip", "brightness", "contrast", "hue", 
 
 
 def grid_mask(
-    image: torch.Tensor, rng: np.random.Generator, *, d_range: tuple[float, float] = (0.1, 0.3), ratio: float = 0.6
+    image: torch.Tensor,
+    rng: np.random.Generator,
+    *,
+    d_range: tuple[float, float] = (0.1, 0.3),
+    ratio: float = 0.6,
 ) -> torch.Tensor:
     """GridMask: zero a square of side ``(1 - ratio) d`` in every ``d x d`` unit of a shifted grid.
 

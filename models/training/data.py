@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -116,7 +116,11 @@ def read_classification_set(
         path = files.get(row[id_column])
         if label is None or path is None:
             continue
-        items.append(ClassificationItem(path, label, (row.get(group_column) or None) if group_column else None))
+        items.append(
+            ClassificationItem(
+                path, label, (row.get(group_column) or None) if group_column else None
+            )
+        )
     if not items:
         raise DataError(f"no labelled image of {metadata} was found under {images}")
     return items
@@ -151,7 +155,9 @@ def read_segmentation_set(
                     mask_files.setdefault(stem, p)
     pairs = []
     for p in sorted(images.rglob("*")):
-        if p.suffix.lower() not in _IMAGE_ENDINGS or any(p.stem.endswith(s) for s in _MASK_SUFFIXES):
+        if p.suffix.lower() not in _IMAGE_ENDINGS or any(
+            p.stem.endswith(s) for s in _MASK_SUFFIXES
+        ):
             continue
         if p.stem in mask_files:
             pairs.append(SegmentationItem(p, mask_files[p.stem]))
@@ -161,7 +167,11 @@ def read_segmentation_set(
 
 
 def split_train_val(
-    labels: Sequence[int], groups: Sequence[str | None] | None = None, *, val_fraction: float = 0.2, seed: int = 0
+    labels: Sequence[int],
+    groups: Sequence[str | None] | None = None,
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
 ) -> tuple[list[int], list[int]]:
     """Seeded split of item indices, stratified by label, whole groups on one side.
 
@@ -197,7 +207,9 @@ def split_train_val(
 
 def load_image_tensor(path: str | os.PathLike, size: int) -> torch.Tensor:
     """An image as ``(3, size, size)`` float32 in [0, 1] (whole image resized, no crop)."""
-    image = decode_image(path, draft_size=2 * size)[0].resize((size, size), Image.Resampling.BILINEAR)
+    image = decode_image(path, draft_size=2 * size)[0].resize(
+        (size, size), Image.Resampling.BILINEAR
+    )
     return torch.from_numpy(np.asarray(image, np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 

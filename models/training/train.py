@@ -16,15 +16,19 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dermris.core.atomic import atomic_path, atomic_write
+
+from ..ensemble import DermrisModel
+from ..weights import save_model
 from .augment import expand_offline, random_augment
 from .data import (
     ClassificationItem,
@@ -34,12 +38,16 @@ from .data import (
     load_mask_tensor,
     split_train_val,
 )
-from dermris.core.atomic import atomic_path, atomic_write
-from ..ensemble import DermrisModel
 from .losses import binary_focal_loss, focal_tversky_loss
-from ..weights import save_model
 
-__all__ = ["TrainConfig", "roc_auc", "dice_jaccard", "train_classifier", "train_ensemble", "train_segmenter"]
+__all__ = [
+    "TrainConfig",
+    "roc_auc",
+    "dice_jaccard",
+    "train_classifier",
+    "train_ensemble",
+    "train_segmenter",
+]
 
 
 @dataclass(frozen=True)
@@ -109,7 +117,7 @@ def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
         j = i
         while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
         i = j + 1
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
@@ -137,14 +145,20 @@ def _device(name: str) -> torch.device:
 class _Images(torch.utils.data.Dataset):
     """Decoded, resized images (cached as uint8), augmented and normalised per access."""
 
-    def __init__(self, paths, size, mean, std, *, masks=None, labels=None, augment="none", seed=0) -> None:
+    def __init__(
+        self, paths, size, mean, std, *, masks=None, labels=None, augment="none", seed=0
+    ) -> None:
         self.size = size
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
         self.augment = augment
         self.rng = np.random.default_rng(seed)
         images = [(load_image_tensor(p, size) * 255).round().to(torch.uint8) for p in paths]
-        mask_t = [load_mask_tensor(m, size) for m in masks] if masks is not None else [None] * len(images)
+        mask_t = (
+            [load_mask_tensor(m, size) for m in masks]
+            if masks is not None
+            else [None] * len(images)
+        )
         labels = list(labels) if labels is not None else [0] * len(images)
         self.items = list(zip(images, mask_t, labels))
         if augment == "offline":  # the paper's 7x expansion, fixed once
@@ -169,15 +183,21 @@ class _Images(torch.utils.data.Dataset):
         return image, (mask if mask is not None else torch.zeros(0)), torch.tensor(float(label))
 
 
-def _loader(dataset: _Images, cfg: TrainConfig, *, shuffle: bool, balance: bool) -> torch.utils.data.DataLoader:
+def _loader(
+    dataset: _Images, cfg: TrainConfig, *, shuffle: bool, balance: bool
+) -> torch.utils.data.DataLoader:
     generator = torch.Generator().manual_seed(cfg.seed)
     if balance and cfg.balance == "sampler":
         labels = np.asarray(dataset.labels())
         counts = np.bincount(labels.astype(int), minlength=2).astype(np.float64)
         weights = 1.0 / counts[labels.astype(int)]
-        sampler = torch.utils.data.WeightedRandomSampler(torch.from_numpy(weights), len(labels), generator=generator)
+        sampler = torch.utils.data.WeightedRandomSampler(
+            torch.from_numpy(weights), len(labels), generator=generator
+        )
         return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler)
-    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle, generator=generator)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.batch_size, shuffle=shuffle, generator=generator
+    )
 
 
 def _checkpoint_path(out: Path, stage: str) -> Path:
@@ -187,7 +207,9 @@ def _checkpoint_path(out: Path, stage: str) -> Path:
 def _append_metrics(out: Path, entry: dict) -> None:
     path = out.with_name(out.name + ".metrics.json")
     history = json.loads(path.read_text()) if path.exists() else []
-    history = [h for h in history if not (h["stage"] == entry["stage"] and h["epoch"] == entry["epoch"])]
+    history = [
+        h for h in history if not (h["stage"] == entry["stage"] and h["epoch"] == entry["epoch"])
+    ]
     history.append(entry)
     with atomic_write(path, "w") as fh:
         fh.write(json.dumps(history, indent=1))
@@ -221,11 +243,18 @@ def _fit(
     for epoch in range(start, cfg.epochs):
         module.train()
         losses = []
-        bar = tqdm(train, desc=f"{stage} epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr, disable=not progress,
-                   leave=False)
+        bar = tqdm(
+            train,
+            desc=f"{stage} epoch {epoch + 1}/{cfg.epochs}",
+            file=sys.stderr,
+            disable=not progress,
+            leave=False,
+        )
         for batch in bar:
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+            with torch.autocast(
+                device_type=device.type, dtype=torch.float16, enabled=device.type == "cuda"
+            ):
                 loss = step(batch)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -234,19 +263,32 @@ def _fit(
         module.eval()
         with torch.no_grad():
             metrics = validate()
-        entry = {"stage": stage, "epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                 **metrics}
+        entry = {
+            "stage": stage,
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            **metrics,
+        }
         history.append(entry)
         _append_metrics(out, entry)
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(ckpt) as tmp:
-            torch.save({"module": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                        "history": history}, tmp)
+            torch.save(
+                {
+                    "module": module.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "epoch": epoch,
+                    "history": history,
+                },
+                tmp,
+            )
     return history
 
 
 def _split_items(labels, groups, cfg):
-    train_idx, val_idx = split_train_val(labels, groups, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    train_idx, val_idx = split_train_val(
+        labels, groups, val_fraction=cfg.val_fraction, seed=cfg.seed
+    )
     if not train_idx or not val_idx:
         raise DataError("too few images for a train/validation split")
     return train_idx, val_idx
@@ -277,17 +319,34 @@ def _classification_data(model, items: Sequence[ClassificationItem], cfg: TrainC
     labels = [it.label for it in items]
     train_idx, val_idx = _split_items(labels, [it.group for it in items], cfg)
     size = model.config.image_size
-    train = _Images([items[i].path for i in train_idx], size, model.mean, model.std,
-                    labels=[labels[i] for i in train_idx], augment=cfg.augment, seed=cfg.seed)
-    val = _Images([items[i].path for i in val_idx], size, model.mean, model.std,
-                  labels=[labels[i] for i in val_idx], augment="none")
+    train = _Images(
+        [items[i].path for i in train_idx],
+        size,
+        model.mean,
+        model.std,
+        labels=[labels[i] for i in train_idx],
+        augment=cfg.augment,
+        seed=cfg.seed,
+    )
+    val = _Images(
+        [items[i].path for i in val_idx],
+        size,
+        model.mean,
+        model.std,
+        labels=[labels[i] for i in val_idx],
+        augment="none",
+    )
     return train, val
 
 
-def _focal_step(net: nn.Module, cfg: TrainConfig, device: torch.device) -> Callable[[tuple], torch.Tensor]:
+def _focal_step(
+    net: nn.Module, cfg: TrainConfig, device: torch.device
+) -> Callable[[tuple], torch.Tensor]:
     def step(batch) -> torch.Tensor:
         image, _, label = batch
-        return binary_focal_loss(net(image.to(device)), label.to(device), alpha=cfg.focal_alpha, gamma=cfg.focal_gamma)
+        return binary_focal_loss(
+            net(image.to(device)), label.to(device), alpha=cfg.focal_alpha, gamma=cfg.focal_gamma
+        )
 
     return step
 
@@ -304,8 +363,14 @@ def _classifier_validation(net, val: _Images, cfg: TrainConfig, device) -> Calla
 
 
 def train_classifier(
-    model: DermrisModel, items: Sequence[ClassificationItem], out: str | os.PathLike, cfg: TrainConfig = TrainConfig(),
-    *, resume: bool = False, progress: bool = True, part_only: bool = False,
+    model: DermrisModel,
+    items: Sequence[ClassificationItem],
+    out: str | os.PathLike,
+    cfg: TrainConfig = TrainConfig(),
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    part_only: bool = False,
 ) -> DermrisModel:
     """Stage 1: train every ensemble member on its own with binary focal loss, then save.
 
@@ -317,21 +382,40 @@ def train_classifier(
     train, val = _classification_data(model, items, cfg)
     model.to(device)
     for m, backbone in enumerate(model.extractor.members):
-        with torch.random.fork_rng(devices=[]):  # the temporary head is seeded, not global-RNG dependent
+        with torch.random.fork_rng(
+            devices=[]
+        ):  # the temporary head is seeded, not global-RNG dependent
             torch.manual_seed(cfg.seed + m)
             net = _MemberClassifier(backbone).to(device)
         loader = _loader(train, cfg, shuffle=True, balance=True)
 
-        _fit(f"member{m}", net, list(net.parameters()), loader, _focal_step(net, cfg, device),
-             _classifier_validation(net, val, cfg, device), cfg, out, device, resume, progress)
+        _fit(
+            f"member{m}",
+            net,
+            list(net.parameters()),
+            loader,
+            _focal_step(net, cfg, device),
+            _classifier_validation(net, val, cfg, device),
+            cfg,
+            out,
+            device,
+            resume,
+            progress,
+        )
     model.cpu().eval()
     save_model(model, out, part="classifier" if part_only else None, training=asdict(cfg))
     return model
 
 
 def train_ensemble(
-    model: DermrisModel, items: Sequence[ClassificationItem], out: str | os.PathLike, cfg: TrainConfig = TrainConfig(),
-    *, resume: bool = False, progress: bool = True, part_only: bool = False,
+    model: DermrisModel,
+    items: Sequence[ClassificationItem],
+    out: str | os.PathLike,
+    cfg: TrainConfig = TrainConfig(),
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    part_only: bool = False,
 ) -> DermrisModel:
     """Stage 2: members frozen; train BatchNorm -> concat -> Dense 1024 SELU -> Dense 1 sigmoid.
 
@@ -354,8 +438,19 @@ def train_ensemble(
         model.extractor.members.eval()  # frozen members keep their BatchNorm statistics
         return focal(batch)
 
-    _fit("ensemble", net, params, _loader(train, cfg, shuffle=True, balance=True), step,
-         _classifier_validation(net, val, cfg, device), cfg, out, device, resume, progress)
+    _fit(
+        "ensemble",
+        net,
+        params,
+        _loader(train, cfg, shuffle=True, balance=True),
+        step,
+        _classifier_validation(net, val, cfg, device),
+        cfg,
+        out,
+        device,
+        resume,
+        progress,
+    )
     for p in model.extractor.members.parameters():
         p.requires_grad_(True)
     model.cpu().eval()
@@ -364,8 +459,14 @@ def train_ensemble(
 
 
 def train_segmenter(
-    model: DermrisModel, items: Sequence[SegmentationItem], out: str | os.PathLike, cfg: TrainConfig = TrainConfig(),
-    *, resume: bool = False, progress: bool = True, part_only: bool = False,
+    model: DermrisModel,
+    items: Sequence[SegmentationItem],
+    out: str | os.PathLike,
+    cfg: TrainConfig = TrainConfig(),
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    part_only: bool = False,
 ) -> DermrisModel:
     """Stage 3: train the segmenter with focal Tversky loss; validation Dice and Jaccard.
 
@@ -375,10 +476,23 @@ def train_segmenter(
     device = _device(cfg.device)
     train_idx, val_idx = _split_items([0] * len(items), None, cfg)
     size = model.config.image_size
-    train = _Images([items[i].image for i in train_idx], size, model.mean, model.std,
-                    masks=[items[i].mask for i in train_idx], augment=cfg.augment, seed=cfg.seed)
-    val = _Images([items[i].image for i in val_idx], size, model.mean, model.std,
-                  masks=[items[i].mask for i in val_idx], augment="none")
+    train = _Images(
+        [items[i].image for i in train_idx],
+        size,
+        model.mean,
+        model.std,
+        masks=[items[i].mask for i in train_idx],
+        augment=cfg.augment,
+        seed=cfg.seed,
+    )
+    val = _Images(
+        [items[i].image for i in val_idx],
+        size,
+        model.mean,
+        model.std,
+        masks=[items[i].mask for i in val_idx],
+        augment="none",
+    )
     net = model.segmenter.to(device)
     threshold = model.config.segmenter.threshold
 
@@ -394,8 +508,19 @@ def train_segmenter(
         dice, jaccard = dice_jaccard(torch.cat(preds), torch.cat(masks))
         return {"val_dice": dice, "val_jaccard": jaccard, "val_images": len(val)}
 
-    _fit("segmenter", net, list(net.parameters()), _loader(train, cfg, shuffle=True, balance=False), step, validate,
-         cfg, out, device, resume, progress)
+    _fit(
+        "segmenter",
+        net,
+        list(net.parameters()),
+        _loader(train, cfg, shuffle=True, balance=False),
+        step,
+        validate,
+        cfg,
+        out,
+        device,
+        resume,
+        progress,
+    )
     model.cpu().eval()
     save_model(model, out, part="segmenter" if part_only else None, training=asdict(cfg))
     return model
