@@ -104,11 +104,16 @@ def write_photo_set(
     seed: int = 0,
     quality: int = 90,
     processes: int | None = None,
+    first: int = 0,
 ) -> Path:
-    """Write ``n`` JPEGs of ``size`` px into ``folder`` (kept between runs); returns the folder."""
+    """Write ``n`` JPEGs of ``size`` px into ``folder`` (kept between runs); returns the folder.
+
+    The images are numbers ``first .. first + n - 1`` of the seeded sequence (``PHOTO_<i>``
+    for ``seed=0``), so sets written in parts are the same images as one written whole.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    jobs = [(str(folder), seed * 1_000_003 + i, size, quality) for i in range(n)]
+    jobs = [(str(folder), seed * 1_000_003 + i, size, quality) for i in range(first, first + n)]
     processes = processes or max(1, (os.cpu_count() or 2))
     if processes == 1 or n < 64:
         for job in jobs:

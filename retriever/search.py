@@ -26,7 +26,7 @@ from dermris.core.imageio import decode_image, to_rgb
 from dermris.indexer.store import Store
 
 from .filters import rows_matching
-from .measures import COMPONENTS, check_measures
+from .measures import COMPONENTS, MEASURE_COMPONENTS, check_measures
 from .results import Hit, SearchResult
 from .store_index import StoreIndex
 from .threshold import QueryBatch
@@ -40,6 +40,26 @@ __all__ = ["Hit", "SearchResult", "Retriever", "QueryVectors", "SearchOptions"]
 Query = Any
 """A path (str or os.PathLike), a PIL image, an H x W (x 3) uint8 array, a stored row (int),
 or :class:`QueryVectors`."""
+
+
+class _TextColumn(Sequence[str]):
+    """A string column kept as Arrow data (a few bytes a row), read as ``str`` per item."""
+
+    def __init__(self, column: pa.ChunkedArray) -> None:
+        self._array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+    def __len__(self) -> int:
+        return len(self._array)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return self._array[index].to_pylist()
+        value = self._array[int(index)].as_py()
+        return "" if value is None else value
+
+    def to_list(self) -> list[str]:
+        """Every value, as a list."""
+        return [v or "" for v in self._array.to_pylist()]
 
 
 def _is_row(query: Any) -> bool:
@@ -69,12 +89,10 @@ class Retriever:
         self.options = options if options is not None else SearchOptions()
         self._embedder: Embedder | None = None
         meta = store.metadata(columns=["image_id", "path"])
-        self._image_ids: list[str] = meta.column("image_id").to_pylist()
-        self._paths: list[str] = meta.column("path").to_pylist()
+        self._image_ids = _TextColumn(meta.column("image_id"))
+        self._paths = _TextColumn(meta.column("path"))
         self._metadata: pa.Table | None = None
-        self._index = StoreIndex(
-            store, options=self.options, use_gpu=str(device).startswith("cuda")
-        )
+        self._index = StoreIndex(store, options=self.options)
 
     @classmethod
     def open(
@@ -148,7 +166,7 @@ class Retriever:
     def image_root(self) -> str:
         """The deepest folder holding every indexed file (as indexed)."""
         if not hasattr(self, "_image_root"):
-            paths = [p for p in self._paths if p]
+            paths = [p for p in self._paths.to_list() if p]
             self._image_root = os.path.commonpath(paths) if paths else ""
             if len(paths) == 1:
                 self._image_root = os.path.dirname(paths[0])
@@ -237,7 +255,7 @@ class Retriever:
             raise QueryError(f"row {row} ({self._image_ids[row]}) was deleted")
         return QueryVectors(
             feature=self._index.features[row],
-            style=self.store.style_rows([row])[0],
+            style=self.store.codec.decode(self._index.style.rows_stored(np.array([row])))[0],
             mask=self.store.mask_rows([row])[0],
             mask_area=int(self._index.mask_areas[row]),
             row=row,
@@ -395,10 +413,13 @@ class Retriever:
                 mask[q.row] = False
             per_measure = {}
             hit_rows = []
+            # the components of the measures asked for (all four for all nine): a cheap measure
+            # alone pays for nothing else
+            names = tuple(c for c in COMPONENTS if any(c in MEASURE_COMPONENTS[m] for m in measures))
             for measure in measures:
                 rows, scores = batch.top_k(state, measure, k, mask)
                 hit_rows.append(rows)
-                comps = batch.hit_components(state, rows)
+                comps = batch.hit_components(state, rows, names)
                 meta = (
                     table.take(pa.array(rows, pa.int64())).to_pylist()
                     if table is not None
@@ -410,7 +431,7 @@ class Retriever:
                         image_id=self._image_ids[r],
                         path=self._paths[r],
                         score=float(sc),
-                        components={c: float(comps[c][i]) for c in COMPONENTS},
+                        components={c: float(comps[c][i]) for c in names},
                         metadata=meta[i],
                     )
                     for i, (r, sc) in enumerate(zip(rows, scores))

@@ -1,22 +1,27 @@
-"""The bound loop: exact top k by Fagin's threshold algorithm, for one query or a batch.
+"""The bound loop: exact top k for one query or a batch, from bounds, tight scans and exact rows.
 
-For one query (or a batch sharing reads) this module keeps, for every committed row:
+Every component score of every row is known as an interval, narrowed in three steps only as far
+as a ranking needs:
 
-* ``es`` and ``cs`` exactly (from the features in memory, computed for all rows when a
-  measure needs them), or certified through FAISS for the feature measures alone;
-* lower and upper bounds on the style loss from the style sketch, and exact style losses for
-  the rows read so far (``LS_max`` is exact: only rows whose upper bound reaches the largest
-  lower bound are read);
-* Dice exactly for every row when the store's masks are small, otherwise an upper bound from
-  the mask block counts and exact Dice for the rows visited.
+1. **Bounds for all rows at once** (vectorised): ``es`` and ``cs`` from one float32 product
+   over the features (widened by the float32 error of a length-F dot product); the style loss
+   from the style sketch (projections, residuals); Dice from block counts or areas, or exactly
+   when the masks are small.
+2. **Tight intervals** for the rows still in contention: exact feature values (float64, cheap),
+   exact Dice (popcounts), and style losses from the float16 rows through one float64 product
+   (:mod:`.scan`, error below 1e-9 of the loss): for rows read one by one, or for every row by
+   a sequential scan when the cost model (measured on this disk when the store is opened) says
+   that is cheaper.
+3. **Exact values** (the one float64 arithmetic of :mod:`.store_index`) for the rows that can
+   still be in the top k: the hits and the rows tied with them.
 
-A measure's top k is found by visiting rows in decreasing order of their score's upper bound
-(the harmonic mean is non-decreasing in every component, so the harmonic mean of the component
-upper bounds bounds the score) until the k-th best exact score exceeds the bound of every row
-not visited. Rows with equal bounds are visited, so ties are resolved by row exactly as a full
-scan would. A cost model keeps this from losing to a scan: before each batch of row reads it
-compares reading the rows still in contention with a sequential scan, and scans when that is
-cheaper. Exactness does not depend on the path taken.
+A measure's top k: rows are visited in decreasing order of their score's upper bound (the
+harmonic mean is non-decreasing in every component, so the harmonic mean of the upper bounds
+bounds the score: Fagin's threshold algorithm); every row whose upper bound is below the k-th
+largest lower bound is dropped. Rows whose bound equals the k-th score stay, so ties are broken
+by row exactly as a full scan would. ``ED_max`` and ``LS_max`` are found the same way (the rows
+whose upper bound reaches the largest lower bound). All queries of a batch share every row read
+and every scan. Exactness does not depend on the path taken.
 """
 
 from __future__ import annotations
@@ -35,50 +40,42 @@ from .measures import (
     normalised_score,
     rank,
 )
-from .store_index import StoreIndex, mask_block_counts_of, squared_distances
+from .scan import QueryWeights, dot_error, style_dots
+from .store_index import StoreIndex, squared_distances
 from .types import QueryVectors, SearchStats
 
 __all__ = ["QueryBatch"]
 
-_LS_BLOCK = 64  # style rows turned into float64 at a time
 _FLOAT64_SLACK = 1e-9  # relative to ||q - mu||^2 + ||x - mu||^2: float64 rounding of length-D sums
+_EXACT_BLOCK = 64  # style rows turned into float64 at a time
 
 
 class _Query:
-    """Per-query state: exact arrays, bounds, lazily filled exact values."""
+    """Per-query state: component intervals over all rows, and exact values as they are known."""
 
-    def __init__(
-        self, index: StoreIndex, q: QueryVectors, dy2: np.ndarray, r_q: float, sq_q: float
-    ) -> None:
-        self.index = index
-        self.q = q
+    def __init__(self, index: StoreIndex, q: QueryVectors) -> None:
         n = index.rows
-        # es and cs of every row: computed when a measure needs them for all rows (the I1 scores)
-        self.es: np.ndarray | None = None
-        self.cs: np.ndarray | None = None
-        self.ed_max: float | None = None
-        self.feature_bounds: dict | None = None  # float32 bounds on es and cs, exact values per row
-        # style loss bounds from the sketch (widened for float rounding and the basis' error)
-        residuals = index.sketch_residuals
-        slack = 4.0 * index.sketch_error * dy2 + _FLOAT64_SLACK * (sq_q + index.sketch_sq_norms)
-        self.ls_lower = np.maximum(dy2 + (r_q - residuals) ** 2 - slack, 0.0)
-        self.ls_upper = dy2 + (r_q + residuals) ** 2 + slack
-        self.ls = np.full(n, np.nan)
-        self._ls_max: float | None = None
-        if index.exact_dice:  # exact Dice for every row: no bounds needed
-            self.dc = index.dice_rows(q.mask, q.mask_area)
-            self.dc_upper = self.dc
-        else:  # dice bounds from block counts, exact values as rows are visited
-            size = index.store.mask_size
-            q_blocks = mask_block_counts_of(q.mask, size, index.mask_grid)
-            inter_upper = np.minimum(index.mask_blocks, q_blocks[None, :]).sum(axis=1)
-            self.dc_upper = dice_score(inter_upper, index.mask_areas, q.mask_area)
-            self.dc = np.full(n, np.nan)
-            empty = (index.mask_areas == 0) | (q.mask_area == 0)
-            self.dc[empty] = dice_score(
-                np.zeros(int(empty.sum())), index.mask_areas[empty], q.mask_area
-            )
+        self.q = q
         self.stats = SearchStats(rows=n)
+        self.q64 = np.asarray(q.style, np.float32).astype(np.float64)
+        # features: float32 bounds for all rows (when a measure needs them), exact where known
+        self.ed_lo: np.ndarray | None = None
+        self.ed_hi = self.cos_lo = self.cos_hi = np.zeros(0)
+        self.ed = np.full(n, np.nan)
+        self.cos = np.full(n, np.nan)
+        self.ed_max: float | None = None
+        # style: sketch bounds, tightened by scans; exact where known
+        self.ls_lo: np.ndarray | None = None
+        self.ls_hi = np.zeros(0)
+        self.tight = np.zeros(n, bool)
+        self.ls = np.full(n, np.nan)
+        self.ls_max: float | None = None
+        self.sq_q = 0.0
+        self.weights: QueryWeights | None = None
+        self.mu_dot = 0.0
+        # dice: exact where known, an upper bound elsewhere
+        self.dc: np.ndarray | None = None
+        self.dc_hi = np.zeros(0)
         self.stage_losses: dict[int, np.ndarray] = {}  # row -> style loss by stage (explain only)
 
 
@@ -93,8 +90,7 @@ class QueryBatch:
         The queries.
     explain : bool
         Also keep, for every row whose exact style loss is computed, that loss split by block
-        stage (:attr:`_Query.stage_losses`), and the masks of the rows whose Dice is read, so
-        that explanations need no second reading of the hits.
+        stage, so that explanations need no second reading of the hits.
     """
 
     def __init__(
@@ -102,195 +98,290 @@ class QueryBatch:
     ) -> None:
         self.index = index
         self.explain = explain
+        self.queries = [_Query(index, q) for q in queries]
         self._stage_starts = np.asarray(index.store.layout.offsets[:-1], np.intp)
-        started = time.perf_counter()
-        if queries:
-            dy2s, r_qs, sq_qs = index.project(np.stack([q.style for q in queries]))
-        else:
-            dy2s = r_qs = sq_qs = []
-        self.queries = [_Query(index, q, *args) for q, *args in zip(queries, dy2s, r_qs, sq_qs)]
-        for query in self.queries:
-            query.stats.add_time("bounds", started)
-        self._style_q = [np.asarray(q.style, np.float32).astype(np.float64) for q in queries]
-        self.read_masks: dict[int, np.ndarray] = {}
+        self._read_masks: dict[int, np.ndarray] = {}
+        self._seen = np.zeros(index.rows, bool)  # style rows this batch has read (counted once)
 
-    # -- the feature components ---------------------------------------------------------
-    def ed_max(self, query: _Query) -> float:
-        """Exact ``ED_max`` over the live rows (a certified FAISS search, else the full pass)."""
-        if query.ed_max is None:
-            search = self.index.feature_search()
-            value = (
-                search.max_distance(query.q.feature, self.index.live)
-                if search is not None
-                else None
-            )
-            if value is None:
-                self._all_features()
-            else:
-                query.ed_max = value
-        return query.ed_max
-
-    def _all_features(self) -> None:
-        """es and cs of every row for every query of the batch (one pass over the features)."""
-        todo = [q for q in self.queries if q.es is None]
+    # -- features ------------------------------------------------------------------------
+    def _feature_bounds(self) -> None:
+        todo = [q for q in self.queries if q.ed_lo is None]
         if not todo:
             return
         started = time.perf_counter()
-        eds, coss = self.index.feature_distances([q.q.feature for q in todo])
-        live = self.index.live
-        for query, ed, cos in zip(todo, eds, coss):
-            if query.ed_max is None:
-                query.ed_max = float(ed[live].max(initial=0.0))
-            query.es = normalised_score(ed, query.ed_max)
-            query.cs = cosine_score(cos)
+        bounds = self.index.feature_bounds(np.stack([q.q.feature for q in todo]))
+        for i, query in enumerate(todo):
+            query.ed_lo, query.ed_hi, query.cos_lo, query.cos_hi = (b[i] for b in bounds)
             query.stats.add_time("features", started)
 
-    def _feature_scores(self, query: _Query, rows: np.ndarray, name: str) -> np.ndarray:
-        if query.es is None and len(rows) > max(1024, self.index.rows // 8):
-            self._all_features()  # one pass is cheaper than gathering most rows
-        if query.es is not None:
-            return (query.es if name == "es" else query.cs)[rows]
-        ed, cos = self.index.feature_values(query.q.feature, rows)
-        return normalised_score(ed, self.ed_max(query)) if name == "es" else cosine_score(cos)
+    def _exact_features(self, query: _Query, rows: np.ndarray) -> None:
+        rows = rows[np.isnan(query.ed[rows])]
+        if len(rows):
+            query.ed[rows], query.cos[rows] = self.index.feature_values(query.q.feature, rows)
 
-    # -- lazily computed exact components ----------------------------------------------
-    def _losses(self, rows: np.ndarray, block: np.ndarray) -> None:
-        """Exact style losses of ``rows`` (decoded ``block``) for every query that lacks them."""
-        for a in range(0, len(rows), _LS_BLOCK):
-            x = block[a : a + _LS_BLOCK].astype(np.float64)
-            part = rows[a : a + _LS_BLOCK]
-            for query, q64 in zip(self.queries, self._style_q):
-                todo = np.isnan(query.ls[part])
-                if todo.any():
-                    query.ls[part[todo]] = squared_distances(x[todo], q64)
-                    if self.explain:
-                        diff = x[todo] - q64
-                        stages = np.add.reduceat(diff * diff, self._stage_starts, axis=1)
-                        query.stage_losses.update(zip(part[todo].tolist(), stages))
+    def ed_max(self, query: _Query) -> float:
+        """Exact ``ED_max`` over the live rows."""
+        if query.ed_max is None:
+            self._feature_bounds()
+            assert query.ed_lo is not None
+            live = self.index.live
+            if not live.any():
+                query.ed_max = 0.0
+            else:
+                floor = query.ed_lo[live].max()
+                candidates = np.flatnonzero(live & (query.ed_hi >= floor))
+                self._exact_features(query, candidates)
+                query.ed_max = float(query.ed[candidates].max())
+        return query.ed_max
 
-    def _scan_style(self, query: _Query) -> None:
-        """Exact style losses of every row, by one sequential scan (the cost model's choice)."""
-        store = self.index.store
-        rows_read = 0
-        for start, block in store.iter_style_blocks():
-            rows = np.arange(start, start + len(block))
-            need = np.zeros(len(rows), bool)
-            for other in self.queries:
-                need |= np.isnan(other.ls[rows])
-            if need.any():
-                self._losses(rows[need], block[need])
-            rows_read += len(block)
-        query.stats.scans += 1
-        query.stats.style_rows_read += rows_read
-        query.stats.bytes_read += rows_read * self.index.style_row_bytes
-
-    def ensure_style(self, query: _Query, rows: np.ndarray) -> None:
-        """Exact style losses of ``rows`` for every query of the batch that lacks them."""
-        rows = np.unique(rows[np.isnan(query.ls[rows])])
-        if len(rows) == 0:
+    # -- style ---------------------------------------------------------------------------
+    def _style_bounds(self) -> None:
+        todo = [q for q in self.queries if q.ls_lo is None]
+        if not todo:
             return
         started = time.perf_counter()
         index = self.index
-        if index.cost.prefer_scan(len(rows), index.rows, index.style_row_bytes):
-            self._scan_style(query)
-        else:
-            for a in range(0, len(rows), 256):
-                part = rows[a : a + 256]
-                self._losses(part, index.store.style_rows(part))
-            query.stats.style_rows_read += len(rows)
-            query.stats.bytes_read += len(rows) * index.style_row_bytes
-        query.stats.add_time("style rows", started)
+        ys = np.zeros((len(todo), index.sketch_dim))
+        r_q = np.zeros(len(todo))
+        sq_q = np.zeros(len(todo))
+        uploads = [i for i, q in enumerate(todo) if q.q.row is None]
+        for i, query in enumerate(todo):
+            if query.q.row is not None:  # a stored row: its sketch is stored
+                row = query.q.row
+                ys[i] = index.projections[row]
+                r_q[i], sq_q[i] = index.sketch_residuals[row], index.sketch_sq_norms[row]
+        if uploads:
+            y, r, sq = index.project(np.stack([todo[i].q.style for i in uploads]))
+            ys[uploads], r_q[uploads], sq_q[uploads] = y, r, sq
+        low, high = index.sketch_distances(ys)
+        residuals = index.sketch_residuals
+        for i, query in enumerate(todo):
+            slack = 4.0 * index.sketch_error * high[i] ** 2 + _FLOAT64_SLACK * (
+                sq_q[i] + index.sketch_sq_norms
+            )
+            query.ls_lo = np.maximum(low[i] ** 2 + (r_q[i] - residuals) ** 2 - slack, 0.0)
+            query.ls_hi = high[i] ** 2 + (r_q[i] + residuals) ** 2 + slack
+            query.sq_q = float(sq_q[i])
+            z_q = query.q64 - index.mean
+            query.weights = QueryWeights(z_q[None, :], index.store.codec.column_scales,
+                                         stored_dtype=index.style.dtype)
+            query.mu_dot = float(index.mean @ z_q)
+            known = ~np.isnan(query.ls)  # explanations may have computed some exactly
+            query.ls_lo[known] = query.ls_hi[known] = query.ls[known]
+            query.stats.add_time("bounds", started)
 
-    def ensure_dice(self, query: _Query, rows: np.ndarray) -> None:
-        """Exact Dice of ``rows`` for every query of the batch that lacks it."""
-        rows = np.unique(rows[np.isnan(query.dc[rows])])
-        if len(rows) == 0:
+    def _tighten(self, rows: np.ndarray | None, asking: _Query) -> None:
+        """Tight style-loss intervals for ``rows`` (None: every row, by a sequential scan) for
+        every query of the batch that has style bounds, from one read of the rows."""
+        queries = [q for q in self.queries if q.ls_lo is not None]
+        started = time.perf_counter()
+        index = self.index
+        n = index.rows
+        if rows is None:
+            blocks = index.style.blocks()
+            count = n
+            asking.stats.scans += 1
+        else:
+            rows = np.unique(rows)
+            count = len(rows)
+            blocks = iter([(0, index.style.rows_stored(rows))])
+        weights = QueryWeights.stack([q.weights for q in queries if q.weights is not None])
+        dots = style_dots(blocks, weights, count)
+        picked = np.arange(n) if rows is None else rows
+        sq_x = index.sketch_sq_norms[picked]
+        x_norm = np.sqrt(sq_x) + index.mean_norm
+        err = dot_error(x_norm, weights)
+        for j, query in enumerate(queries):
+            estimate = sq_x + query.sq_q - 2.0 * (dots[:, j] - query.mu_dot)
+            margin = 2.0 * err[:, j] + _FLOAT64_SLACK * (
+                sq_x + query.sq_q + 2.0 * x_norm * weights.z_norms[j]
+            )
+            assert query.ls_lo is not None
+            query.ls_lo[picked] = np.maximum(query.ls_lo[picked], estimate - margin)
+            query.ls_hi[picked] = np.minimum(query.ls_hi[picked], estimate + margin)
+            query.tight[picked] = True
+        self._count_reads(asking, picked)
+        asking.stats.add_time("style rows" if rows is not None else "style scan", started)
+
+    def _count_reads(self, query: _Query, rows: np.ndarray) -> None:
+        """Style rows read: each row once per batch (later reads of it come from the page cache)."""
+        new = int(np.count_nonzero(~self._seen[rows]))
+        self._seen[rows] = True
+        query.stats.style_rows_read += new
+        query.stats.bytes_read += new * self.index.style_row_bytes
+
+    def _exact_style(self, query: _Query, rows: np.ndarray) -> None:
+        """Exact style losses of ``rows`` (the one float64 arithmetic)."""
+        rows = np.unique(rows[np.isnan(query.ls[rows])])
+        if not len(rows):
             return
         started = time.perf_counter()
-        if self.index.masks is not None:  # in memory: nothing to read
-            for other in self.queries:
-                todo = rows[np.isnan(other.dc[rows])]
-                other.dc[todo] = self.index.dice_rows(other.q.mask, other.q.mask_area, todo)
-            query.stats.add_time("dice", started)
+        codec = self.index.store.codec
+        for a in range(0, len(rows), _EXACT_BLOCK):
+            part = rows[a : a + _EXACT_BLOCK]
+            x = codec.decode(self.index.style.rows_stored(part)).astype(np.float64)
+            query.ls[part] = squared_distances(x, query.q64)
+            if self.explain:
+                diff = x - query.q64
+                stages = np.add.reduceat(diff * diff, self._stage_starts, axis=1)
+                query.stage_losses.update(zip(part.tolist(), stages, strict=True))
+        if query.ls_lo is not None:
+            query.ls_lo[rows] = query.ls_hi[rows] = query.ls[rows]
+        self._count_reads(query, rows)
+        query.stats.add_time("exact style", started)
+
+    def _tighten_rows(self, query: _Query, rows: np.ndarray) -> None:
+        """Tight intervals for ``rows``, reading them or scanning everything (the cost model)."""
+        rows = rows[~query.tight[rows] & np.isnan(query.ls[rows])]
+        if not len(rows):
             return
-        masks = self.index.store.mask_rows(rows)
-        if self.explain:
-            self.read_masks.update(zip(rows.tolist(), masks))
-        areas = self.index.mask_areas[rows]
-        for other in self.queries:
-            todo = np.isnan(other.dc[rows])
-            inter = np.bitwise_count(masks[todo] & other.q.mask).sum(axis=1, dtype=np.int64)
-            other.dc[rows[todo]] = dice_score(inter, areas[todo], other.q.mask_area)
-        query.stats.mask_rows_read += len(rows)
-        query.stats.bytes_read += len(rows) * self.index.mask_row_bytes
-        query.stats.add_time("mask rows", started)
+        index = self.index
+        if index.cost.prefer_scan(len(rows), index.rows, index.style_row_bytes):
+            self._tighten(None, query)
+        else:
+            self._tighten(rows, query)
 
     def ls_max(self, query: _Query) -> float:
-        """Exact maximum style loss over all committed (live) rows."""
-        if query._ls_max is None:
+        """Exact maximum style loss over the committed, live rows."""
+        if query.ls_max is None:
+            self._style_bounds()
+            assert query.ls_lo is not None
             live = self.index.live
             if not live.any():
-                query._ls_max = 0.0
-            else:
-                candidates = np.flatnonzero(live & (query.ls_upper >= query.ls_lower[live].max()))
-                self.ensure_style(query, candidates)
-                query._ls_max = float(np.nanmax(query.ls[candidates]))
-        return query._ls_max
+                query.ls_max = 0.0
+                return 0.0
+            candidates = np.flatnonzero(live & (query.ls_hi >= query.ls_lo[live].max()))
+            self._tighten_rows(query, candidates)
+            candidates = np.flatnonzero(live & (query.ls_hi >= query.ls_lo[live].max()))
+            self._exact_style(query, candidates)
+            query.ls_max = float(np.max(query.ls[candidates]))
+        return query.ls_max
 
-    def _component_bounds(self, query: _Query, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """Lower and upper bounds of a component for every row (exact where known)."""
-        if name in ("es", "cs"):
-            if query.es is None and self.index.feature_search() is not None:
-                if query.feature_bounds is None:
-                    ed_low, ed_high, cos_low, cos_high = self.index.feature_bounds(query.q.feature)
-                    ed_max = self.ed_max(query)
-                    query.feature_bounds = {
-                        "es": (normalised_score(ed_high, ed_max), normalised_score(ed_low, ed_max)),
-                        "cs": (cosine_score(cos_low), cosine_score(cos_high)),
-                    }
-                if query.es is None:  # ed_max may have needed the full pass after all
-                    return query.feature_bounds[name]
-            self._all_features()
-            values = query.es if name == "es" else query.cs
-            return values, values
+    # -- dice ----------------------------------------------------------------------------
+    def _dice(self, query: _Query) -> None:
+        if query.dc is not None:
+            return
+        started = time.perf_counter()
+        index = self.index
+        q = query.q
+        if index.exact_dice:
+            query.dc = index.dice_rows(q.mask, q.mask_area)
+            query.dc_hi = query.dc
+        else:
+            query.dc = np.full(index.rows, np.nan)
+            query.dc_hi = index.dice_upper(q.mask, q.mask_area)
+            empty = (index.mask_areas == 0) | (q.mask_area == 0)
+            query.dc[empty] = dice_score(
+                np.zeros(int(empty.sum())), index.mask_areas[empty], q.mask_area
+            )
+        query.stats.add_time("dice", started)
+
+    def _exact_dice(self, query: _Query, rows: np.ndarray) -> None:
+        self._dice(query)
+        assert query.dc is not None
+        rows = np.unique(rows[np.isnan(query.dc[rows])])
+        if not len(rows):
+            return
+        index = self.index
+        q = query.q
+        if index.masks is not None:  # in memory: nothing to read
+            query.dc[rows] = index.dice_rows(q.mask, q.mask_area, rows)
+            return
+        started = time.perf_counter()
+        masks = index.store.mask_rows(rows)
+        if self.explain:
+            self._read_masks.update(zip(rows.tolist(), masks, strict=True))
+        inter = np.bitwise_count(masks & q.mask).sum(axis=1, dtype=np.int64)
+        query.dc[rows] = dice_score(inter, index.mask_areas[rows], q.mask_area)
+        query.stats.mask_rows_read += len(rows)
+        query.stats.bytes_read += len(rows) * index.mask_row_bytes
+        query.stats.add_time("mask rows", started)
+
+    # -- component intervals -------------------------------------------------------------
+    def _prepare(self, query: _Query, names: Sequence[str]) -> None:
+        if "es" in names:
+            self.ed_max(query)
+        elif "cs" in names:
+            self._feature_bounds()
+        if "ss" in names:
+            self.ls_max(query)
+        if "dc" in names:
+            self._dice(query)
+
+    def _interval(self, query: _Query, name: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Lower and upper bounds of a component for ``rows`` (equal where exact)."""
+        if name == "es":
+            ed = query.ed[rows]
+            known = ~np.isnan(ed)
+            ed_max = query.ed_max if query.ed_max is not None else 0.0
+            lo = normalised_score(np.where(known, ed, query.ed_hi[rows]), ed_max)
+            hi = normalised_score(np.where(known, ed, query.ed_lo[rows]), ed_max)  # type: ignore[index]
+            return lo, hi
+        if name == "cs":
+            cos = query.cos[rows]
+            known = ~np.isnan(cos)
+            return (cosine_score(np.where(known, cos, query.cos_lo[rows])),
+                    cosine_score(np.where(known, cos, query.cos_hi[rows])))
         if name == "dc":
-            known = ~np.isnan(query.dc)
-            return np.where(known, query.dc, 0.0), np.where(known, query.dc, query.dc_upper)
-        ls_max = self.ls_max(query)
-        known = ~np.isnan(query.ls)
-        upper_loss = np.where(known, query.ls, query.ls_upper)
-        lower_loss = np.where(known, query.ls, query.ls_lower)
-        return np.maximum(normalised_score(upper_loss, ls_max), 0.0), normalised_score(
-            lower_loss, ls_max
-        )
+            assert query.dc is not None
+            dc = query.dc[rows]
+            known = ~np.isnan(dc)
+            return np.where(known, dc, 0.0), np.where(known, dc, query.dc_hi[rows])
+        ls_max = query.ls_max if query.ls_max is not None else 0.0
+        assert query.ls_lo is not None
+        lo = np.maximum(normalised_score(query.ls_hi[rows], ls_max), 0.0)
+        return lo, normalised_score(query.ls_lo[rows], ls_max)
 
-    def exact_components(
-        self, query: _Query, rows: np.ndarray, names: Sequence[str]
-    ) -> dict[str, np.ndarray]:
-        """Exact component scores of ``rows`` (reading what is missing)."""
+    def _bounds(self, query: _Query, measure: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        parts = {c: self._interval(query, c, rows) for c in MEASURE_COMPONENTS[measure]}
+        return (measure_score(measure, {c: p[0] for c, p in parts.items()}),
+                measure_score(measure, {c: p[1] for c, p in parts.items()}))
+
+    def _loose(self, query: _Query, names: Sequence[str], rows: np.ndarray) -> np.ndarray:
+        """Which of ``rows`` still have a component that is neither exact nor tight."""
+        out = np.zeros(len(rows), bool)
+        if "es" in names or "cs" in names:
+            out |= np.isnan(query.ed[rows])
+        if "ss" in names:
+            out |= ~query.tight[rows] & np.isnan(query.ls[rows])
+        if "dc" in names:
+            assert query.dc is not None
+            out |= np.isnan(query.dc[rows])
+        return out
+
+    def _refine(self, query: _Query, names: Sequence[str], rows: np.ndarray, pending_style: np.ndarray) -> None:
+        if "es" in names or "cs" in names:
+            self._exact_features(query, rows)
+        if "dc" in names:
+            self._exact_dice(query, rows)
+        if "ss" in names:
+            need = rows[~query.tight[rows] & np.isnan(query.ls[rows])]
+            if len(need):
+                index = self.index
+                if index.cost.prefer_scan(len(pending_style), index.rows, index.style_row_bytes):
+                    self._tighten(None, query)
+                else:
+                    self._tighten(need, query)
+
+    def exact_components(self, query: _Query, rows: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """Exact component scores of ``rows`` (computing what is missing)."""
         out = {}
         for name in names:
             if name in ("es", "cs"):
-                out[name] = self._feature_scores(query, rows, name)
+                self._exact_features(query, rows)
+                out[name] = (normalised_score(query.ed[rows], self.ed_max(query)) if name == "es"
+                             else cosine_score(query.cos[rows]))
             elif name == "dc":
-                self.ensure_dice(query, rows)
+                self._exact_dice(query, rows)
+                assert query.dc is not None
                 out[name] = query.dc[rows]
             else:
                 ls_max = self.ls_max(query)
-                self.ensure_style(query, rows)
+                self._exact_style(query, rows)
                 out[name] = normalised_score(query.ls[rows], ls_max)
         return out
 
-    def _unknown(self, query: _Query, names: Sequence[str], rows: np.ndarray) -> np.ndarray:
-        """Which of ``rows`` still need a read for some component."""
-        need = np.zeros(len(rows), bool)
-        if "ss" in names:
-            need |= np.isnan(query.ls[rows])
-        if "dc" in names:
-            need |= np.isnan(query.dc[rows])
-        return need
-
-    # -- ranking -----------------------------------------------------------------------
+    # -- ranking -------------------------------------------------------------------------
     def top_k(
         self, query: _Query, measure: str, k: int, allowed: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -304,110 +395,52 @@ class QueryBatch:
         """
         started = time.perf_counter()
         names = MEASURE_COMPONENTS[measure]
-        if measure in ("euclidean", "cosine") and query.es is None:
-            found = self._feature_top_k(query, measure, k, allowed)
-            if found is not None:
-                query.stats.reranked[measure] = 0
-                query.stats.add_time(f"rank {measure}", started)
-                return found
+        self._prepare(query, names)
         candidates = np.flatnonzero(allowed)
-        if not self._unknown(query, names, candidates).any() and "ss" not in names:
-            # exact for every row already (features, and Dice when the masks are in memory)
-            scores = measure_score(measure, self.exact_components(query, candidates, names))
-            best = rank(scores, k, rows=candidates)
-            query.stats.reranked[measure] = 0
-            query.stats.add_time(f"rank {measure}", started)
-            return candidates[best], scores[best]
-        bounds = {c: self._component_bounds(query, c) for c in names}
-        upper = measure_score(measure, {c: b[1] for c, b in bounds.items()})
-        lower = measure_score(measure, {c: b[0] for c, b in bounds.items()})
-        # Rows whose upper bound is below the k-th best lower bound can never be in the top k.
+        batch = max(4 * k, 64)
+        while len(candidates):
+            lo, hi = self._bounds(query, measure, candidates)
+            if len(candidates) > k:  # rows whose upper bound is below the k-th lower bound are out
+                kth = np.partition(lo, len(lo) - k)[len(lo) - k]
+                keep = hi >= kth
+                candidates, hi = candidates[keep], hi[keep]
+            loose = self._loose(query, names, candidates)
+            if not loose.any():
+                break
+            pending = candidates[loose]
+            order = pending[np.lexsort((pending, -hi[loose]))]
+            self._refine(query, names, order[:batch], order)
+            batch *= 4
+        # the rows that can still be in the top k: their exact scores
         if len(candidates) > k:
-            kth_lower = np.partition(lower[candidates], len(candidates) - k)[len(candidates) - k]
-            candidates = candidates[upper[candidates] >= kth_lower]
-        order = candidates[np.lexsort((candidates, -upper[candidates]))]
-        visited_rows: list[np.ndarray] = []
-        visited_scores: list[np.ndarray] = []
-        kth = -np.inf
-        computed = 0
-        pos, batch = 0, max(2 * k, 32)
-        row_bytes = (self.index.style_row_bytes if "ss" in names else 0) + (
-            self.index.mask_row_bytes if "dc" in names and self.index.masks is None else 0
-        )
-        while pos < len(order):
-            head = upper[order[pos]]
-            if head < kth:
-                break
-            if head <= 0.0:  # every remaining row scores exactly 0 (0 <= score <= bound)
-                visited_rows.append(order[pos:])
-                visited_scores.append(np.zeros(len(order) - pos))
-                break
-            rest = order[pos:]
-            contention = rest[upper[rest] >= kth]
-            unread = int(self._unknown(query, names, contention).sum())
-            # once a first batch has set the k-th score, compare reading what is still in
-            # contention with scanning everything (before that, every row looks in contention)
-            if (
-                "ss" in names
-                and np.isfinite(kth)
-                and self.index.cost.prefer_scan(unread, self.index.rows, row_bytes)
-            ):
-                self._scan_style(query)  # cheaper than reading the rows still in contention
-                chunk = np.sort(contention)
-                pos = len(order)
-            else:
-                chunk = order[pos : pos + batch]
-                chunk = np.sort(chunk[upper[chunk] >= kth])
-                pos += batch
-                batch = min(4 * batch, 4096)
-            visited_rows.append(chunk)
-            visited_scores.append(
-                measure_score(measure, self.exact_components(query, chunk, names))
-            )
-            computed += len(chunk)
-            all_scores = np.concatenate(visited_scores)
-            if len(all_scores) >= k:
-                kth = np.partition(all_scores, len(all_scores) - k)[len(all_scores) - k]
-        rows = np.concatenate(visited_rows) if visited_rows else np.zeros(0, np.int64)
-        scores = np.concatenate(visited_scores) if visited_scores else np.zeros(0)
-        best = rank(scores, k, rows=rows)
-        query.stats.reranked[measure] = computed
+            lo, hi = self._bounds(query, measure, candidates)
+            kth = np.partition(lo, len(lo) - k)[len(lo) - k]
+            candidates = candidates[hi >= kth]
+        scores = measure_score(measure, self.exact_components(query, candidates, names))
+        best = rank(scores, k, rows=candidates)
+        query.stats.reranked[measure] = len(candidates)
         query.stats.add_time(f"rank {measure}", started)
-        return rows[best], scores[best]
+        return candidates[best], scores[best]
 
-    def _feature_top_k(self, query: _Query, measure: str, k: int, allowed: np.ndarray):
-        """Top k by ES or CS through a certified FAISS search (None when not certified)."""
-        search = self.index.feature_search()
-        if search is None:
-            return None
-        found = search.nearest(query.q.feature, k, allowed, by=measure)
-        if found is None:
-            return None
-        rows = found[0]
-        name = "es" if measure == "euclidean" else "cs"
-        scores = self._feature_scores(query, rows, name)
-        best = rank(scores, k, rows=rows)
-        return rows[best], scores[best]
-
-    def hit_components(self, query: _Query, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """All four exact components of the hit rows."""
-        return self.exact_components(query, rows, ("es", "cs", "ss", "dc"))
+    def hit_components(self, query: _Query, rows: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """The exact components ``names`` of the hit rows."""
+        return self.exact_components(query, rows, names)
 
     def explanation(self, query: _Query, rows: np.ndarray) -> Explanation:
-        """Why ``rows`` (hits of ``query``, already scored exactly) scored as they did: their
-        style losses by stage and their masks, from what the search computed and read."""
+        """Why ``rows`` (hits of ``query``) scored as they did: their style losses by stage and
+        their masks, from what the search computed and read."""
         if not self.explain:
             raise ValueError("the batch was not created with explain=True")
         rows = np.unique(np.asarray(rows, np.int64))
-        self.ensure_style(query, rows)  # a no-op for hits: their exact losses are known
+        self._exact_style(query, rows)  # a no-op for rows the search scored exactly
         layout = self.index.store.layout
         if self.index.masks is not None:
             masks = {int(r): self.index.masks[r] for r in rows}
         else:
-            missing = [int(r) for r in rows if int(r) not in self.read_masks]
+            missing = [int(r) for r in rows if int(r) not in self._read_masks]
             if missing:
-                self.read_masks.update(zip(missing, self.index.store.mask_rows(missing)))
-            masks = {int(r): self.read_masks[int(r)] for r in rows}
+                self._read_masks.update(zip(missing, self.index.store.mask_rows(missing), strict=True))
+            masks = {int(r): self._read_masks[int(r)] for r in rows}
         return Explanation(
             mask_size=self.index.store.mask_size,
             query_mask=np.asarray(query.q.mask),

@@ -5,6 +5,7 @@ All are plain (frozen where they configure) dataclasses without torch.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -32,9 +33,9 @@ from memory, only for the rows the threshold algorithm visits."""
 class CostModel:
     """Seconds to read rows one request per run versus a sequential scan.
 
-    The defaults were measured on the 2-core machine the benchmarks ran on (page cache):
-    a request costs about 40 us, and bytes come at about 2 GB/s read one by one and 3 GB/s
-    in sequence, decoding included.
+    A retriever measures its own when it opens a store (:meth:`StoreIndex.measure_cost`:
+    a few row reads and a scan of one shard, on this disk); these defaults are figures of the
+    2-core machine the benchmarks ran on (page cache).
 
     Attributes
     ----------
@@ -85,18 +86,29 @@ class SearchOptions:
         larger stores bound Dice from block counts and read masks as needed.
     exact_dice_bytes : int
         Up to this size of masks, Dice is computed for every row at once; above it, Dice is
-        bounded from block counts and computed only for the rows visited.
-    cost_model : CostModel
-        When reading rows one by one loses to a sequential scan.
-    use_faiss : bool
-        Answer the Euclidean and cosine measures and ``ED_max`` through certified FAISS
-        searches rather than a pass over all features.
+        bounded (block counts or areas) and computed only for the rows visited.
+    memory_budget_bytes : int or None
+        Memory-map the style rows when they take at most this much (default: half the
+        machine's memory): row reads are then memory reads, shared by every process that maps
+        the same store. Larger stores read rows from disk as needed.
+    cost_model : CostModel or None
+        When reading rows one by one loses to a sequential scan; default: measured on this
+        store's disk when it is opened.
     """
 
     mask_memory_bytes: int = MASK_MEMORY_BYTES
     exact_dice_bytes: int = EXACT_DICE_BYTES
-    cost_model: CostModel = field(default_factory=CostModel)
-    use_faiss: bool = True
+    memory_budget_bytes: int | None = None
+    cost_model: CostModel | None = None
+
+    def memory_budget(self) -> int:
+        """:attr:`memory_budget_bytes`, or half the physical memory."""
+        if self.memory_budget_bytes is not None:
+            return self.memory_budget_bytes
+        try:
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) // 2
+        except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+            return 4 << 30
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from reference import NAMES, brute_force, load_store, row_query
 PATHS = {
     "default": {},
     "scan": {"cost_model": CostModel.always_scan()},
-    "bounds": {"cost_model": CostModel.never_scan(), "mask_memory_bytes": 0, "use_faiss": False},
+    "bounds": {"cost_model": CostModel.never_scan(), "mask_memory_bytes": 0, "memory_budget_bytes": 0},
     "memory-bounds": {"cost_model": CostModel.never_scan(), "exact_dice_bytes": 0},
 }
 
@@ -310,7 +310,7 @@ def test_scores_do_not_depend_on_the_path_taken(random_store):
         PATHS["scan"],
         PATHS["bounds"],
         PATHS["memory-bounds"],
-        {"use_faiss": False},
+        {"memory_budget_bytes": 0},
     ):
         retriever = Retriever.open(path, device="cpu", options=SearchOptions(**options))
         results.append(
@@ -383,10 +383,15 @@ def test_near_ties_need_the_rounding_slack(tmp_path, seed):
     retriever = Retriever.open(
         path, device="cpu", options=SearchOptions(cost_model=CostModel.never_scan())
     )
-    query = QueryBatch(retriever._index, [retriever.vectors(0)]).queries[0]
+    batch = QueryBatch(retriever._index, [retriever.vectors(0)])
+    query = batch.queries[0]
     styles = retriever.store.style_rows(np.arange(retriever.store.rows)).astype(np.float64)
     exact = squared_distances(styles, styles[0])
-    assert (query.ls_lower <= exact).all() and (exact <= query.ls_upper).all()
+    batch._style_bounds()  # the sketch's bounds
+    assert (query.ls_lo <= exact).all() and (exact <= query.ls_hi).all()
+    batch._tighten(None, query)  # the scan's tight intervals
+    assert query.tight.all()
+    assert (query.ls_lo <= exact).all() and (exact <= query.ls_hi).all()
     data = load_store(path)
     expected = brute_force(data, *row_query(data, 0), exclude_row=0, k=5)
     got = retriever.search(0, measures=("style", "i1_se", "i1_sd"), k=5)

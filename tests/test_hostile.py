@@ -138,7 +138,7 @@ def test_flipped_bit_is_detected(random_store, name):
     chunk.write_bytes(bytes(data))
     with pytest.raises(StoreFormatError):
         r = Retriever.open(
-            path, device="cpu", options=SearchOptions(mask_memory_bytes=0, use_faiss=False)
+            path, device="cpu", options=SearchOptions(mask_memory_bytes=0, memory_budget_bytes=0)
         )
         for row in (0, 14, 29):
             r.search(row, measures="all", k=30)

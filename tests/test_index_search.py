@@ -131,13 +131,20 @@ def test_query_types(indexed_store, synthetic_set):
 def test_hits_carry_ids_paths_and_components(indexed_store):
     retriever = Retriever.open(indexed_store, device="cpu")
     hits = retriever.search(5, measures="i1_sd", k=3)["i1_sd"]
-    for hit in hits:
+    for hit in hits:  # the components of the measures asked for: a measure pays for no other
         assert hit.path.endswith(f"{hit.image_id}.jpg")
-        assert set(hit.components) == {"es", "cs", "ss", "dc"}
+        assert set(hit.components) == {"ss", "dc"}
         assert hit.score == pytest.approx(2 / (1 / hit.components["ss"] + 1 / hit.components["dc"]))
     euclid = retriever.search(5, measures="euclidean", k=3)["euclidean"]
-    assert set(euclid[0].components) == {"es", "cs", "ss", "dc"}
+    assert set(euclid[0].components) == {"es"}
     assert euclid[0].score == euclid[0].components["es"]
+    both = retriever.search(5, measures=("euclidean", "i1_sc"), k=3)
+    assert all(set(h.components) == {"es", "ss", "cs"} for hits in both.values() for h in hits)
+    every = retriever.search(5, measures="all", k=3)
+    assert all(set(h.components) == {"es", "cs", "ss", "dc"} for hits in every.values() for h in hits)
+    # the components agree with the measures that are those components alone
+    alone = retriever.search(5, measures="cosine", k=3)["cosine"]
+    assert [h.score for h in alone] == [h.components["cs"] for h in every["cosine"]]
 
 
 def test_bad_files_are_recorded_not_fatal(tmp_path, synthetic_set):
@@ -208,7 +215,7 @@ def test_large_jpeg_query_reproduces_its_row(tmp_path, synthetic_set):
         )
     index_folder(folder, tmp_path / "store", progress=False, device="cpu")
     retriever = Retriever.open(tmp_path / "store", device="cpu")
-    hits = retriever.search(folder / "SYN_streaks_003.jpg", measures="euclidean", k=1)["euclidean"]
+    hits = retriever.search(folder / "SYN_streaks_003.jpg", measures=("euclidean", "style"), k=1)["euclidean"]
     assert hits[0].image_id == "SYN_streaks_003"
     assert hits[0].components["es"] == pytest.approx(1.0, abs=1e-5)
     assert hits[0].components["ss"] == pytest.approx(1.0, abs=1e-5)

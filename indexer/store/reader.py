@@ -25,6 +25,7 @@ from dermris.models.presets import ModelConfig
 from ._files import inside, manifest_stamp, read_manifest
 from ._format import ARRAYS_DIR, METADATA_DIR, Manifest, RejectedFile, SketchInfo
 from .codec import StyleCodec
+from .mapped import MappedRows
 from .rows import ShardedRows
 from .sketch import MASK_GRID, StyleSketch, mask_block_counts
 
@@ -111,6 +112,7 @@ class Store:
             arrays_dir / "mask", "mask", missing_ok=not self.all_chunks_written
         )
         self._mask_chunks: dict[int, np.ndarray] = {}
+        self._mapped: MappedRows | None = None
         self._areas: np.ndarray | None = None
 
     def _check_chunk_files(
@@ -325,6 +327,16 @@ class Store:
         """Decoded style vectors of rows ``[start, stop)``, float32."""
         stop = min(stop, self.rows)
         return self.codec.decode(self._read("style", slice(start, stop)))
+
+    def mapped_style(self) -> MappedRows | None:
+        """The style rows as memory-mapped shard views (shared by every process through the
+        page cache), or None when the array's layout cannot be mapped (then read rows by
+        bytes)."""
+        if self._style_reader is None or self._style_reader.zstd:
+            return None
+        if self._mapped is None:
+            self._mapped = MappedRows(self._style_reader, self.rows)
+        return self._mapped
 
     def stored_style_rows(self, rows: Sequence[int]) -> np.ndarray:
         """Style rows as stored (float16 by default, undecoded), read by bytes: one request per

@@ -1,0 +1,117 @@
+"""Style rows as memory-mapped views of their shard files (no copy, shared by processes).
+
+A shard of the style array holds one uncompressed chunk per row: the row's bytes followed by
+their crc32c. Zarr writes a shard's chunks one after the other, so the rows of a shard sit at a
+fixed stride: the whole shard is one strided ``(rows, D)`` view of the mapped file, which every
+process that maps it shares through the page cache. The store replaces a shard file by
+renaming a new one into place (never in place), so a mapping always shows the file as it was
+when it was opened: a reader's snapshot stays consistent beside a writer.
+
+Every chunk's checksum is verified the first time its shard is mapped (crc32c runs at several
+GB/s), and the shard index must lay the rows out at one stride without overlaps; a shard that
+does not (written by another tool) is read into memory through :class:`~.rows.ShardedRows`
+instead, which verifies the same checksums.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+
+import google_crc32c
+import numpy as np
+
+from dermris.core.errors import StoreFormatError
+
+from .rows import ShardedRows
+
+__all__ = ["MappedRows"]
+
+
+class MappedRows:
+    """Shard-sized views of a sharded row array (uncompressed chunks).
+
+    Parameters
+    ----------
+    rows_reader : ShardedRows
+        The array's byte-level reader (its shard index parsing and checksums are reused).
+    rows : int
+        Committed rows (views never extend past them).
+    """
+
+    def __init__(self, rows_reader: ShardedRows, rows: int) -> None:
+        if rows_reader.zstd:
+            raise ValueError("only uncompressed chunks can be mapped")
+        self.reader = rows_reader
+        self.rows = rows
+        self.shard_rows = rows_reader.shard_rows
+        self.width = rows_reader.width
+        self._views: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+        self.mapped_bytes = 0
+
+    def shard(self, shard: int) -> np.ndarray:
+        """Rows ``[shard * shard_rows, ...)`` (up to the committed rows) as a read-only view of
+        their stored values (``dtype`` as stored), checksums verified once."""
+        with self._lock:
+            view = self._views.get(shard)
+        if view is not None:
+            return view
+        view = self._map(shard)
+        with self._lock:
+            self._views.setdefault(shard, view)
+            return self._views[shard]
+
+    def blocks(self, start: int = 0, stop: int | None = None):
+        """Yield ``(first_row, view)`` shard by shard over rows ``[start, stop)``."""
+        stop = self.rows if stop is None else min(stop, self.rows)
+        first = start
+        while first < stop:
+            shard = first // self.shard_rows
+            base = shard * self.shard_rows
+            view = self.shard(shard)
+            end = min(stop, base + len(view))
+            yield first, view[first - base : end - base]
+            first = end
+
+    def _map(self, shard: int) -> np.ndarray:
+        reader = self.reader
+        base = shard * self.shard_rows
+        count = min(self.shard_rows, self.rows - base)
+        if count <= 0:
+            raise IndexError(f"shard {shard} holds no committed rows")
+        fd, index = reader._shard(shard)
+        entries = index[:count]
+        chunk = reader.row_bytes + 4
+        offsets = entries[:, 0].astype(np.int64)
+        sizes = entries[:, 1].astype(np.int64)
+        uniform = bool(
+            (entries[:, 0] != np.uint64(2**64 - 1)).all()
+            and (sizes == chunk).all()
+            and (np.diff(offsets) == chunk).all()
+            and offsets[0] % reader.dtype.itemsize == 0
+        )
+        if not uniform:  # another layout: read it (checksums verified) and keep the copy
+            copy = reader.read(np.arange(base, base + count))
+            copy.flags.writeable = False
+            self.mapped_bytes += copy.nbytes
+            return copy
+        size = os.fstat(fd).st_size
+        if offsets[0] + count * chunk > size:
+            raise StoreFormatError(f"array {reader.name}: shard c/{shard}/0 points past its end")
+        mapping = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        raw = np.frombuffer(mapping, np.uint8)
+        for i in range(count):  # every checksum, once
+            start = int(offsets[0]) + i * chunk
+            payload = raw[start : start + reader.row_bytes]
+            stored = int.from_bytes(raw[start + reader.row_bytes : start + chunk].tobytes(), "little")
+            if google_crc32c.value(payload) != stored:
+                raise StoreFormatError(
+                    f"array {reader.name}: row {base + i} fails its checksum (damaged chunk)"
+                )
+        view = np.ndarray((count, self.width), dtype=reader.dtype, buffer=mapping,
+                          offset=int(offsets[0]), strides=(chunk, reader.dtype.itemsize))
+        view.flags.writeable = False
+        self.mapped_bytes += count * reader.row_bytes
+        return view

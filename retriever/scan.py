@@ -1,0 +1,139 @@
+"""Style losses of many rows at once, at memory bandwidth, with a rigorous error bound.
+
+The stored style rows are float16. Converting them with NumPy's ``astype`` runs at about
+0.6 GB/s; this module reinterprets the float16 bits instead: ``(int32(h) << 13) & 0x8fffe000``
+read as a float32 is exactly ``x * 2**-112`` for every finite float16 ``x`` (normal and
+subnormal alike, sign included; the store never holds infinities or NaN). Three integer
+operations on a cache-sized slab, a widening to float64, and one float64 BLAS product with all
+queries of a batch (scaled by ``2**112``, exactly): 2.5 GB/s and more of float16 rows per core.
+
+For a row ``x`` (decoded) and a query ``q``, with the sketch's mean ``mu`` and ``z = . - mu``:
+``LS = ||x - q||^2 = ||z_x||^2 + ||z_q||^2 - 2 (x . z_q - mu . z_q)``. ``||z_x||^2`` comes from
+the sketch; ``x . z_q`` is computed here. Every product and sum is float64, so whatever order
+BLAS sums in, the error is at most ``gamma_D * sum_i |x_i z_q,i| <= gamma_D ||x|| ||z_q||``
+(``gamma_D = D u / (1 - D u)``, ``u = 2**-53``: about 1e-11 for the lite0 layout): the
+intervals are tight, and only rows that really tie with the k-th are computed exactly, by the
+one per-row arithmetic every exact score uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+__all__ = ["SLAB", "ROWS_PER_BLOCK", "QueryWeights", "decode_scaled", "style_dots", "dot_error"]
+
+SLAB = 2048
+"""Columns converted and multiplied at a time."""
+
+ROWS_PER_BLOCK = 64
+"""Rows converted at a time (a 64 x 2048 float64 slab is 1 MB: it stays in cache)."""
+
+_U64 = 2.0**-53
+_BITS_MASK = np.int32(-0x70002000)  # 0x8fffe000: sign, exponent and mantissa of the float16 bits
+_SHIFT = 112  # (h << 13) read as float32 is x * 2**-112
+
+
+def _gamma(n: int) -> float:
+    return n * _U64 / (1.0 - n * _U64)
+
+
+def decode_scaled(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """float16 values (given as their int16 bits, any strides) as float32 ``x * 2**-112``.
+
+    Parameters
+    ----------
+    bits : np.ndarray
+        ``(B, L)`` int16 (a view of float16 data).
+    out : np.ndarray
+        ``(>=B, >=L)`` int32 scratch space; the result is a float32 view of part of it.
+    """
+    b, width = bits.shape
+    target = out[:b, :width]
+    np.copyto(target, bits, casting="unsafe")  # sign-extends
+    np.left_shift(target, 13, out=target)
+    np.bitwise_and(target, _BITS_MASK, out=target)
+    return target.view(np.float32)
+
+
+class QueryWeights:
+    """The right-hand side of the scan for a batch of queries.
+
+    For query ``j`` the stored value ``s_i`` of column ``i`` (``x_i = s_i / c_i``) meets the
+    weight ``w_ij = z_q,ij / c_i``, so that ``sum_i s_i w_ij = x . z_q``; the weights are
+    multiplied by ``2**112`` (exact) to undo the decoding's scale.
+
+    Parameters
+    ----------
+    z_q : np.ndarray
+        ``(Q, D)`` float64, the queries minus the sketch's mean.
+    column_scales : np.ndarray
+        ``(D,)`` the store's float16 scale of every column (powers of two).
+    stored_dtype : numpy dtype
+        How the rows are stored: float16 (decoded by reinterpreting the bits) or float32.
+    """
+
+    def __init__(self, z_q: np.ndarray, column_scales: np.ndarray, *, stored_dtype=np.float16) -> None:
+        z_q = np.atleast_2d(np.asarray(z_q, np.float64))
+        shift = 2.0**_SHIFT if np.dtype(stored_dtype) == np.float16 else 1.0
+        weights = z_q / np.asarray(column_scales, np.float64)[None, :] * shift
+        self.matrix = np.ascontiguousarray(weights.T)  # (D, Q)
+        self.z_norms = np.sqrt(np.sum(z_q * z_q, axis=1))
+        self.dim = z_q.shape[1]
+
+    @classmethod
+    def stack(cls, parts: Sequence["QueryWeights"]) -> "QueryWeights":
+        """The weights of several queries side by side (one product serves them all)."""
+        out = cls.__new__(cls)
+        out.matrix = np.ascontiguousarray(np.concatenate([p.matrix for p in parts], axis=1))
+        out.z_norms = np.concatenate([p.z_norms for p in parts])
+        out.dim = parts[0].dim
+        return out
+
+
+def style_dots(
+    blocks: Iterable[tuple[int, np.ndarray]], weights: QueryWeights, rows: int
+) -> np.ndarray:
+    """``x . z_q`` for every row in ``blocks`` and every query, float64 ``(rows, Q)``.
+
+    Parameters
+    ----------
+    blocks : iterable of (int, np.ndarray)
+        ``(first_row, stored)``: ``(B, D)`` stored rows, float16 (memory-mapped shards or
+        blocks read from disk; any row stride) or float32, as the weights were made for.
+    weights : QueryWeights
+        The queries.
+    rows : int
+        Rows in the store (the output's length; rows not in ``blocks`` stay NaN).
+    """
+    q = weights.matrix.shape[1]
+    out = np.full((rows, q), np.nan)
+    bits_scratch = np.empty((ROWS_PER_BLOCK, SLAB), np.int32)
+    wide = np.empty((ROWS_PER_BLOCK, SLAB), np.float64)
+    dim = weights.dim
+    for first, stored in blocks:
+        half = stored.dtype == np.float16
+        bits = stored.view(np.int16) if half else stored
+        for a in range(0, len(bits), ROWS_PER_BLOCK):
+            block = bits[a : a + ROWS_PER_BLOCK]
+            b = len(block)
+            acc = np.zeros((b, q))
+            for c in range(0, dim, SLAB):
+                part = block[:, c : c + SLAB]
+                values = decode_scaled(part, bits_scratch) if half else part
+                slab = wide[:b, : values.shape[1]]
+                np.copyto(slab, values)
+                acc += slab @ weights.matrix[c : c + SLAB]
+            out[first + a : first + a + b] = acc
+    return out
+
+
+def dot_error(x_norms: np.ndarray, weights: QueryWeights) -> np.ndarray:
+    """A bound on ``|computed - exact|`` of :func:`style_dots`, ``(rows, Q)`` float64.
+
+    ``x_norms`` bounds ``||x||`` of every row (decoded values). Every product and sum is
+    float64 and the decoding is exact, so ``gamma_D * ||x|| * ||z_q||`` bounds the error of
+    any summation order (with 1 % to spare).
+    """
+    return 1.01 * _gamma(weights.dim) * np.asarray(x_norms, np.float64)[:, None] * weights.z_norms[None, :]
