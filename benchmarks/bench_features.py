@@ -139,13 +139,16 @@ def main() -> None:
     }
     print(f"N={args.rows} D={features.shape[1]} k={args.k}, {args.queries} queries")
     print(
-        f"  FAISS (ES top-k, CS top-k, ED_max, certified): median {result['faiss']['median_ms']:.1f} ms, "
+        "  FAISS (ES top-k, CS top-k, ED_max, certified): "
+        f"median {result['faiss']['median_ms']:.1f} ms, "
         f"p95 {result['faiss']['p95_ms']:.1f} ms; indexes {search.nbytes / 1e9:.1f} GB; "
         f"certified {certified}/{args.queries}"
     )
+    full = result["full_float64_pass"]
     print(
-        f"  full float64 pass (ES, CS of every row, ED_max): median {result['full_float64_pass']['median_ms']:.1f} ms, "
-        f"p95 {result['full_float64_pass']['p95_ms']:.1f} ms; features {features.nbytes / 1e9:.1f} GB"
+        "  full float64 pass (ES, CS of every row, ED_max): "
+        f"median {full['median_ms']:.1f} ms, p95 {full['p95_ms']:.1f} ms; "
+        f"features {features.nbytes / 1e9:.1f} GB"
     )
     print(f"  same rows and ED_max: {result['same_rows_and_ed_max']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -66,9 +66,10 @@ class FeatureSearch:
         self.norms = np.sqrt(self.sq)
         self.features = x
         self.max_sq = float(self.sq.max(initial=0.0))
-        # [x, ||x||^2]: nearest rows by <., [2q, -1]>, farthest by <., [-2q, 1]> (one index for both)
-        self.far = faiss.IndexFlatIP(self.dim + 1)
-        self.ip = faiss.IndexFlatIP(self.dim)  # unit vectors: cosine
+        # [x, ||x||^2]: nearest rows by <., [2q, -1]>, farthest by <., [-2q, 1]>
+        # (one index for both)
+        self.far: faiss.Index = faiss.IndexFlatIP(self.dim + 1)
+        self.ip: faiss.Index = faiss.IndexFlatIP(self.dim)  # unit vectors: cosine
         for a in range(0, self.n, 65536):  # in blocks: no full-size temporaries
             block = x[a : a + 65536]
             self.far.add(
@@ -93,7 +94,10 @@ class FeatureSearch:
         k = min(k, self.n)
         sel, bits = _selector(self.faiss, allowed)
         params = (
-            self.faiss.SearchParameters(sel=sel) if sel is not None and not self.on_gpu else None
+            # faiss's stub lacks the keyword arguments its Python wrapper accepts
+            self.faiss.SearchParameters(sel=sel)  # type: ignore[call-arg]
+            if sel is not None and not self.on_gpu
+            else None
         )
         values, ids = index.search(q[None].astype(np.float32), k, params=params)
         values, ids = values[0], ids[0]

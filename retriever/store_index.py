@@ -36,15 +36,16 @@ class StoreIndex:
     ----------
     store : Store
         An opened store snapshot.
-    options : SearchOptions
+    options : SearchOptions, optional
         Memory limits, the cost model and whether FAISS answers the feature measures.
     use_gpu : bool
         Put the FAISS indexes on the GPU (faiss-gpu).
     """
 
     def __init__(
-        self, store: Store, *, options: SearchOptions = SearchOptions(), use_gpu: bool = False
+        self, store: Store, *, options: SearchOptions | None = None, use_gpu: bool = False
     ) -> None:
+        options = options if options is not None else SearchOptions()
         self.store = store
         self.options = options
         self.cost = options.cost_model
@@ -228,6 +229,7 @@ class StoreIndex:
     def dice_rows(self, mask: np.ndarray, area: int, rows: np.ndarray | None = None) -> np.ndarray:
         """Exact Dice of ``rows`` (default: every row) against a packed mask, from the masks in
         memory, float64."""
+        assert self.masks is not None  # called only when the masks are in memory
         masks = self.masks if rows is None else self.masks[rows]
         areas = self.mask_areas if rows is None else self.mask_areas[rows]
         words = masks.shape[1] // 8 * 8

@@ -106,8 +106,8 @@ class QueryBatch:
         started = time.perf_counter()
         if queries:
             dy2s, r_qs, sq_qs = index.project(np.stack([q.style for q in queries]))
-        else:
-            dy2s = r_qs = sq_qs = []
+        else:  # nothing to project (zip below yields nothing)
+            dy2s = r_qs = sq_qs = np.zeros(0)
         self.queries = [_Query(index, q, *args) for q, *args in zip(queries, dy2s, r_qs, sq_qs)]
         for query in self.queries:
             query.stats.add_time("bounds", started)
@@ -128,6 +128,7 @@ class QueryBatch:
                 self._all_features()
             else:
                 query.ed_max = value
+        assert query.ed_max is not None  # set by the search or the full pass
         return query.ed_max
 
     def _all_features(self) -> None:
@@ -149,7 +150,9 @@ class QueryBatch:
         if query.es is None and len(rows) > max(1024, self.index.rows // 8):
             self._all_features()  # one pass is cheaper than gathering most rows
         if query.es is not None:
-            return (query.es if name == "es" else query.cs)[rows]
+            known = query.es if name == "es" else query.cs
+            assert known is not None  # es and cs are computed together
+            return known[rows]
         ed, cos = self.index.feature_values(query.q.feature, rows)
         return normalised_score(ed, self.ed_max(query)) if name == "es" else cosine_score(cos)
 
@@ -252,6 +255,7 @@ class QueryBatch:
                     return query.feature_bounds[name]
             self._all_features()
             values = query.es if name == "es" else query.cs
+            assert values is not None  # the full pass computed them
             return values, values
         if name == "dc":
             known = ~np.isnan(query.dc)
