@@ -188,7 +188,10 @@ def install_guard(
 
 
 def resolve_token(host: str, token: str | None) -> str | None:
-    """The token to require (``token`` or ``$DERMRIS_TOKEN``); an error beyond loopback without one."""
+    """The token to require (``token`` or ``$DERMRIS_TOKEN``).
+
+    Binding beyond loopback without one is an error.
+    """
     token = token or os.environ.get(TOKEN_ENV) or None
     if not is_loopback(host) and token is None:
         raise QueryError(f"binding to {host} (beyond loopback) needs --token or {TOKEN_ENV}")

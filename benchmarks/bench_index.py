@@ -30,8 +30,10 @@ Examples
     python benchmarks/bench_index.py --preset tiny lite0 --images 384           # CPU
     python benchmarks/bench_index.py --preset paper --device cuda --images 2048 --batch-size 64 \\
         --compare-precision 256
-    python benchmarks/bench_index.py --preset tiny --cluster local:1 local:2 --images 512 --repeats 3
-    python benchmarks/bench_index.py --preset paper --cluster cuda --device cuda --images 4096 --batch-size 64
+    python benchmarks/bench_index.py --preset tiny --cluster local:1 local:2 --images 512 \\
+        --repeats 3
+    python benchmarks/bench_index.py --preset paper --cluster cuda --device cuda --images 4096 \\
+        --batch-size 64
 """
 
 from __future__ import annotations
@@ -262,12 +264,14 @@ def cluster_benchmark(args, workers: int, work: Path) -> list[dict]:
             run["ratio_to_" + args.cluster[0]] = round(run["images_per_s"] / base, 3)
             runs.append(run)
     print(
-        f"\n{'preset':<7}{'cluster':>22}{'workers':>9}{'images/s':>10}{'with start':>12}{'ratio':>7}  repeats"
+        f"\n{'preset':<7}{'cluster':>22}{'workers':>9}{'images/s':>10}"
+        f"{'with start':>12}{'ratio':>7}  repeats"
     )
     for r in runs:
         ratio = r["ratio_to_" + args.cluster[0]]
         print(
-            f"{r['preset']:<7}{r['cluster']:>22}{r.get('workers') or '-':>9}{r['images_per_s']:>10.1f}"
+            f"{r['preset']:<7}{r['cluster']:>22}{r.get('workers') or '-':>9}"
+            f"{r['images_per_s']:>10.1f}"
             f"{r['images_per_s_with_start']:>12.1f}{ratio:>7.2f}  {r['repeats_images_per_s']}"
         )
     return runs
@@ -378,7 +382,8 @@ def print_table(runs: list[dict]) -> None:
             f"{r['preset']:<7}{r['input_px']:>7}{r['device']:>8}{r['model']['precision']:>10}"
             f"{r['decode']['images_per_s']:>10.0f}{r['model']['images_per_s']:>10.1f}"
             f"{r['pipeline']['images_per_s']:>9.1f}{r['pipeline_over_model']:>7.2f}"
-            f"{100 * r['model']['segmenter_share']:>7.0f}{r['model'].get('peak_gpu_memory_gb', 0):>8.1f}  {stages}"
+            f"{100 * r['model']['segmenter_share']:>7.0f}"
+            f"{r['model'].get('peak_gpu_memory_gb', 0):>8.1f}  {stages}"
         )
 
 

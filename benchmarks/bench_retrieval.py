@@ -282,38 +282,47 @@ def run_one(
 
 def print_table(run: dict) -> None:
     print(
-        f"\n{run['label']}: N={run['rows']} D={run['style_dim']} ({run['style_dtype']}), sketch d={run['sketch_dim']}, "
+        f"\n{run['label']}: N={run['rows']} D={run['style_dim']} ({run['style_dtype']}), "
+        f"sketch d={run['sketch_dim']}, "
         f"k={run['k']}, {run['queries']} queries"
     )
     print(
-        f"  all nine: median {run['all_nine']['median_ms']:.1f} ms, p95 {run['all_nine']['p95_ms']:.1f} ms; "
-        f"brute force median {run['brute_force']['median_s']} s over {run['brute_force']['queries']} queries; "
+        f"  all nine: median {run['all_nine']['median_ms']:.1f} ms, "
+        f"p95 {run['all_nine']['p95_ms']:.1f} ms; "
+        f"brute force median {run['brute_force']['median_s']} s "
+        f"over {run['brute_force']['queries']} queries; "
         f"speed-up {run.get('speedup_all_nine_vs_brute', float('nan')):.0f}x"
     )
     print(
-        f"  retriever memory: index {run['retriever_index_bytes'] / 1e6:.0f} MB, RSS +{run['rss_delta_bytes'] / 1e6:.0f} MB; "
+        f"  retriever memory: index {run['retriever_index_bytes'] / 1e6:.0f} MB, "
+        f"RSS +{run['rss_delta_bytes'] / 1e6:.0f} MB; "
         f"max relative score error vs brute force {run['max_relative_score_error']}"
     )
     ram = run.get("in_ram_brute_force")
     if ram:
         print(
-            f"  in-RAM brute force: median {ram['median_ms']:.1f} ms ({ram['resident_bytes'] / 1e6:.0f} MB resident); "
+            f"  in-RAM brute force: median {ram['median_ms']:.1f} ms "
+            f"({ram['resident_bytes'] / 1e6:.0f} MB resident); "
             f"all nine / in-RAM = {run['all_nine_over_in_ram_brute']:.2f}"
         )
     frac = run["style_bytes_read_fraction_all_nine"]
     print(
-        f"  style bytes read per query (all nine): median {100 * frac['median']:.2f} % of the style array, "
+        "  style bytes read per query (all nine): "
+        f"median {100 * frac['median']:.2f} % of the style array, "
         f"max {100 * frac['max']:.2f} %; scans (median) {run['scans_all_nine_median']}; "
-        f"all nine / streaming brute force = {run.get('all_nine_over_streaming_brute', float('nan')):.3f}"
+        "all nine / streaming brute force = "
+        f"{run.get('all_nine_over_streaming_brute', float('nan')):.3f}"
     )
     print(
-        f"  {'measure':<10}{'recall@k':>9}{'median ms':>11}{'p95 ms':>9}{'reranked':>10}{'style rd':>10}{'mask rd':>9}{'MB read':>9}"
+        f"  {'measure':<10}{'recall@k':>9}{'median ms':>11}{'p95 ms':>9}{'reranked':>10}"
+        f"{'style rd':>10}{'mask rd':>9}{'MB read':>9}"
     )
     for m, v in run["measures"].items():
         recall = "-" if v["recall_at_k"] is None else f"{v['recall_at_k']:.3f}"
         print(
-            f"  {m:<10}{recall:>9}{v['median_ms']:>11.1f}{v['p95_ms']:>9.1f}{v['rows_reranked_median']:>10.0f}"
-            f"{v['style_rows_read_median']:>10.0f}{v['mask_rows_read_median']:>9.0f}{v['bytes_read_median'] / 1e6:>9.2f}"
+            f"  {m:<10}{recall:>9}{v['median_ms']:>11.1f}{v['p95_ms']:>9.1f}"
+            f"{v['rows_reranked_median']:>10.0f}{v['style_rows_read_median']:>10.0f}"
+            f"{v['mask_rows_read_median']:>9.0f}{v['bytes_read_median'] / 1e6:>9.2f}"
         )
 
 
@@ -376,7 +385,8 @@ def main() -> None:
         spectrum = json.loads(cache.read_text())
         top = np.cumsum(spectrum["variance_fraction"])
         print(
-            f"measured spectrum (lite0, {spectrum['images']} images): first 16 / 64 / 256 components hold "
+            f"measured spectrum (lite0, {spectrum['images']} images): "
+            "first 16 / 64 / 256 components hold "
             f"{top[15]:.3f} / {top[63]:.3f} / {top[min(255, len(top) - 1)]:.3f} of the variance"
         )
 

@@ -104,9 +104,10 @@ def _load(base: str, make_request, *, clients: int, seconds: float, seed: int) -
         t.join()
     wall = time.monotonic() - began
     latencies.sort()
-    pick = lambda q: (
-        latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else None
-    )  # noqa: E731
+
+    def pick(q: float) -> float:  # the q-quantile latency; only called when there are latencies
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+
     return {
         "requests": len(latencies),
         "errors": len(errors),
@@ -182,7 +183,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(run, indent=1))
     print(
-        f"dermris serve, {rows} rows ({info['preset']}), {args.clients} clients x {args.seconds:.0f} s, "
+        f"dermris serve, {rows} rows ({info['preset']}), "
+        f"{args.clients} clients x {args.seconds:.0f} s, "
         f"all nine measures, k=5, {os.cpu_count()} CPUs"
     )
     print(f"{'kind':<15}{'requests':>9}{'errors':>8}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}")

@@ -61,7 +61,10 @@ def photo_store(
     sketch_dim: int = 256,
     workdir: Path | None = None,
 ) -> Path:
-    """Index ``n`` JPEGs made from scikit-image's photographs with ``preset`` (reused if complete)."""
+    """Index ``n`` JPEGs made from scikit-image's photographs with ``preset``.
+
+    The store is reused if it is complete.
+    """
     from photos import write_photo_set
 
     if store_exists(path) and Store.open(path).rows == n:

@@ -141,7 +141,7 @@ def decode_image_bytes(
             warnings.simplefilter(
                 "ignore", UserWarning
             )  # e.g. "Corrupt EXIF data", "Truncated File Read"
-            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+            image: Image.Image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             width, height = image.size
             if width < 1 or height < 1:
                 raise ImageDecodeError(f"{name}: image has no pixels")

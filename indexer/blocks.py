@@ -30,7 +30,7 @@ import numpy as np
 
 from dermris.core.errors import ClusterError
 
-from .sources import ImageFile, LoadedImage, load_image
+from .sources import ImageFile, LoadedImage, decoded_pixels, load_image
 from .store import StyleCodec
 
 __all__ = [
@@ -226,8 +226,11 @@ def _batches(
     skip_sha256: frozenset[str],
     threads: int,
 ) -> Iterator[list[LoadedImage]]:
-    """Read, hash, decode and resize ``files`` in threads (PIL and hashlib release the GIL), a
-    bounded number of files ahead of the model, and yield them in order, ``batch_size`` at a time."""
+    """Read, hash, decode and resize ``files`` in threads (PIL and hashlib release the GIL).
+
+    They are read a bounded number of files ahead of the model and yielded in order,
+    ``batch_size`` at a time.
+    """
     load = functools.partial(load_image, size=size, skip_sha256=skip_sha256)
     ahead = max(2 * batch_size, threads)
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dermris-read") as pool:
@@ -252,8 +255,9 @@ def _batches(
 def _check_images(options: BlockOptions) -> None:
     if not Path(options.images).is_dir():
         raise ClusterError(
-            f"worker {_where()} cannot see the image folder {options.images}: workers need the images "
-            "and the store at the same paths as the machine that runs `dermris index`"
+            f"worker {_where()} cannot see the image folder {options.images}: "
+            "workers need the images and the store at the same paths as the machine that runs "
+            "`dermris index`"
         )
 
 
@@ -301,7 +305,7 @@ def embed_block(
     ):
         ok = [it for it in batch if it.status == "ok"]
         if ok:
-            pixels = torch.from_numpy(np.stack([it.pixels for it in ok]))
+            pixels = torch.from_numpy(np.stack(decoded_pixels(ok)))
             if device.type == "cuda":
                 pixels = pixels.pin_memory()
             f, s, m, c = embedder.forward_pixels(pixels, encoder=encoder)
@@ -352,7 +356,7 @@ def first_batch_style(
         skip_sha256=skip_sha256,
         threads=_decode_threads(embedder.device.type),
     ):
-        ok = [it.pixels for it in batch if it.status == "ok"]
+        ok = decoded_pixels(batch)
         if ok:
             _, style, _, _ = embedder.forward_pixels(torch.from_numpy(np.stack(ok)))
             return style.cpu().numpy()

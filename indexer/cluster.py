@@ -208,7 +208,8 @@ def connect(
             session.client.wait_for_workers(1, timeout=worker_wait_s)
         except TimeoutError:
             raise ClusterError(
-                f"no Dask worker joined the scheduler at {session.name} within {worker_wait_s:.0f} s "
+                f"no Dask worker joined the scheduler at {session.name} "
+                f"within {worker_wait_s:.0f} s "
                 "(start workers with `dask worker ADDRESS`, or check the job queue)"
             ) from None
         yield session
@@ -231,10 +232,11 @@ def _start(
                 distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True)
             )
         except (RuntimeError, OSError, TimeoutError) as exc:
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
             raise ClusterError(
-                f"the local Dask cluster did not start ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                "from a Python script, call index_folder(..., cluster=...) under `if __name__ == '__main__':` "
-                "(worker processes re-import the script)"
+                f"the local Dask cluster did not start ({type(exc).__name__}: {first_line}); "
+                "from a Python script, call index_folder(..., cluster=...) "
+                "under `if __name__ == '__main__':` (worker processes re-import the script)"
             ) from exc
         client = stack.enter_context(distributed.Client(cluster))
         return ClusterSession(client, str(spec), torch_threads=threads)

@@ -15,6 +15,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -50,7 +51,10 @@ class Chunk:
 
 
 class Committer:
-    """The writer stage on its own thread: gathers chunks and commits every ``commit_every`` rows."""
+    """The writer stage on its own thread.
+
+    It gathers chunks and commits every ``commit_every`` rows.
+    """
 
     def __init__(
         self,
@@ -89,7 +93,10 @@ class Committer:
             raise self.error
 
     def abort(self) -> None:
-        """Stop without committing what is pending (the run failed); waits for a commit in flight."""
+        """Stop without committing what is pending (the run failed).
+
+        Waits for a commit in flight.
+        """
         self._aborted = True
         while self._thread.is_alive():
             try:
@@ -133,7 +140,7 @@ class Committer:
             records = core_records(
                 image_ids=[it.file.image_id for it in items],
                 paths=[str(it.file.path) for it in items],
-                sha256=[it.sha256 for it in items],
+                sha256=cast("list[str]", [it.sha256 for it in items]),  # decoded: hashed
                 widths=[it.width for it in items],
                 heights=[it.height for it in items],
             )
@@ -223,10 +230,12 @@ class Admission:
             report.duplicates.append((path, self.seen_sha[item.sha256]))
             chunk.rejected.append((path, f"same bytes as {self.seen_sha[item.sha256]}"))
         elif item.file.image_id in self.seen_ids:
-            reason = f"image id {item.file.image_id!r} already used by {self.seen_ids[item.file.image_id]}"
+            image_id = item.file.image_id
+            reason = f"image id {image_id!r} already used by {self.seen_ids[image_id]}"
             report.rejected.append((path, reason))
             chunk.rejected.append((path, reason))
         else:
+            assert item.sha256 is not None  # a decoded item is hashed
             self.seen_sha[item.sha256] = path
             self.seen_ids[item.file.image_id] = path
             chunk.items.append(item)

@@ -150,7 +150,10 @@ class _Window:
 def _commit_block(
     result: BlockResult, admission: Admission, writer: StoreWriter, committer: Committer
 ) -> None:
-    """Apply the rules of one process to a block's files, in order, and hand its rows to the writer."""
+    """Apply the rules of one process to a block's files, in order.
+
+    Hands its rows to the writer.
+    """
     chunk = Chunk(items=[])
     keep = admission.admit_all(result.items, chunk)
     if keep:
@@ -159,7 +162,8 @@ def _commit_block(
         style = result.style[take]
         if result.encoded:
             clipped = int(result.clipped[take].sum())
-        else:  # the block ran before the store had its float16 scales: fit (first rows) and encode here
+        else:
+            # the block ran before the store had its float16 scales: fit (first rows), encode here
             style, clipped = writer.fit_codec(style).encode(style)
         chunk.features, chunk.style, chunk.masks = result.features[take], style, result.masks[take]
         chunk.encoded, chunk.clipped = True, clipped

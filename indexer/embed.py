@@ -59,7 +59,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """The precision to run at: ``auto`` -> float32 on CPU, :data:`CUDA_DEFAULT_PRECISION` on CUDA."""
+    """The precision to run at.
+
+    ``auto`` -> float32 on CPU, :data:`CUDA_DEFAULT_PRECISION` on CUDA.
+    """
     if precision not in PRECISIONS:
         raise ConfigError(
             f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}"

@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from dermris.core.imageio import MAX_FILE_BYTES
 
-from .sources import ImageFile, LoadedImage, load_image
+from .sources import ImageFile, LoadedImage, decoded_pixels, load_image
 
 __all__ = ["LoadedBatch", "ImageLoader", "default_workers"]
 
@@ -51,7 +52,7 @@ class LoadedBatch:
 
 
 def _collate(items: list[LoadedImage]) -> LoadedBatch:
-    ok = [it.pixels for it in items if it.status == "ok"]
+    ok = decoded_pixels(items)
     if ok:
         pixels = torch.from_numpy(np.stack(ok))
     else:
@@ -148,7 +149,7 @@ class ImageLoader:
             raise ValueError("workers must be >= 0")
         self.dataset = _Files(files, size, draft_size, frozenset(skip_sha256), max_bytes)
         self.batch_size = batch_size
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         if self.workers > 0:
             kwargs = {
                 "prefetch_factor": prefetch,

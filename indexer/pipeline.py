@@ -57,7 +57,8 @@ def _open_or_create(
             stored = writer.model_config
             if preset is not None and preset != stored.name:
                 raise StoreMismatchError(
-                    f"{store} was built with preset {stored.name!r}, not {preset!r}; use another store path"
+                    f"{store} was built with preset {stored.name!r}, not {preset!r}; "
+                    "use another store path"
                 )
             model = writer.load_model() if need_model or weights is not None else None
             if weights is not None:
@@ -222,6 +223,7 @@ def index_folder(
                 )
                 report.stages["cluster"] += connect_s
             else:
+                assert model is not None  # need_model was True
                 embedder = Embedder(
                     model,
                     device=torch_device,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +159,16 @@ class LoadedImage:
     height: int = 0
     pixels: np.ndarray | None = None
     reason: str | None = None
+
+
+def decoded_pixels(items: Iterable[LoadedImage]) -> list[np.ndarray]:
+    """The pixels of the items whose status is ``"ok"`` (decoded items carry them), in order."""
+    out = []
+    for it in items:
+        if it.status == "ok":
+            assert it.pixels is not None
+            out.append(it.pixels)
+    return out
 
 
 class MetadataTable:

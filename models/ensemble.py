@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any, cast
 
 import timm
 import torch
@@ -63,13 +64,16 @@ def _create_backbone(name: str) -> nn.Module:
 def _stage_outputs(backbone: nn.Module, x: torch.Tensor, stages: int):
     if not hasattr(backbone, "forward_intermediates"):
         raise ConfigError(f"backbone {type(backbone).__name__} has no forward_intermediates")
-    try:
-        return backbone.forward_intermediates(x, indices=stages, extra_blocks=True)
+    try:  # a timm method, which nn.Module's type does not declare
+        return cast(Any, backbone).forward_intermediates(x, indices=stages, extra_blocks=True)
     except TypeError:
         raise ConfigError(
             f"backbone {type(backbone).__name__} does not expose its block stages "
             "(forward_intermediates(extra_blocks=True)); use an EfficientNet-family model"
         ) from None
+
+
+_RGB = tuple[float, float, float]  # timm's mean and std: one value per colour channel
 
 
 @lru_cache(maxsize=32)
@@ -97,9 +101,9 @@ def backbone_info(name: str, stages: int = 7) -> BackboneInfo:
     cfg = getattr(backbone, "pretrained_cfg", {}) or {}
     return BackboneInfo(
         stage_channels=tuple(int(t.shape[1]) for t in inter),
-        head_channels=int(backbone.num_features),
-        mean=tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))),
-        std=tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))),
+        head_channels=int(cast(Any, backbone).num_features),  # a timm attribute
+        mean=cast(_RGB, tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406)))),
+        std=cast(_RGB, tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225)))),
     )
 
 
@@ -133,6 +137,7 @@ class EnsembleFeatureExtractor(nn.Module):
                 pooled.append(norm(final.float().mean(dim=(2, 3))))
             grams = [gram_matrix(s) for s in stages]  # float32 whatever the backbone ran in
             gram_sums = grams if gram_sums is None else [a + b for a, b in zip(gram_sums, grams)]
+        assert gram_sums is not None  # a model has at least one member
         with torch.autocast(device_type=x.device.type, enabled=False):  # the 1024-d head in float32
             features = self.activation(self.head(torch.cat(pooled, dim=1)))
         return features, [g / len(self.members) for g in gram_sums]

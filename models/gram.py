@@ -96,4 +96,5 @@ def style_loss_from_grams(
     for gx, gy, w in zip(grams_x, grams_y, weights, strict=True):
         term = w * ((gx.double() - gy.double()) ** 2).sum(dim=(-2, -1))
         total = term if total is None else total + term
+    assert total is not None, "no style stages"
     return total

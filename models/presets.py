@@ -58,7 +58,8 @@ class SegmenterConfig:
     def __post_init__(self) -> None:
         if self.arch not in SEGMENTER_ARCHS:
             raise ConfigError(
-                f"unknown segmenter arch {self.arch!r}; expected one of {', '.join(SEGMENTER_ARCHS)}"
+                f"unknown segmenter arch {self.arch!r}; "
+                f"expected one of {', '.join(SEGMENTER_ARCHS)}"
             )
         if self.base_channels < 1 or self.depth < 1 or self.recurrence < 1:
             raise ConfigError("segmenter base_channels, depth and recurrence must be >= 1")

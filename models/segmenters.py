@@ -46,6 +46,7 @@ class _Block(nn.Module):
     def __init__(self, arch: str, in_ch: int, out_ch: int, steps: int) -> None:
         super().__init__()
         self.residual = arch == "r2unet"
+        self.entry: nn.Module
         if arch == "unet":
             self.entry = nn.Identity()
             self.body = nn.Sequential(_ConvBNReLU(in_ch, out_ch), _ConvBNReLU(out_ch, out_ch))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -63,6 +64,7 @@ def load_backbone_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"backbone weights file not found: {path}")
+    state: Any
     try:
         if path.suffix == ".safetensors":
             state = load_file(str(path))
@@ -169,6 +171,8 @@ def build_model(
         torch.manual_seed(config.seed)
         model = DermrisModel(config)
     if source == "file":
+        if backbone_weights is None:  # a config that says "file" rebuilt without its checkpoint
+            raise TypeError("backbone_source 'file' needs backbone_weights")
         _load_into_members(model, load_backbone_state_dict(backbone_weights), str(backbone_weights))
     elif source == "timm-pretrained":
         import timm
@@ -277,7 +281,8 @@ def load_model(path: str | os.PathLike) -> DermrisModel:
             expected = {k for k in model.state_dict() if k.startswith(PARTS[part])}
             if set(state) != expected:
                 raise RuntimeError(
-                    f"the {part} tensors do not match the model ({len(set(state) ^ expected)} differ)"
+                    f"the {part} tensors do not match the model "
+                    f"({len(set(state) ^ expected)} differ)"
                 )
             model.load_state_dict(state, strict=False)
     except (SafetensorError, RuntimeError) as exc:

@@ -2,7 +2,8 @@
 
 The style vector packs ``sqrt(w_s) * triu(G_s)`` stage after stage (off-diagonal entries times
 ``sqrt(2)``), so the style loss splits exactly into one term per block stage:
-``LS(x, y) = sum_s ||v_s(x) - v_s(y)||^2`` with ``||v_s(x) - v_s(y)||^2 = w_s ||G_s^x - G_s^y||_F^2``.
+``LS(x, y) = sum_s ||v_s(x) - v_s(y)||^2`` with
+``||v_s(x) - v_s(y)||^2 = w_s ||G_s^x - G_s^y||_F^2``.
 The Dice score is what the two lesion masks share; drawing their outlines over the images makes
 it visible.
 """

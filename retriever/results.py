@@ -1,4 +1,4 @@
-"""Search results: :class:`Hit` and :class:`SearchResult`, and their one JSON, Arrow and pandas form.
+"""Search results (:class:`Hit`, :class:`SearchResult`) and their one JSON, Arrow and pandas form.
 
 Every caller that turns results into something else (the command line's ``--json``, the HTTP
 API, the demo) goes through :meth:`SearchResult.to_dict`, :meth:`SearchResult.to_arrow` or

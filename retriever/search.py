@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast, overload
 
 import numpy as np
 import pyarrow as pa
@@ -135,7 +135,10 @@ class Retriever:
         return self.store.rows
 
     def __repr__(self) -> str:
-        return f"Retriever({str(self.store.root)!r}, rows={self.store.rows}, device={self._device_name!r})"
+        return (
+            f"Retriever({str(self.store.root)!r}, rows={self.store.rows}, "
+            f"device={self._device_name!r})"
+        )
 
     @property
     def image_ids(self) -> Sequence[str]:
@@ -224,23 +227,30 @@ class Retriever:
             return Image.fromarray(np.ascontiguousarray(query[:, :, :3]), "RGB")
         raise QueryError(f"unsupported query type {type(query).__name__}")
 
+    @overload
+    def embed(self, images: list[Any] | tuple[Any, ...]) -> list[QueryVectors]: ...
+
+    @overload
+    def embed(self, images: Any) -> QueryVectors: ...
+
     def embed(self, images: Any) -> QueryVectors | list[QueryVectors]:
         """Turn images (path, PIL image or uint8 array; or a list of them) into the store's
         representation, in one batch."""
         single = not isinstance(images, (list, tuple))
         batch = [self._as_image(q) for q in ([images] if single else images)]
-        out = self._model().embed(batch) if batch else None
         vectors = []
-        for i in range(len(batch)):
-            mask = out.masks[i].reshape(-1)
-            vectors.append(
-                QueryVectors(
-                    feature=out.features[i],
-                    style=self.store.codec.round_trip(out.style[i : i + 1])[0],
-                    mask=np.packbits(mask),
-                    mask_area=int(mask.sum()),
+        if batch:
+            out = self._model().embed(batch)
+            for i in range(len(batch)):
+                mask = out.masks[i].reshape(-1)
+                vectors.append(
+                    QueryVectors(
+                        feature=out.features[i],
+                        style=self.store.codec.round_trip(out.style[i : i + 1])[0],
+                        mask=np.packbits(mask),
+                        mask_area=int(mask.sum()),
+                    )
                 )
-            )
         return vectors[0] if single else vectors
 
     def vectors(self, row: int) -> QueryVectors:
@@ -280,13 +290,15 @@ class Retriever:
             bad = arr[(arr < 0) | (arr >= self.store.rows)]
             if len(bad):
                 raise QueryError(
-                    f"exclude: row {int(bad[0])} is out of range (the store has {self.store.rows} rows)"
+                    f"exclude: row {int(bad[0])} is out of range "
+                    f"(the store has {self.store.rows} rows)"
                 )
             allowed[arr] = False
         if where is not None:
             if not isinstance(where, (str, pc.Expression)):
                 raise QueryError(
-                    f"where must be a pyarrow compute expression or a string, not {type(where).__name__}"
+                    "where must be a pyarrow compute expression or a string, "
+                    f"not {type(where).__name__}"
                 )
             allowed &= rows_matching(self.metadata(), where)
         return allowed
@@ -312,6 +324,34 @@ class Retriever:
         return int(k)
 
     # -- the search call -----------------------------------------------------------------
+    @overload
+    def search(
+        self,
+        query: list[Query] | tuple[Query, ...],
+        *,
+        measures: str | Sequence[str] = ...,
+        k: int = ...,
+        exclude: Iterable[int] = ...,
+        where: pc.Expression | str | None = ...,
+        columns: Sequence[str] = ...,
+        exclude_self: bool = ...,
+        explain: bool = ...,
+    ) -> list[SearchResult]: ...
+
+    @overload
+    def search(
+        self,
+        query: Query,
+        *,
+        measures: str | Sequence[str] = ...,
+        k: int = ...,
+        exclude: Iterable[int] = ...,
+        where: pc.Expression | str | None = ...,
+        columns: Sequence[str] = ...,
+        exclude_self: bool = ...,
+        explain: bool = ...,
+    ) -> SearchResult: ...
+
     def search(
         self,
         query: Query | Sequence[Query],
@@ -330,8 +370,8 @@ class Retriever:
         ----------
         query : path, PIL.Image.Image, np.ndarray, int, QueryVectors, or a list of these
             An image file, a PIL image, an ``H x W (x 3)`` uint8 array, a stored row, or
-            already computed vectors. A list is a batch: images are embedded together and
-            every style or mask row read from disk serves all queries.
+            already computed vectors. A list (or tuple) is a batch: images are embedded
+            together and every style or mask row read from disk serves all queries.
         measures : str or sequence of str
             One of :data:`~dermris.retriever.MEASURES`, several, or ``"all"``.
         k : int
@@ -390,7 +430,7 @@ class Retriever:
         if images:
             for i, v in zip(positions, self.embed(images)):
                 vectors[i] = v
-        return vectors, labels
+        return cast("list[QueryVectors]", vectors), labels  # every query has its vectors now
 
     def _rank(
         self,

@@ -98,7 +98,7 @@ def make_random_store(
         style = style * 0.3 + centres[rng.integers(0, clusters, n)]
     style = style.astype(np.float32)
     masks = rng.random((n, 32, 32)) < mask_density
-    for i in range(min(duplicate_rows, n - 1)):
+    for _ in range(min(duplicate_rows, n - 1)):
         src, dst = rng.integers(0, n, 2)
         feats[dst], style[dst], masks[dst] = feats[src], style[src], masks[src]
     for i in rng.choice(n, size=min(empty_masks, n), replace=False):

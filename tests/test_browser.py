@@ -111,7 +111,8 @@ def test_search_page_upload_results_viewer_and_judging(
         _wait(
             browser,
             lambda d: d.execute_script(
-                "return [...document.querySelectorAll('.hit img')].every(i => i.complete && i.naturalWidth > 0)"
+                "return [...document.querySelectorAll('.hit img')]"
+                ".every(i => i.complete && i.naturalWidth > 0)"
             ),
         )
         _screenshot(browser, "search-page.png")
@@ -123,7 +124,8 @@ def test_search_page_upload_results_viewer_and_judging(
             _wait(
                 browser,
                 lambda d, e=element: d.execute_script(
-                    f"const i = document.getElementById('{e}'); return i.complete && i.naturalWidth > 0"
+                    f"const i = document.getElementById('{e}'); "
+                    "return i.complete && i.naturalWidth > 0"
                 ),
             )
         assert (
@@ -132,7 +134,8 @@ def test_search_page_upload_results_viewer_and_judging(
             .startswith("data:image/png")
         )
         drawn = browser.execute_script("""
-            const img = document.getElementById('v-hit-outline'), c = document.createElement('canvas');
+            const img = document.getElementById('v-hit-outline');
+            const c = document.createElement('canvas');
             c.width = img.naturalWidth; c.height = img.naturalHeight;
             const g = c.getContext('2d'); g.drawImage(img, 0, 0);
             const a = g.getImageData(0, 0, c.width, c.height).data; let n = 0;
@@ -168,7 +171,8 @@ def test_search_page_upload_results_viewer_and_judging(
             lambda d: (
                 d.find_element(By.ID, "zoom").is_displayed()
                 and d.execute_script(
-                    "const i = document.getElementById('zi'); return i.complete && i.naturalWidth > 0"
+                    "const i = document.getElementById('zi'); "
+                    "return i.complete && i.naturalWidth > 0"
                 )
             ),
         )

@@ -1,4 +1,4 @@
-"""Indexing on a Dask cluster gives the store one process gives, and faults lose or duplicate nothing.
+"""Indexing on a Dask cluster gives the store one process gives; faults lose or duplicate nothing.
 
 A LocalCluster of 2 worker processes (1 thread each) against the same folder indexed in one
 process: 32 synthetic lesions, a file that is no image and a copy of another file's bytes.
@@ -101,7 +101,7 @@ def _cluster_index(images, store, csv, weights, cluster, **kwargs):
 
 
 def assert_same_store(got, expected, *, resumed=False):
-    """Same rows (by sha256, in order), metadata, rejects; vectors within float tolerance; equal masks.
+    """Same rows (by sha256, in order), metadata, rejects; vectors within tolerance; equal masks.
 
     After a resume, a copy of bytes committed before the kill is "already in the store", not a
     duplicate (as in one process).

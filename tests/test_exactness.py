@@ -92,7 +92,10 @@ def _labels(n, seed):
 @pytest.mark.parametrize("path_name", PATHS)
 @pytest.mark.parametrize("case", FILTER_CASES, ids=lambda c: f"n{c['n']}-seed{c['seed']}")
 def test_filtered_search_equals_brute_force(random_store, case, path_name):
-    """``where=`` keeps the top k among passing rows exact, with normalisers over the whole store."""
+    """``where=`` keeps the top k among passing rows exact.
+
+    The normalisers are taken over the whole store.
+    """
     labels = _labels(case["n"], case["seed"])
     path = random_store(**case, extra_columns=labels)
     data = load_store(path)
@@ -276,7 +279,10 @@ def test_bounds_skip_most_style_rows(random_store):
 
 
 def test_one_pass_projection_equals_the_explicit_residual(random_store):
-    """r_q from ||z||^2 - ||y||^2 + y^T (P P^T - I) y equals the explicit ||z - P^T y|| (float64)."""
+    """r_q from ||z||^2 - ||y||^2 + y^T (P P^T - I) y equals the explicit ||z - P^T y||.
+
+    Both in float64.
+    """
     path = random_store(n=60, seed=53, clusters=3, sketch_dim=12, channels=(5, 9, 14))
     retriever = Retriever.open(path, device="cpu")
     index = retriever._index

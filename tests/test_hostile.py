@@ -39,7 +39,8 @@ def test_read_only_commands_never_follow_or_remove_links(random_store, tmp_path)
     (outside / "arrays.zarr" / "keep.txt").write_text("do not delete")
     (outside / "metadata").mkdir()
     (outside / "metadata" / "keep.txt").write_text("do not delete")
-    # an interrupted compaction whose parked-old folder and staged folders are links out of the store
+    # an interrupted compaction whose parked-old folder and staged folders are links out of the
+    # store
     (path / ".compact").mkdir()
     (path / ".compact" / "READY").write_text("ready\n")
     (path / ".compact" / "metadata").symlink_to(outside / "metadata")

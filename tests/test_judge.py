@@ -1,4 +1,4 @@
-"""Blinded human judgment: the judging page on FastAPI, rater ids, timestamps, scoring, agreement."""
+"""Blinded human judgment: judging page on FastAPI, rater ids, timestamps, scoring, agreement."""
 
 from __future__ import annotations
 
@@ -169,7 +169,10 @@ def test_two_raters_agreement_and_per_rater_scores(retriever, tmp_path):
 
 
 def test_cohens_kappa_by_hand(tmp_path, retriever):
-    """A hand-worked example: A = [T,T,F,F], B = [T,F,F,F]: agreement 75 %, chance 50 %, kappa 0.5."""
+    """A hand-worked example: A = [T,T,F,F], B = [T,F,F,F].
+
+    Agreement 75 %, chance 50 %, kappa 0.5.
+    """
     out = tmp_path / "session"
     judge.prepare_session(retriever, out, queries=1, seed=0, k=5)
     items = json.loads((out / "tasks.json").read_text())["queries"][0]["items"][:4]
@@ -296,7 +299,10 @@ def test_judge_cli_prepare_only_and_score_json(indexed_store, tmp_path):
 
 
 def test_judgments_beside_the_search_page_keep_their_own_limit(indexed_store, retriever, tmp_path):
-    """Mounted in the search app (whose body limit is the 32 MiB upload), a judgment still stops at 4 KB."""
+    """Mounted in the search app, a judgment still stops at 4 KB.
+
+    (The search app's body limit is the 32 MiB upload.)
+    """
     from dermris.app.server import create_app
 
     out = tmp_path / "session"

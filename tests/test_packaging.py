@@ -82,7 +82,8 @@ def test_wheel_installs_dermris_namespace_beside_users_own_packages(installed_ve
         )
     python = installed_venv / "bin" / "python"
     code = (
-        "import dermris.retriever as r, dermris.models as m, dermris.indexer as i, dermris.core, dermris.app.cli; "
+        "import dermris.retriever as r, dermris.models as m, dermris.indexer as i, "
+        "dermris.core, dermris.app.cli; "
         "from dermris.retriever import Retriever, MEASURES; "
         "print(r.__file__); print(r.__version__); print(len(MEASURES))"
     )
@@ -128,7 +129,9 @@ def test_help_and_argument_errors_do_not_import_torch():
     code = (
         "import sys\n"
         "from dermris.app.cli import main\n"
-        "for argv in (['--help'], ['search', '--help'], ['search', 'S', '--measure', 'dice'], ['index']):\n"
+        "for argv in (\n"
+        "    ['--help'], ['search', '--help'], ['search', 'S', '--measure', 'dice'], ['index']\n"
+        "):\n"
         "    try:\n"
         "        main(argv, prog_name='dermris')\n"
         "    except SystemExit:\n"

@@ -222,7 +222,8 @@ def test_search_cli_explain_json_text_and_sheet(indexed_store, tmp_path):
     )
     assert text.exit_code == 0 and text.output.count("style loss from: stage") == 9 * 2
 
-    # an image that is itself in the store: its own copy has the same style, no stage shares of rounding noise
+    # an image that is itself in the store: its own copy has the same style, no stage shares of
+    # rounding noise
     own = Retriever.open(indexed_store, device="cpu").paths[5]
     same = runner.invoke(
         main,

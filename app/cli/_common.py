@@ -44,9 +44,9 @@ def configure_logging(verbose: int, quiet: bool) -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
         handler._dermris = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
-    for handler in logger.handlers:
-        if getattr(handler, "_dermris", False):
-            handler.setStream(sys.stderr)  # click's test runner swaps sys.stderr per invocation
+    for ours in logger.handlers:
+        if getattr(ours, "_dermris", False) and isinstance(ours, logging.StreamHandler):
+            ours.setStream(sys.stderr)  # click's test runner swaps sys.stderr per invocation
     logging.captureWarnings(True)
     warnings_logger = logging.getLogger("py.warnings")
     warnings_logger.setLevel(level)

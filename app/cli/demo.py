@@ -32,7 +32,10 @@ from ._common import command, main, print_results, progress
     "--preset",
     type=click.Choice(list_presets()),
     default=None,
-    help="Model preset [default: the best installed: lite0 when its weights are installed, else tiny].",
+    help=(
+        "Model preset [default: the best installed: lite0 when its weights are installed, "
+        "else tiny]."
+    ),
 )
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 def demo_cmd(out, per_class, k, preset, as_json):
@@ -63,7 +66,3 @@ def demo_cmd(out, per_class, k, preset, as_json):
     click.echo(f"query: {result.query} (texture {result.query_texture}, not in the store)")
     print_results(result.results)
     click.echo(f"\ncontact sheet: {result.sheet}")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -79,7 +79,8 @@ def evaluate_cmd(
         + f"; [{pct} % bootstrap CI]"
     )
     click.echo(
-        f"{'measure':<10} {'precision@' + str(k):>24} {'mAP@' + str(k):>24} {'MV acc@' + str(k):>24}"
+        f"{'measure':<10} {'precision@' + str(k):>24} {'mAP@' + str(k):>24} "
+        f"{'MV acc@' + str(k):>24}"
     )
     for m, metrics in report.metrics.items():
         cells = "".join(

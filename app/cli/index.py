@@ -77,7 +77,10 @@ def _cluster_option(ctx, param, value):
     "--workers",
     type=click.IntRange(min=0),
     default=None,
-    help="Decoding processes [default: all cores but one, at most 16; 0: decode in the main process].",
+    help=(
+        "Decoding processes [default: all cores but one, at most 16; "
+        "0: decode in the main process]."
+    ),
 )
 @click.option(
     "--precision",
@@ -106,7 +109,10 @@ def _cluster_option(ctx, param, value):
 @click.option(
     "--faiss-files",
     is_flag=True,
-    help="Also keep FAISS files of the features in STORE/faiss (for other tools; appended by later runs).",
+    help=(
+        "Also keep FAISS files of the features in STORE/faiss "
+        "(for other tools; appended by later runs)."
+    ),
 )
 @click.option("--strict", is_flag=True, help="Exit with code 3 when any file was rejected.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON.")
@@ -177,7 +183,8 @@ def index_cmd(
             f"indexed {report.indexed}, already in store {report.already_indexed}, "
             f"duplicates {len(report.duplicates)}, rejected {len(report.rejected)}, "
             f"previously deleted {len(report.previously_deleted)}; "
-            f"store has {report.rows} rows ({report.seconds:.1f} s on {report.device}, {report.precision}{on_cluster})"
+            f"store has {report.rows} rows "
+            f"({report.seconds:.1f} s on {report.device}, {report.precision}{on_cluster})"
         )
         for path, same in report.duplicates:
             click.echo(f"  duplicate: {path} (same bytes as {same})")

@@ -54,7 +54,9 @@ from ._common import DEVICES, command, main, print_results, print_stats
 @click.option(
     "--explain",
     is_flag=True,
-    help="Per hit, the style stages that make up most of the style loss; lesion outlines on --sheet.",
+    help=(
+        "Per hit, the style stages that make up most of the style loss; lesion outlines on --sheet."
+    ),
 )
 @click.option("--device", type=DEVICES, default="auto", show_default=True)
 def search_cmd(

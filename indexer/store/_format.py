@@ -10,13 +10,14 @@ manifest can point a reader or a writer outside the store.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import datetime as _dt
 import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, NoReturn, overload
 
 import numpy as np
 
@@ -72,7 +73,10 @@ _FAISS_PART = re.compile(r"^(features_l2|features_ip)-([0-9]{12})-([0-9]{12})\.i
 
 
 def faiss_part_file(name: str, start: int, stop: int) -> str:
-    """The file name (inside ``faiss/``) of the FAISS index ``name`` holding rows ``[start, stop)``."""
+    """The file name (inside ``faiss/``) of the FAISS index ``name``.
+
+    The index holds rows ``[start, stop)``.
+    """
     return f"{name}-{start:012d}-{stop:012d}.index"
 
 
@@ -82,16 +86,20 @@ def now() -> str:
 
 
 class _Fields:
-    """Typed access to one JSON object of the manifest; every failure is one line."""
+    """Typed access to one JSON object of the manifest; every failure is one line.
 
-    def __init__(self, data: Any, where: str, source: str) -> None:
+    (Its methods ``int``, ``float``, ``str`` and ``list`` shadow the builtins inside the class
+    body, so the annotations here name ``builtins``.)
+    """
+
+    def __init__(self, data: Any, where: builtins.str, source: builtins.str) -> None:
         self.where = where
         self.source = source
         if not isinstance(data, dict):
             self.fail(where, "a JSON object", data)
         self.data = data
 
-    def fail(self, key: str, expected: str, value: Any) -> None:
+    def fail(self, key: builtins.str, expected: builtins.str, value: Any) -> NoReturn:
         shown = repr(value)
         if len(shown) > 60:
             shown = shown[:57] + "..."
@@ -99,29 +107,43 @@ class _Fields:
             f"{self.source}: manifest field {key!r} must be {expected}, not {shown}"
         )
 
-    def _key(self, key: str) -> str:
+    def _key(self, key: builtins.str) -> builtins.str:
         return f"{self.where}.{key}" if self.where else key
 
-    def get(self, key: str, default: Any = ...) -> Any:
+    def get(self, key: builtins.str, default: Any = ...) -> Any:
         if key not in self.data:
             if default is not ...:
                 return default
             raise StoreFormatError(f"{self.source}: manifest lacks the field {self._key(key)!r}")
         return self.data[key]
 
-    def int(self, key: str, *, minimum: int = 0, default: Any = ...) -> int:
+    def int(
+        self, key: builtins.str, *, minimum: builtins.int = 0, default: Any = ...
+    ) -> builtins.int:
         value = self.get(key, default)
         if type(value) is not int or value < minimum:
             self.fail(self._key(key), f"an integer >= {minimum}", value)
         return value
 
-    def float(self, key: str, *, default: Any = ...) -> float:
+    def float(self, key: builtins.str, *, default: Any = ...) -> builtins.float:
         value = self.get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
             self.fail(self._key(key), "a finite number", value)
         return float(value)
 
-    def str(self, key: str, *, default: Any = ..., optional: bool = False) -> str | None:
+    @overload
+    def str(
+        self, key: builtins.str, *, default: Any = ..., optional: Literal[False] = False
+    ) -> builtins.str: ...
+
+    @overload
+    def str(
+        self, key: builtins.str, *, default: Any = ..., optional: bool
+    ) -> builtins.str | None: ...
+
+    def str(
+        self, key: builtins.str, *, default: Any = ..., optional: bool = False
+    ) -> builtins.str | None:
         value = self.get(key, default)
         if value is None and optional:
             return None
@@ -129,30 +151,50 @@ class _Fields:
             self.fail(self._key(key), "a string", value)
         return value
 
-    def choice(self, key: str, options: tuple[str, ...], *, default: Any = ...) -> str:
+    def choice(
+        self, key: builtins.str, options: tuple[builtins.str, ...], *, default: Any = ...
+    ) -> builtins.str:
         value = self.get(key, default)
         if value not in options:
             self.fail(self._key(key), f"one of {', '.join(options)}", value)
         return value
 
-    def obj(self, key: str, *, default: Any = ...) -> "_Fields":
+    def obj(self, key: builtins.str, *, default: Any = ...) -> _Fields:
         return _Fields(self.get(key, default), self._key(key), self.source)
 
-    def list(self, key: str, *, default: Any = ...) -> list[Any]:
+    def list(self, key: builtins.str, *, default: Any = ...) -> builtins.list[Any]:
         value = self.get(key, default)
         if not isinstance(value, list):
             self.fail(self._key(key), "a JSON list", value)
         return value
 
-    def items(self, key: str, *, default: Any = ...) -> list["_Fields"]:
+    def items(self, key: builtins.str, *, default: Any = ...) -> builtins.list[_Fields]:
         return [
             _Fields(v, f"{self._key(key)}[{i}]", self.source)
             for i, v in enumerate(self.list(key, default=default))
         ]
 
+    @overload
     def name(
-        self, key: str, pattern: re.Pattern = _PLAIN_NAME, *, optional: bool = False
-    ) -> str | None:
+        self,
+        key: builtins.str,
+        pattern: re.Pattern[builtins.str] = ...,
+        *,
+        optional: Literal[False] = False,
+    ) -> builtins.str: ...
+
+    @overload
+    def name(
+        self, key: builtins.str, pattern: re.Pattern[builtins.str] = ..., *, optional: bool
+    ) -> builtins.str | None: ...
+
+    def name(
+        self,
+        key: builtins.str,
+        pattern: re.Pattern[builtins.str] = _PLAIN_NAME,
+        *,
+        optional: bool = False,
+    ) -> builtins.str | None:
         value = self.str(key, optional=optional)
         if value is not None and (not pattern.match(value) or value in (".", "..")):
             self.fail(self._key(key), "a plain file name inside the store", value)
@@ -556,7 +598,8 @@ class Manifest:
         version = data.get("format_version")
         if version != FORMAT_VERSION or type(version) is not int:
             raise StoreFormatError(
-                f"{source} has store format version {version!r}; this dermris reads version {FORMAT_VERSION} only"
+                f"{source} has store format version {version!r}; "
+                f"this dermris reads version {FORMAT_VERSION} only"
             )
         top = _Fields(data, "", source)
         rows = top.int("rows")

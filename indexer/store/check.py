@@ -197,7 +197,7 @@ def _check_faiss(root: Path, m, n: int, report: CheckReport) -> None:
     entries += [
         (p.name, f"{FAISS_DIR}/{p.file}", p.start, p.stop, p.stop - p.start) for p in m.faiss_parts
     ]
-    for name, relative, start, stop, ntotal in entries:
+    for _name, relative, start, stop, ntotal in entries:
         try:
             index = faiss.read_index(str(inside(root, relative, must_exist=True)))
         except DermrisError as exc:

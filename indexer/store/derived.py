@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
+import zarr.codecs
 
 from dermris.core.atomic import atomic_path, fsync_dir
 from dermris.core.errors import StoreFormatError
 
+from . import _zarr
 from ._files import inside
 from ._format import FAISS_DIR, FAISS_NAMES, FaissPart, SketchInfo, faiss_part_file
 from .sketch import fit_style_basis, orthonormality_error, project_style
@@ -94,6 +96,7 @@ def load_faiss_index(store: "Store", name: str) -> "faiss.Index":
             merged = part
         else:
             merged.merge_from(part)
+    assert merged is not None  # files is not empty
     return merged
 
 
@@ -129,7 +132,7 @@ def update_sketch(
         or (info.fitted_rows < fit_rows and n >= refit_growth * max(1, info.fitted_rows))
     )
     if refit:
-        sample_rows = (
+        sample_rows: np.ndarray | list[int] = (
             np.unique(np.linspace(0, n - 1, num=min(n, fit_rows)).round().astype(int)) if n else []
         )
         if n:
@@ -144,7 +147,7 @@ def update_sketch(
         group.attrs["dermris_all_chunks_written"] = True
         d, big_d = components.shape
         # checksummed like the primary arrays, every chunk written: damage is detected, not read
-        every = {
+        every: dict[str, Any] = {
             "compressors": [zarr.codecs.Crc32cCodec()],
             "config": {"write_empty_chunks": True},
             "fill_value": 0,
@@ -153,9 +156,9 @@ def update_sketch(
             group.create_array(
                 "components", shape=components.shape, dtype="float32", chunks=(1, big_d), **every
             )
-            group["components"][:] = components
+            _zarr.array(group, "components")[:] = components
             group.create_array("mean", shape=mean.shape, dtype="float64", chunks=(big_d,), **every)
-            group["mean"][:] = mean
+            _zarr.array(group, "mean")[:] = mean
         group.create_array(
             "projections", shape=(0, d), dtype="float64", chunks=(1 << 14, max(d, 1)), **every
         )
@@ -172,9 +175,10 @@ def update_sketch(
             rows=0,
         )
     else:
-        group = arrays[info.group]
-        components = np.asarray(group["components"][:])
-        mean = np.asarray(group["mean"][:])
+        assert info is not None  # no refit means there is a sketch
+        group = _zarr.group(arrays, info.group)
+        components = np.asarray(_zarr.array(group, "components")[:])
+        mean = np.asarray(_zarr.array(group, "mean")[:])
         start = info.rows
         new = info
     for block_start, block in store.iter_style_blocks(start=start):
@@ -182,7 +186,7 @@ def update_sketch(
         stop = block_start + len(block)
         with zarr.config.set({"array.write_empty_chunks": True}):
             for key, data in (("projections", y), ("residuals", r), ("sq_norms", sq)):
-                arr = group[key]
+                arr = _zarr.array(group, key)
                 arr.resize((stop, *arr.shape[1:]))
                 arr[block_start:stop] = data
     stale = f"sketch_{info.serial - 1}" if refit and info is not None else None

@@ -11,17 +11,19 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
+from numpy.typing import DTypeLike
 
 from dermris.core.errors import ModelUnavailableError, StoreChangedError, StoreFormatError
 from dermris.core.style_layout import StyleLayout
 from dermris.models.presets import ModelConfig
 
+from . import _zarr
 from ._files import inside, manifest_stamp, read_manifest
 from ._format import ARRAYS_DIR, METADATA_DIR, Manifest, RejectedFile, SketchInfo
 from .codec import StyleCodec
@@ -35,6 +37,9 @@ if TYPE_CHECKING:
 __all__ = ["Store", "store_exists", "unpack_masks"]
 
 _CORE_ARRAYS = ("features", "style", "mask", "mask_area")
+
+# Row numbers: a sequence of ints or an integer array.
+Rows: TypeAlias = Sequence[int] | np.ndarray
 _SWITCH_WAIT_SECONDS = 5.0
 
 
@@ -76,7 +81,7 @@ class Store:
         )
         try:
             self._group = zarr.open_group(str(inside(root, ARRAYS_DIR, must_exist=True)), mode="r")
-            self._arrays = {name: self._group[name] for name in _CORE_ARRAYS}
+            found = {name: self._group[name] for name in _CORE_ARRAYS}
         except (KeyError, FileNotFoundError, ValueError, TypeError, OSError) as exc:
             raise StoreFormatError(f"{root}: arrays.zarr is missing or damaged ({exc})") from None
         if self._group.attrs.get("dermris_generation") != manifest.generation:
@@ -85,14 +90,15 @@ class Store:
         # as damage everywhere; older ones only where zeros are impossible (features, style).
         self.all_chunks_written = bool(self._group.attrs.get("dermris_all_chunks_written", False))
         spec = manifest.arrays
-        expected = {
+        expected: dict[str, tuple[tuple[int, ...], DTypeLike]] = {
             "features": ((spec.feature_dim,), np.float32),
             "style": ((spec.style_dim,), np.dtype(spec.style_dtype)),
             "mask": ((spec.mask_bytes,), np.uint8),
             "mask_area": ((), np.int32),
         }
-        for name, (tail, dtype) in expected.items():
-            arr = self._arrays[name]
+        self._arrays: dict[str, zarr.Array[Any]] = {}
+        for name, (tail, dtype) in expected.items():  # the keys of _CORE_ARRAYS
+            arr = found[name]
             if (
                 not isinstance(arr, zarr.Array)
                 or arr.shape[0] < self.rows
@@ -104,6 +110,7 @@ class Store:
                     f"{root}: array {name} has shape {shape} {getattr(arr, 'dtype', '')}, expected "
                     f"({self.rows}+, {', '.join(map(str, tail))}) {np.dtype(dtype)}"
                 )
+            self._arrays[name] = arr
             if name in ("features", "style") or self.all_chunks_written:
                 self._check_chunk_files(name, arr, self.rows)
         arrays_dir = root / ARRAYS_DIR
@@ -148,7 +155,8 @@ class Store:
             except _GenerationMismatch:
                 if time.monotonic() > deadline:
                     raise StoreFormatError(
-                        f"{root} is in the middle of a compaction (its manifest and arrays differ); "
+                        f"{root} is in the middle of a compaction "
+                        "(its manifest and arrays differ); "
                         f"run `dermris compact {root}` with write access to finish it"
                     ) from None
                 time.sleep(0.05)
@@ -284,7 +292,8 @@ class Store:
         record = self.manifest.model
         if record.weights_file is None:
             raise ModelUnavailableError(
-                f"{self.root} holds no model file, so image queries cannot be embedded; query stored rows instead"
+                f"{self.root} holds no model file, so image queries cannot be embedded; "
+                "query stored rows instead"
             )
         path = inside(self.root, record.weights_file)
         if not path.is_file():
@@ -301,7 +310,7 @@ class Store:
                 f"{self.root}: array {name} is damaged at {selection!r}: {exc}"
             ) from None
 
-    def _check_rows(self, rows: Sequence[int]) -> None:
+    def _check_rows(self, rows: Rows) -> None:
         for row in rows:
             if not 0 <= row < self.rows:
                 raise IndexError(f"row {row} is not committed (store has {self.rows} rows)")
@@ -338,7 +347,7 @@ class Store:
             self._mapped = MappedRows(self._style_reader, self.rows)
         return self._mapped
 
-    def stored_style_rows(self, rows: Sequence[int]) -> np.ndarray:
+    def stored_style_rows(self, rows: Rows) -> np.ndarray:
         """Style rows as stored (float16 by default, undecoded), read by bytes: one request per
         run of adjacent rows of a shard, every checksum verified."""
         self._check_rows(rows)
@@ -349,7 +358,7 @@ class Store:
             out[i] = self._read("style", int(row))
         return out
 
-    def style_rows(self, rows: Sequence[int]) -> np.ndarray:
+    def style_rows(self, rows: Rows) -> np.ndarray:
         """Decoded style vectors of the given rows, float32."""
         return self.codec.decode(self.stored_style_rows(rows))
 
@@ -371,7 +380,7 @@ class Store:
             yield first, (raw if stored else self.codec.decode(raw))
             first = stop
 
-    def mask_rows(self, rows: Sequence[int]) -> np.ndarray:
+    def mask_rows(self, rows: Rows) -> np.ndarray:
         """Bit-packed masks of the given rows, ``(len(rows), ceil(S*S/8))`` uint8.
 
         Stores whose masks are chunked one row per chunk are read by bytes; older stores (256
@@ -450,7 +459,7 @@ class Store:
         info = self.manifest.sketch
         if info is None or info.group not in self._group:
             return None
-        group = self._group[info.group]
+        group = _zarr.group(self._group, info.group)
         rows = min(info.rows, self.rows)
         try:
             if group.attrs.get("dermris_all_chunks_written", False):
@@ -462,14 +471,17 @@ class Store:
                     ("sq_norms", rows),
                 ):
                     self._check_chunk_files(
-                        f"{info.group}/{key}", group[key], n, path=f"{info.group}/{key}"
+                        f"{info.group}/{key}",
+                        _zarr.array(group, key),
+                        n,
+                        path=f"{info.group}/{key}",
                     )
             sketch = StyleSketch(
-                components=np.asarray(group["components"][:], np.float32),
-                mean=np.asarray(group["mean"][:], np.float64),
-                projections=np.asarray(group["projections"][:rows], np.float64),
-                residuals=np.asarray(group["residuals"][:rows], np.float64),
-                sq_norms=np.asarray(group["sq_norms"][:rows], np.float64),
+                components=np.asarray(_zarr.array(group, "components")[:], np.float32),
+                mean=np.asarray(_zarr.array(group, "mean")[:], np.float64),
+                projections=np.asarray(_zarr.array(group, "projections")[:rows], np.float64),
+                residuals=np.asarray(_zarr.array(group, "residuals")[:rows], np.float64),
+                sq_norms=np.asarray(_zarr.array(group, "sq_norms")[:rows], np.float64),
                 orthonormality_error=info.orthonormality_error,
             )
         except (KeyError, ValueError, OSError, RuntimeError, TypeError) as exc:

@@ -14,8 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "MASK_GRID",
@@ -113,7 +117,7 @@ def _column_blocks(dim: int, width: int = 1 << 15):
         yield slice(start, min(dim, start + width))
 
 
-def _cuda(device) -> "object | None":
+def _cuda(device) -> "torch.device | None":
     """The torch CUDA device to compute on, or None for NumPy on the CPU."""
     if device is None:
         return None
@@ -214,14 +218,18 @@ def project_style(
     if cuda is not None:
         import torch
 
-        z = torch.from_numpy(np.ascontiguousarray(block)).to(
+        z_t = torch.from_numpy(np.ascontiguousarray(block)).to(
             cuda, torch.float64
         ) - torch.from_numpy(np.asarray(mean, np.float64)).to(cuda)
-        p = torch.from_numpy(np.asarray(components)).to(cuda, torch.float64)
-        y = z @ p.T
-        sq = (z * z).sum(dim=1)
-        e = z - y @ p
-        return y.cpu().numpy(), torch.sqrt((e * e).sum(dim=1)).cpu().numpy(), sq.cpu().numpy()
+        p_t = torch.from_numpy(np.asarray(components)).to(cuda, torch.float64)
+        y_t = z_t @ p_t.T
+        sq_t = (z_t * z_t).sum(dim=1)
+        e_t = z_t - y_t @ p_t
+        return (
+            y_t.cpu().numpy(),
+            torch.sqrt((e_t * e_t).sum(dim=1)).cpu().numpy(),
+            sq_t.cpu().numpy(),
+        )
     b, big_d = block.shape
     d = components.shape[0]
     y = np.zeros((b, d), np.float64)

@@ -13,12 +13,13 @@ import shutil
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
+import zarr.codecs
 
 from dermris.core.atomic import atomic_path, fsync_dir, fsync_file
 from dermris.core.errors import ConfigError, StoreExistsError, StoreFormatError, StoreMismatchError
@@ -26,6 +27,7 @@ from dermris.core.hashing import file_sha256
 from dermris.core.style_layout import StyleLayout
 from dermris.models.presets import ModelConfig
 
+from . import _zarr
 from ._files import WriterLock, inside, read_manifest, write_manifest
 from ._format import (
     ARRAYS_DIR,
@@ -89,7 +91,7 @@ def _initialise_arrays(
     group = zarr.open_group(str(root / ARRAYS_DIR), mode="w")
     # Every chunk is written, even one equal to the fill value, so that a missing chunk file is
     # always damage (zarr would read it as zeros).
-    every = {"config": {"write_empty_chunks": True}, "fill_value": 0}
+    every: dict[str, Any] = {"config": {"write_empty_chunks": True}, "fill_value": 0}
     group.create_array(
         "features",
         shape=(0, feature_dim),
@@ -417,6 +419,7 @@ class StoreWriter:
         if (style is None) == (encoded_style is None):
             raise ValueError("give either style or encoded_style")
         given = style if style is not None else encoded_style
+        assert given is not None  # exactly one of the two is given
         if not (len(given) == len(masks) == records.num_rows == b):
             raise ValueError("features, style, masks and records must have the same length")
         if b == 0:
@@ -444,6 +447,7 @@ class StoreWriter:
         else:
             encoded = np.asarray(encoded_style, dtype=spec.style_dtype)
         if m.style.scales is None:
+            assert self.codec is not None  # fit_codec set it
             m = m.replace(style=dataclasses.replace(m.style, scales=self.codec.stage_scales))
         table = self._with_row_column(records, self.rows)
 
@@ -461,11 +465,11 @@ class StoreWriter:
             {"array.write_empty_chunks": True}
         ):  # a missing chunk is always damage
             for name, data in columns:
-                arr = self._group[name]
+                arr = _zarr.array(self._group, name)
                 arr.resize((n1, *arr.shape[1:]))
                 arr[n0:n1] = data
         for name, _ in columns:  # the chunks reach the disk before the manifest that commits them
-            _fsync_rows(arrays_dir / name, self._group[name], n0, n1)
+            _fsync_rows(arrays_dir / name, _zarr.array(self._group, name), n0, n1)
 
         part = f"rows-{n0:012d}-{n1:012d}.parquet"
         target = inside(self.root, f"{METADATA_DIR}/{part}")
@@ -533,7 +537,8 @@ class StoreWriter:
                 pa.types.is_string(field.type) and not pa.types.is_string(old.type)
             ):
                 raise StoreMismatchError(
-                    f"metadata column {field.name!r} holds {old.type} in the store but {field.type} in the CSV; "
+                    f"metadata column {field.name!r} holds {old.type} in the store "
+                    f"but {field.type} in the CSV; "
                     "fix the CSV or index into a new store"
                 )
             fields[field.name] = unified.field(0)
@@ -548,6 +553,7 @@ class StoreWriter:
             self.prepare_metadata(
                 pa.schema([f for f in table.schema if f.name not in CORE_COLUMNS])
             )
+        assert self._schema is not None  # prepare_metadata set it
         columns = []
         try:
             for field in self._schema:

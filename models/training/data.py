@@ -4,8 +4,9 @@
   ground truth (``image_name``/``image``/``image_id`` + ``target``/``melanoma``/``MEL``), or the
   isic-cli metadata export (``isic_id`` + ``benign_malignant``). Several sets combine into one,
   as the paper combines ISIC 2017-2020.
-* Segmentation: image/mask pairs in the ISIC 2017 layout (``ISIC_x.jpg`` + ``ISIC_x_segmentation.png``)
-  or the PH2 layout (``IMDx/IMDx_Dermoscopic_Image/IMDx.bmp`` + ``IMDx/IMDx_lesion/IMDx_lesion.bmp``).
+* Segmentation: image/mask pairs in the ISIC 2017 layout
+  (``ISIC_x.jpg`` + ``ISIC_x_segmentation.png``) or the PH2 layout
+  (``IMDx/IMDx_Dermoscopic_Image/IMDx.bmp`` + ``IMDx/IMDx_lesion/IMDx_lesion.bmp``).
 * :func:`split_train_val`: seeded, stratified by label, and keeping every group (patient,
   lesion) on one side.
 """
@@ -192,7 +193,7 @@ def split_train_val(
         majority = int(round(float(np.mean([labels[i] for i in idx]))))
         by_label.setdefault(majority, []).append(key)
     val: list[int] = []
-    for label, keys_l in sorted(by_label.items()):
+    for _label, keys_l in sorted(by_label.items()):
         order = rng.permutation(len(keys_l))
         total = sum(len(members[keys_l[j]]) for j in order)
         taken = 0

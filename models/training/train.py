@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -104,22 +105,22 @@ def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
 
     Returns NaN when one class is absent.
     """
-    scores = np.asarray(scores, np.float64)
-    labels = np.asarray(labels).astype(bool)
-    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    s = np.asarray(scores, np.float64)
+    positive = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores), np.float64)
-    sorted_scores = scores[order]
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), np.float64)
+    sorted_scores = s[order]
     i = 0
-    while i < len(scores):
+    while i < len(s):
         j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+        while j + 1 < len(s) and sorted_scores[j + 1] == sorted_scores[i]:
             j += 1
         ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
         i = j + 1
-    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def dice_jaccard(pred: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
@@ -192,7 +193,10 @@ def _loader(
         counts = np.bincount(labels.astype(int), minlength=2).astype(np.float64)
         weights = 1.0 / counts[labels.astype(int)]
         sampler = torch.utils.data.WeightedRandomSampler(
-            torch.from_numpy(weights), len(labels), generator=generator
+            # torch annotates weights as Sequence[float]; it takes any array-like (as_tensor)
+            torch.from_numpy(weights),  # type: ignore[arg-type]
+            len(labels),
+            generator=generator,
         )
         return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler)
     return torch.utils.data.DataLoader(
@@ -298,7 +302,7 @@ class _MemberClassifier(nn.Module):
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
-        self.fc = nn.Linear(backbone.num_features, 1)
+        self.fc = nn.Linear(cast(int, backbone.num_features), 1)  # a timm attribute
 
     def forward(self, x):
         return self.fc(self.backbone(x).mean(dim=(2, 3)))[:, 0]
