@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import platform
@@ -40,11 +41,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_retrieval import nine_scores  # noqa: E402
+
 from dermris.indexer import Store  # noqa: E402
 from dermris.retriever import MEASURE_COMPONENTS, MEASURES, Retriever  # noqa: E402
 from dermris.retriever.measures import rank  # noqa: E402
-
-from bench_retrieval import nine_scores  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FILTER = "diagnosis_1 == 'melanoma'"
@@ -166,15 +167,24 @@ def bench_store(path: Path, *, queries: int, seed: int, check: int) -> dict:
     rss1 = _rss()
     index = retriever._index
     info = {
-        "rows": n, "style_dim": store.style_dim, "style_bytes": n * store.style_row_bytes,
-        "open_seconds": open_s, "resident_bytes": retriever.resident_bytes,
-        "bytes_per_row": index.row_nbytes(), "fixed_basis_bytes": index.fixed_nbytes(),
-        "rss_delta_bytes": rss1 - rss0, "style_mapped": index.style.in_memory,
-        "cost_model": vars(index.cost) if hasattr(index.cost, "__dict__") else str(index.cost),
+        "rows": n,
+        "style_dim": store.style_dim,
+        "style_bytes": n * store.style_row_bytes,
+        "open_seconds": open_s,
+        "resident_bytes": retriever.resident_bytes,
+        "bytes_per_row": index.row_nbytes(),
+        "fixed_basis_bytes": index.fixed_nbytes(),
+        "rss_delta_bytes": rss1 - rss0,
+        "style_mapped": index.style.in_memory,
+        "cost_model": dataclasses.asdict(index.cost),
     }
-    print(f"\n{path.name}: {n} rows, {info['bytes_per_row']} B/row + {info['fixed_basis_bytes'] / 2**20:.0f} MiB "
-          f"basis; open {open_s:.1f} s; style {'mapped' if info['style_mapped'] else 'read from disk'}",
-          flush=True)
+    basis = info["fixed_basis_bytes"] / 2**20
+    where = "mapped" if info["style_mapped"] else "read from disk"
+    print(
+        f"\n{path.name}: {n} rows, {info['bytes_per_row']} B/row + {basis:.0f} MiB basis; "
+        f"open {open_s:.1f} s; style {where}",
+        flush=True,
+    )
     brutes = {"in_ram": BruteForce(store, in_ram=True)} if in_ram else {}
     brutes["streaming"] = brutes.get("in_ram") or BruteForce(store, in_ram=False)
     if "in_ram" in brutes:  # the streaming one reads the store instead of the array it holds
@@ -184,36 +194,52 @@ def bench_store(path: Path, *, queries: int, seed: int, check: int) -> dict:
     live = np.flatnonzero(store.live)
     rows = [int(r) for r in rng.choice(live, size=min(queries, len(live)), replace=False)]
     allowed_all = store.live
-    allowed_filtered = store.live & retriever._allowed((), FILTER)
     configs = [(m,) for m in MEASURES] + [tuple(MEASURES)]
     ours: dict[str, list[float]] = {}
     paths: dict[str, list[dict]] = {}
     brute: dict[str, dict[str, list[float]]] = {name: {} for name in brutes}
     for i, row in enumerate(rows):
-        passes = {name: {kk: b.query(row, MEASURES, kk, allowed_all) for kk in (5, 50)}
-                  for name, b in brutes.items()}
+        passes = {
+            name: {kk: b.query(row, MEASURES, kk, allowed_all) for kk in (5, 50)}
+            for name, b in brutes.items()
+        }
         for measures in configs:
             for k in (5, 50):
                 for filtered in (False, True):
-                    key = f"{'all' if len(measures) > 1 else measures[0]}|k={k}|{'filtered' if filtered else 'all rows'}"
+                    name = "all" if len(measures) > 1 else measures[0]
+                    key = f"{name}|k={k}|{'filtered' if filtered else 'all rows'}"
                     t = time.perf_counter()
-                    result = retriever.search(row, measures=measures, k=k, where=FILTER if filtered else None)
+                    result = retriever.search(
+                        row, measures=measures, k=k, where=FILTER if filtered else None
+                    )
                     ours.setdefault(key, []).append(time.perf_counter() - t)
                     s = result.stats
-                    paths.setdefault(key, []).append({
-                        "row": row, "scans": s.scans, "style_rows_read": s.style_rows_read,
-                        "bytes_read": s.bytes_read, "reranked": dict(s.reranked),
-                        "stage_seconds": {a: round(b, 5) for a, b in s.stage_seconds.items()},
-                    })
+                    paths.setdefault(key, []).append(
+                        {
+                            "row": row,
+                            "scans": s.scans,
+                            "style_rows_read": s.style_rows_read,
+                            "bytes_read": s.bytes_read,
+                            "reranked": dict(s.reranked),
+                            "stage_seconds": {a: round(b, 5) for a, b in s.stage_seconds.items()},
+                        }
+                    )
                     for name, b in brutes.items():
-                        brute[name].setdefault(key, []).append(b.seconds_for(passes[name][k], measures))
+                        brute[name].setdefault(key, []).append(
+                            b.seconds_for(passes[name][k], measures)
+                        )
         print(f"  query {i + 1}/{len(rows)} (row {row})", flush=True)
     checked = []
     for row in rows[:check]:  # equality with the exact float64 brute force
         expected = _exact_brute(store, row, 5)
         got = retriever.search(row, measures=MEASURES, k=5)
-        same = all([h.row for h in got[m]] == [r for r, _ in expected[m]] and np.allclose(
-            [h.score for h in got[m]], [s for _, s in expected[m]], rtol=1e-9, atol=1e-12) for m in MEASURES)
+        same = all(
+            [h.row for h in got[m]] == [r for r, _ in expected[m]]
+            and np.allclose(
+                [h.score for h in got[m]], [s for _, s in expected[m]], rtol=1e-9, atol=1e-12
+            )
+            for m in MEASURES
+        )
         checked.append({"row": row, "equal": bool(same)})
     batches = {}
     for size in (1, 8, 64):
@@ -231,21 +257,37 @@ def bench_store(path: Path, *, queries: int, seed: int, check: int) -> dict:
             ratios = [a / b for a, b in zip(times, bt)]
             entry[f"ratio_{name}_p50"] = statistics.median(ratios)
         summary[key] = entry
-    return {"store": str(path), **info, "queries": rows, "summary": summary, "paths": paths,
-            "exact_check": checked, "batch_queries_per_second": batches, "rss_end_bytes": _rss()}
+    return {
+        "store": str(path),
+        **info,
+        "queries": rows,
+        "summary": summary,
+        "paths": paths,
+        "exact_check": checked,
+        "batch_queries_per_second": batches,
+        "rss_end_bytes": _rss(),
+    }
 
 
 def _table(results: list[dict]) -> None:
     for res in results:
-        print(f"\n{res['rows']} rows ({res['bytes_per_row']} B/row; exact check: "
-              f"{all(c['equal'] for c in res['exact_check'])}; batches q/s: "
-              + ", ".join(f"{k}: {v:.1f}" for k, v in res["batch_queries_per_second"].items()) + ")")
-        names = [n for n in ("in_ram", "streaming") if f"{n}_p50" in next(iter(res["summary"].values()))]
+        print(
+            f"\n{res['rows']} rows ({res['bytes_per_row']} B/row; exact check: "
+            f"{all(c['equal'] for c in res['exact_check'])}; batches q/s: "
+            + ", ".join(f"{k}: {v:.1f}" for k, v in res["batch_queries_per_second"].items())
+            + ")"
+        )
+        names = [
+            n for n in ("in_ram", "streaming") if f"{n}_p50" in next(iter(res["summary"].values()))
+        ]
         header = f"{'measures | k | rows':<34}{'ours p50':>10}{'p95':>9}" + "".join(
-            f"{n + ' p50':>16}{'ratio':>8}" for n in names)
+            f"{n + ' p50':>16}{'ratio':>8}" for n in names
+        )
         print(header)
         for key, e in res["summary"].items():
-            cells = "".join(f"{e[n + '_p50'] * 1e3:>14.1f}ms{e['ratio_' + n + '_p50']:>8.2f}" for n in names)
+            cells = "".join(
+                f"{e[n + '_p50'] * 1e3:>14.1f}ms{e['ratio_' + n + '_p50']:>8.2f}" for n in names
+            )
             print(f"{key:<34}{e['ours_p50'] * 1e3:>8.1f}ms{e['ours_p95'] * 1e3:>7.0f}ms{cells}")
 
 
@@ -257,11 +299,25 @@ def _plot(results: list[dict], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     ns = [r["rows"] for r in results]
-    for key, style in ((f"all|k=5|all rows", "-o"), ("i1_sd|k=5|all rows", "-s"), ("style|k=5|all rows", "-^"),
-                       ("cosine|k=5|all rows", "-v")):
-        ax.plot(ns, [r["summary"][key]["ours_p50"] for r in results], style, label=f"dermris {key.split('|')[0]}")
-        ax.plot(ns, [r["summary"][key]["streaming_p50"] for r in results], style.replace("-", ":"),
-                label=f"streaming brute force {key.split('|')[0]}", alpha=0.6)
+    for key, style in (
+        ("all|k=5|all rows", "-o"),
+        ("i1_sd|k=5|all rows", "-s"),
+        ("style|k=5|all rows", "-^"),
+        ("cosine|k=5|all rows", "-v"),
+    ):
+        ax.plot(
+            ns,
+            [r["summary"][key]["ours_p50"] for r in results],
+            style,
+            label=f"dermris {key.split('|')[0]}",
+        )
+        ax.plot(
+            ns,
+            [r["summary"][key]["streaming_p50"] for r in results],
+            style.replace("-", ":"),
+            label=f"streaming brute force {key.split('|')[0]}",
+            alpha=0.6,
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("rows in the store")
@@ -274,10 +330,14 @@ def _plot(results: list[dict], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", type=Path, required=True, help="Where scale_stores.py built the stores.")
+    parser.add_argument(
+        "--root", type=Path, required=True, help="Where scale_stores.py built the stores."
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[3000, 20000, 100000])
     parser.add_argument("--queries", type=int, default=20)
-    parser.add_argument("--check", type=int, default=2, help="Queries checked against exact brute force.")
+    parser.add_argument(
+        "--check", type=int, default=2, help="Queries checked against exact brute force."
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     args = parser.parse_args()
@@ -289,7 +349,9 @@ def main() -> None:
             continue
         results.append(bench_store(path, queries=args.queries, seed=args.seed, check=args.check))
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": platform.platform(), "results": results}, indent=1))
+        args.out.write_text(
+            json.dumps({"machine": platform.platform(), "results": results}, indent=1)
+        )
     _table(results)
     if results:
         _plot(results, args.out.with_suffix(".png"))

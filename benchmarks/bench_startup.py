@@ -41,7 +41,9 @@ def _make_store(folder: Path) -> Path:
 
     csv = write_synthetic_set(folder / "data", per_class=8, size=160)
     store = folder / "store"
-    index_folder(folder / "data" / "images", store, preset="tiny", metadata=csv, progress=False, device="cpu")
+    index_folder(
+        folder / "data" / "images", store, preset="tiny", metadata=csv, progress=False, device="cpu"
+    )
     return store
 
 
@@ -56,8 +58,11 @@ def _time(argv: list[str]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dermris", default=shutil.which("dermris") or "dermris",
-                        help="The command to measure (default: dermris on PATH).")
+    parser.add_argument(
+        "--dermris",
+        default=shutil.which("dermris") or "dermris",
+        help="The command to measure (default: dermris on PATH).",
+    )
     parser.add_argument("--baseline", help="Another dermris command to measure beside it.")
     parser.add_argument("--store", type=Path, help="A store to use (default: a new tiny store).")
     parser.add_argument("--repeats", type=int, default=7)
@@ -69,21 +74,39 @@ def main() -> None:
         commands = {"this": args.dermris}
         if args.baseline:
             commands["baseline"] = args.baseline
-        runs: dict[str, dict[str, list[float]]] = {name: {c: [] for c in COMMANDS} for name in commands}
+        runs: dict[str, dict[str, list[float]]] = {
+            name: {c: [] for c in COMMANDS} for name in commands
+        }
         for _ in range(args.repeats):
             for label, argv in COMMANDS.items():
                 for name, binary in commands.items():  # alternating: both see the same load
-                    runs[name][label].append(_time([binary, *(a.format(store=store) for a in argv)]))
-    table = {name: {label: statistics.median(v) for label, v in per.items()} for name, per in runs.items()}
-    payload = {"repeats": args.repeats, "commands": commands, "median_seconds": table, "runs": runs,
-               "python": sys.version.split()[0]}
+                    runs[name][label].append(
+                        _time([binary, *(a.format(store=store) for a in argv)])
+                    )
+    table = {
+        name: {label: statistics.median(v) for label, v in per.items()}
+        for name, per in runs.items()
+    }
+    payload = {
+        "repeats": args.repeats,
+        "commands": commands,
+        "median_seconds": table,
+        "runs": runs,
+        "python": sys.version.split()[0],
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=1))
     names = list(commands)
-    print(f"{'command':<24}" + "".join(f"{n:>12}" for n in names) + ("   ratio" if len(names) == 2 else ""))
+    print(
+        f"{'command':<24}"
+        + "".join(f"{n:>12}" for n in names)
+        + ("   ratio" if len(names) == 2 else "")
+    )
     for label in COMMANDS:
         cells = "".join(f"{table[n][label]:>11.3f}s" for n in names)
-        ratio = f"   {table['baseline'][label] / table['this'][label]:.1f}x" if len(names) == 2 else ""
+        ratio = (
+            f"   {table['baseline'][label] / table['this'][label]:.1f}x" if len(names) == 2 else ""
+        )
         print(f"{label:<24}{cells}{ratio}")
     print(f"medians of {args.repeats} alternating runs; JSON: {args.out}")
 

@@ -15,7 +15,7 @@ On the 2-core machine the 100k store takes about two hours (the lite0 pipeline i
 
 Example::
 
-    nice -n 19 python benchmarks/scale_stores.py --root /data/dermris-bench --sizes 3000 20000 100000
+    nice -n 19 python benchmarks/scale_stores.py --root /data/bench --sizes 3000 20000 100000
 """
 
 from __future__ import annotations
@@ -92,8 +92,16 @@ def build(root: Path, sizes: list[int], *, preset: str = "lite0") -> dict[int, P
         # photos [done, n) in a folder of their own: the store's folder holds exactly n images
         folder = photos / f"part-{part:02d}"
         write_photo_set(folder, n - done, size=PHOTO_SIZE, seed=0, first=done)
-        index_folder(photos, grow, preset=preset, metadata=csv_path, id_column="image_id",
-                     progress=True, batch_size=32, commit_every=512)
+        index_folder(
+            photos,
+            grow,
+            preset=preset,
+            metadata=csv_path,
+            id_column="image_id",
+            progress=True,
+            batch_size=32,
+            commit_every=512,
+        )
         rows = Store.open(grow).rows
         if rows != n:
             raise SystemExit(f"{grow} has {rows} rows after indexing, expected {n}")

@@ -74,7 +74,9 @@ class QueryWeights:
         How the rows are stored: float16 (decoded by reinterpreting the bits) or float32.
     """
 
-    def __init__(self, z_q: np.ndarray, column_scales: np.ndarray, *, stored_dtype=np.float16) -> None:
+    def __init__(
+        self, z_q: np.ndarray, column_scales: np.ndarray, *, stored_dtype=np.float16
+    ) -> None:
         z_q = np.atleast_2d(np.asarray(z_q, np.float64))
         shift = 2.0**_SHIFT if np.dtype(stored_dtype) == np.float16 else 1.0
         weights = z_q / np.asarray(column_scales, np.float64)[None, :] * shift
@@ -136,4 +138,9 @@ def dot_error(x_norms: np.ndarray, weights: QueryWeights) -> np.ndarray:
     float64 and the decoding is exact, so ``gamma_D * ||x|| * ||z_q||`` bounds the error of
     any summation order (with 1 % to spare).
     """
-    return 1.01 * _gamma(weights.dim) * np.asarray(x_norms, np.float64)[:, None] * weights.z_norms[None, :]
+    return (
+        1.01
+        * _gamma(weights.dim)
+        * np.asarray(x_norms, np.float64)[:, None]
+        * weights.z_norms[None, :]
+    )

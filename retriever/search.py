@@ -51,7 +51,7 @@ class _TextColumn(Sequence[str]):
     def __len__(self) -> int:
         return len(self._array)
 
-    def __getitem__(self, index):  # type: ignore[override]
+    def __getitem__(self, index):
         if isinstance(index, slice):
             return self._array[index].to_pylist()
         value = self._array[int(index)].as_py()
@@ -455,7 +455,9 @@ class Retriever:
             hit_rows = []
             # the components of the measures asked for (all four for all nine): a cheap measure
             # alone pays for nothing else
-            names = tuple(c for c in COMPONENTS if any(c in MEASURE_COMPONENTS[m] for m in measures))
+            names = tuple(
+                c for c in COMPONENTS if any(c in MEASURE_COMPONENTS[m] for m in measures)
+            )
             for measure in measures:
                 rows, scores = batch.top_k(state, measure, k, mask)
                 hit_rows.append(rows)

@@ -13,7 +13,7 @@ depends on the path that computed it. NumPy only (no torch).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -100,8 +100,11 @@ class StyleAccess:
         scan = max(time.perf_counter() - started, 1e-6)
         per_read = read / len(sample)
         bandwidth = count * self.row_bytes / scan
-        return CostModel(request_seconds=max(per_read - self.row_bytes / bandwidth, 0.0),
-                         random_bytes_per_second=bandwidth, scan_bytes_per_second=bandwidth)
+        return CostModel(
+            request_seconds=max(per_read - self.row_bytes / bandwidth, 0.0),
+            random_bytes_per_second=bandwidth,
+            scan_bytes_per_second=bandwidth,
+        )
 
 
 class StoreIndex:
@@ -144,8 +147,14 @@ class StoreIndex:
         sketch = store.sketch()
         if sketch is None:
             big_d = store.style_dim
-            sketch = StyleSketch(np.zeros((0, big_d), np.float32), np.zeros(big_d),
-                                 np.zeros((0, 0)), np.zeros(0), np.zeros(0), 0.0)
+            sketch = StyleSketch(
+                np.zeros((0, big_d), np.float32),
+                np.zeros(big_d),
+                np.zeros((0, 0)),
+                np.zeros(0),
+                np.zeros(0),
+                0.0,
+            )
         if sketch.rows < self.rows:  # derived data behind the commit: extend it in memory
             sketch = sketch.extend(block for _, block in store.iter_style_blocks(start=sketch.rows))
         self.sketch_dim = sketch.dim
@@ -164,7 +173,9 @@ class StoreIndex:
         self.mean_norm = float(np.sqrt(self.mean @ self.mean))
         self._gram_error: np.ndarray | None = None
         self.style = StyleAccess(store, options.memory_budget())
-        self.cost = options.cost_model if options.cost_model is not None else self.style.measure_cost()
+        self.cost = (
+            options.cost_model if options.cost_model is not None else self.style.measure_cost()
+        )
 
     def set_deleted(self, rows: np.ndarray) -> None:
         """Exclude deleted rows from every ranking and normaliser."""
@@ -179,8 +190,16 @@ class StoreIndex:
 
     def row_nbytes(self) -> int:
         """Bytes held per row."""
-        arrays = [self.features, self.feature_sq, self.live, self.mask_areas, self.sketch_residuals,
-                  self.sketch_sq_norms, self.projections, self.projection_sq]
+        arrays = [
+            self.features,
+            self.feature_sq,
+            self.live,
+            self.mask_areas,
+            self.sketch_residuals,
+            self.sketch_sq_norms,
+            self.projections,
+            self.projection_sq,
+        ]
         if self.masks is not None:
             arrays.append(self.masks)
         if self.mask_blocks is not None:
@@ -278,16 +297,16 @@ class StoreIndex:
         dcos = np.where(denom > 0, err / safe, 0.0)
         return ed_low, ed_high, np.clip(cos - dcos, -1.0, 1.0), np.clip(cos + dcos, -1.0, 1.0)
 
-    def feature_values(self, feature: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def feature_values(
+        self, feature: np.ndarray, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Exact Euclidean distance and cosine of ``rows`` to one query feature (float64)."""
         rows = np.asarray(rows, np.int64)
         q = np.asarray(feature, np.float32).astype(np.float64)
         ed, dots = distance_and_dot(self.features[rows].astype(np.float64), q)
         return ed, cosine_of(dots, np.sqrt(self.feature_sq[rows]), q)
 
-    def dice_rows(
-        self, mask: np.ndarray, area: int, rows: np.ndarray | None = None
-    ) -> np.ndarray:
+    def dice_rows(self, mask: np.ndarray, area: int, rows: np.ndarray | None = None) -> np.ndarray:
         """Exact Dice of ``rows`` (default: every row) against a packed mask, from the masks in
         memory, float64."""
         assert self.masks is not None  # called only when the masks are in memory
@@ -355,4 +374,3 @@ def mask_block_counts_of(mask_packed: np.ndarray, size: int, grid: int) -> np.nd
     """Lesion pixels of one bit-packed mask in each cell of the ``grid x grid`` block grid."""
     mask = np.unpackbits(mask_packed, count=size * size).astype(bool).reshape(1, size, size)
     return mask_block_counts(mask, grid)[0].astype(np.int64)
-

@@ -163,8 +163,9 @@ class QueryBatch:
             query.ls_hi = high[i] ** 2 + (r_q[i] + residuals) ** 2 + slack
             query.sq_q = float(sq_q[i])
             z_q = query.q64 - index.mean
-            query.weights = QueryWeights(z_q[None, :], index.store.codec.column_scales,
-                                         stored_dtype=index.style.dtype)
+            query.weights = QueryWeights(
+                z_q[None, :], index.store.codec.column_scales, stored_dtype=index.style.dtype
+            )
             query.mu_dot = float(index.mean @ z_q)
             known = ~np.isnan(query.ls)  # explanations may have computed some exactly
             query.ls_lo[known] = query.ls_hi[known] = query.ls[known]
@@ -308,20 +309,25 @@ class QueryBatch:
         if "dc" in names:
             self._dice(query)
 
-    def _interval(self, query: _Query, name: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _interval(
+        self, query: _Query, name: str, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Lower and upper bounds of a component for ``rows`` (equal where exact)."""
         if name == "es":
             ed = query.ed[rows]
             known = ~np.isnan(ed)
             ed_max = query.ed_max if query.ed_max is not None else 0.0
+            assert query.ed_lo is not None
             lo = normalised_score(np.where(known, ed, query.ed_hi[rows]), ed_max)
-            hi = normalised_score(np.where(known, ed, query.ed_lo[rows]), ed_max)  # type: ignore[index]
+            hi = normalised_score(np.where(known, ed, query.ed_lo[rows]), ed_max)
             return lo, hi
         if name == "cs":
             cos = query.cos[rows]
             known = ~np.isnan(cos)
-            return (cosine_score(np.where(known, cos, query.cos_lo[rows])),
-                    cosine_score(np.where(known, cos, query.cos_hi[rows])))
+            return (
+                cosine_score(np.where(known, cos, query.cos_lo[rows])),
+                cosine_score(np.where(known, cos, query.cos_hi[rows])),
+            )
         if name == "dc":
             assert query.dc is not None
             dc = query.dc[rows]
@@ -332,10 +338,14 @@ class QueryBatch:
         lo = np.maximum(normalised_score(query.ls_hi[rows], ls_max), 0.0)
         return lo, normalised_score(query.ls_lo[rows], ls_max)
 
-    def _bounds(self, query: _Query, measure: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _bounds(
+        self, query: _Query, measure: str, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         parts = {c: self._interval(query, c, rows) for c in MEASURE_COMPONENTS[measure]}
-        return (measure_score(measure, {c: p[0] for c, p in parts.items()}),
-                measure_score(measure, {c: p[1] for c, p in parts.items()}))
+        return (
+            measure_score(measure, {c: p[0] for c, p in parts.items()}),
+            measure_score(measure, {c: p[1] for c, p in parts.items()}),
+        )
 
     def _loose(self, query: _Query, names: Sequence[str], rows: np.ndarray) -> np.ndarray:
         """Which of ``rows`` still have a component that is neither exact nor tight."""
@@ -349,7 +359,9 @@ class QueryBatch:
             out |= np.isnan(query.dc[rows])
         return out
 
-    def _refine(self, query: _Query, names: Sequence[str], rows: np.ndarray, pending_style: np.ndarray) -> None:
+    def _refine(
+        self, query: _Query, names: Sequence[str], rows: np.ndarray, pending_style: np.ndarray
+    ) -> None:
         if "es" in names or "cs" in names:
             self._exact_features(query, rows)
         if "dc" in names:
@@ -363,14 +375,19 @@ class QueryBatch:
                 else:
                     self._tighten(need, query)
 
-    def exact_components(self, query: _Query, rows: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+    def exact_components(
+        self, query: _Query, rows: np.ndarray, names: Sequence[str]
+    ) -> dict[str, np.ndarray]:
         """Exact component scores of ``rows`` (computing what is missing)."""
         out = {}
         for name in names:
             if name in ("es", "cs"):
                 self._exact_features(query, rows)
-                out[name] = (normalised_score(query.ed[rows], self.ed_max(query)) if name == "es"
-                             else cosine_score(query.cos[rows]))
+                out[name] = (
+                    normalised_score(query.ed[rows], self.ed_max(query))
+                    if name == "es"
+                    else cosine_score(query.cos[rows])
+                )
             elif name == "dc":
                 self._exact_dice(query, rows)
                 assert query.dc is not None
@@ -422,7 +439,9 @@ class QueryBatch:
         query.stats.add_time(f"rank {measure}", started)
         return candidates[best], scores[best]
 
-    def hit_components(self, query: _Query, rows: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+    def hit_components(
+        self, query: _Query, rows: np.ndarray, names: Sequence[str]
+    ) -> dict[str, np.ndarray]:
         """The exact components ``names`` of the hit rows."""
         return self.exact_components(query, rows, names)
 
@@ -439,7 +458,9 @@ class QueryBatch:
         else:
             missing = [int(r) for r in rows if int(r) not in self._read_masks]
             if missing:
-                self._read_masks.update(zip(missing, self.index.store.mask_rows(missing), strict=True))
+                self._read_masks.update(
+                    zip(missing, self.index.store.mask_rows(missing), strict=True)
+                )
             masks = {int(r): self._read_masks[int(r)] for r in rows}
         return Explanation(
             mask_size=self.index.store.mask_size,

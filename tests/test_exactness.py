@@ -17,7 +17,11 @@ from reference import NAMES, brute_force, load_store, row_query
 PATHS = {
     "default": {},
     "scan": {"cost_model": CostModel.always_scan()},
-    "bounds": {"cost_model": CostModel.never_scan(), "mask_memory_bytes": 0, "memory_budget_bytes": 0},
+    "bounds": {
+        "cost_model": CostModel.never_scan(),
+        "mask_memory_bytes": 0,
+        "memory_budget_bytes": 0,
+    },
     "memory-bounds": {"cost_model": CostModel.never_scan(), "exact_dice_bytes": 0},
 }
 

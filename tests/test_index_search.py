@@ -141,7 +141,9 @@ def test_hits_carry_ids_paths_and_components(indexed_store):
     both = retriever.search(5, measures=("euclidean", "i1_sc"), k=3)
     assert all(set(h.components) == {"es", "ss", "cs"} for hits in both.values() for h in hits)
     every = retriever.search(5, measures="all", k=3)
-    assert all(set(h.components) == {"es", "cs", "ss", "dc"} for hits in every.values() for h in hits)
+    assert all(
+        set(h.components) == {"es", "cs", "ss", "dc"} for hits in every.values() for h in hits
+    )
     # the components agree with the measures that are those components alone
     alone = retriever.search(5, measures="cosine", k=3)["cosine"]
     assert [h.score for h in alone] == [h.components["cs"] for h in every["cosine"]]
@@ -215,7 +217,9 @@ def test_large_jpeg_query_reproduces_its_row(tmp_path, synthetic_set):
         )
     index_folder(folder, tmp_path / "store", progress=False, device="cpu")
     retriever = Retriever.open(tmp_path / "store", device="cpu")
-    hits = retriever.search(folder / "SYN_streaks_003.jpg", measures=("euclidean", "style"), k=1)["euclidean"]
+    hits = retriever.search(folder / "SYN_streaks_003.jpg", measures=("euclidean", "style"), k=1)[
+        "euclidean"
+    ]
     assert hits[0].image_id == "SYN_streaks_003"
     assert hits[0].components["es"] == pytest.approx(1.0, abs=1e-5)
     assert hits[0].components["ss"] == pytest.approx(1.0, abs=1e-5)

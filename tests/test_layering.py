@@ -65,12 +65,16 @@ def _imports(module: str, *, module_level_only: bool) -> set[str]:
             for child in node.orelse:
                 visit(child, in_function)
             return
-        if isinstance(node, (ast.Import, ast.ImportFrom)) and not (module_level_only and in_function):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and not (
+            module_level_only and in_function
+        ):
             if isinstance(node, ast.Import):
                 found.update(alias.name for alias in node.names)
             else:
                 found.update(_resolve(module, file, node))
-        inside = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        inside = in_function or isinstance(
+            node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+        )
         for child in ast.iter_child_nodes(node):
             visit(child, inside)
 
@@ -94,15 +98,25 @@ def _layer(module: str) -> int:
 
 
 def test_the_module_map_is_found():
-    assert {"dermris.core.errors", "dermris.indexer.store.reader", "dermris.retriever.search",
-            "dermris.app.cli", "dermris.models.ensemble"} <= set(MODULES)
+    assert {
+        "dermris.core.errors",
+        "dermris.indexer.store.reader",
+        "dermris.retriever.search",
+        "dermris.app.cli",
+        "dermris.models.ensemble",
+    } <= set(MODULES)
 
 
 def test_no_module_level_import_cycle():
-    graph = {m: {o for o in map(_own, _imports(m, module_level_only=True)) if o and o != m} for m in MODULES}
+    graph = {
+        m: {o for o in map(_own, _imports(m, module_level_only=True)) if o and o != m}
+        for m in MODULES
+    }
     # a package's __init__ importing its own submodules is not a cycle with them
     for m, targets in graph.items():
-        graph[m] = {t for t in targets if not (MODULES[t].name == "__init__.py" and m.startswith(t + "."))}
+        graph[m] = {
+            t for t in targets if not (MODULES[t].name == "__init__.py" and m.startswith(t + "."))
+        }
     state: dict[str, int] = {}
     path: list[str] = []
 
@@ -111,7 +125,7 @@ def test_no_module_level_import_cycle():
         path.append(m)
         for t in sorted(graph[m]):
             if state.get(t) == 1:
-                cycle = path[path.index(t):] + [t]
+                cycle = path[path.index(t) :] + [t]
                 pytest.fail("module-level import cycle: " + " -> ".join(cycle))
             if t not in state:
                 walk(t)
@@ -141,24 +155,39 @@ def test_core_imports_no_torch_and_nothing_above_it():
 
 
 def test_retriever_imports_no_app_pipeline_cluster_or_training():
-    banned = ("dermris.app", "dermris.indexer.pipeline", "dermris.indexer.cluster",
-              "dermris.indexer.coordinator", "dermris.indexer.blocks", "dermris.indexer.loader",
-              "dermris.models.training")
-    wrong = [(m, n) for m in MODULES if m.startswith("dermris.retriever")
-             for n in _imports(m, module_level_only=False) if n.startswith(banned)]
+    banned = (
+        "dermris.app",
+        "dermris.indexer.pipeline",
+        "dermris.indexer.cluster",
+        "dermris.indexer.coordinator",
+        "dermris.indexer.blocks",
+        "dermris.indexer.loader",
+        "dermris.models.training",
+    )
+    wrong = [
+        (m, n)
+        for m in MODULES
+        if m.startswith("dermris.retriever")
+        for n in _imports(m, module_level_only=False)
+        if n.startswith(banned)
+    ]
     assert not wrong, wrong
 
 
 def _run_without_torch(code: str) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter where ``import torch`` fails."""
     prelude = "import sys\nsys.modules['torch'] = None  # any import of torch raises ImportError\n"
-    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_importing_the_store_and_the_retriever_loads_no_torch():
-    code = ("import dermris.indexer.store, dermris.retriever.search, dermris.app.cli, dermris.core\n"
-            "import dermris.retriever as r; r.Retriever, r.SearchResult\n"
-            "print('ok')\n")
+    code = (
+        "import dermris.indexer.store, dermris.retriever.search, dermris.app.cli, dermris.core\n"
+        "import dermris.retriever as r; r.Retriever, r.SearchResult\n"
+        "print('ok')\n"
+    )
     result = _run_without_torch(code)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 

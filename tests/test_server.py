@@ -56,8 +56,7 @@ def test_search_by_row_equals_the_retriever(client, indexed_store):
         assert [h["row"] for h in payload["results"][m]] == [h.row for h in expected[m]]
         assert [h["score"] for h in payload["results"][m]] == [h.score for h in expected[m]]
         assert all(
-            h["metadata"]["texture"] != "streaks"
-            and set(h["components"]) == {"ss", "dc"}
+            h["metadata"]["texture"] != "streaks" and set(h["components"]) == {"ss", "dc"}
             for h in payload["results"][m]
         )
     assert payload["query"]["row"] == 4 and payload["stats"]["rows"] == 32

@@ -105,13 +105,20 @@ class MappedRows:
         for i in range(count):  # every checksum, once
             start = int(offsets[0]) + i * chunk
             payload = raw[start : start + reader.row_bytes]
-            stored = int.from_bytes(raw[start + reader.row_bytes : start + chunk].tobytes(), "little")
+            stored = int.from_bytes(
+                raw[start + reader.row_bytes : start + chunk].tobytes(), "little"
+            )
             if google_crc32c.value(payload) != stored:
                 raise StoreFormatError(
                     f"array {reader.name}: row {base + i} fails its checksum (damaged chunk)"
                 )
-        view = np.ndarray((count, self.width), dtype=reader.dtype, buffer=mapping,
-                          offset=int(offsets[0]), strides=(chunk, reader.dtype.itemsize))
+        view = np.ndarray(
+            (count, self.width),
+            dtype=reader.dtype,
+            buffer=mapping,
+            offset=int(offsets[0]),
+            strides=(chunk, reader.dtype.itemsize),
+        )
         view.flags.writeable = False
         self.mapped_bytes += count * reader.row_bytes
         return view
