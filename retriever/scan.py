@@ -18,11 +18,24 @@ one per-row arithmetic every exact score uses.
 
 from __future__ import annotations
 
+import itertools
+import os
+import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
-__all__ = ["SLAB", "ROWS_PER_BLOCK", "QueryWeights", "decode_scaled", "style_dots", "dot_error"]
+__all__ = [
+    "SLAB",
+    "ROWS_PER_BLOCK",
+    "QueryWeights",
+    "decode_scaled",
+    "dot_error",
+    "parallel",
+    "style_dots",
+]
 
 SLAB = 2048
 """Columns converted and multiplied at a time."""
@@ -99,6 +112,9 @@ def style_dots(
 ) -> np.ndarray:
     """``x . z_q`` for every row in ``blocks`` and every query, float64 ``(rows, Q)``.
 
+    Blocks of rows are shared out to one thread per core (NumPy and BLAS release the GIL;
+    BLAS itself is kept to one thread inside, see :func:`parallel`).
+
     Parameters
     ----------
     blocks : iterable of (int, np.ndarray)
@@ -109,26 +125,91 @@ def style_dots(
     rows : int
         Rows in the store (the output's length; rows not in ``blocks`` stay NaN).
     """
-    q = weights.matrix.shape[1]
-    out = np.full((rows, q), np.nan)
-    bits_scratch = np.empty((ROWS_PER_BLOCK, SLAB), np.int32)
-    wide = np.empty((ROWS_PER_BLOCK, SLAB), np.float64)
-    dim = weights.dim
-    for first, stored in blocks:
-        half = stored.dtype == np.float16
-        bits = stored.view(np.int16) if half else stored
-        for a in range(0, len(bits), ROWS_PER_BLOCK):
-            block = bits[a : a + ROWS_PER_BLOCK]
-            b = len(block)
-            acc = np.zeros((b, q))
-            for c in range(0, dim, SLAB):
-                part = block[:, c : c + SLAB]
-                values = decode_scaled(part, bits_scratch) if half else part
-                slab = wide[:b, : values.shape[1]]
-                np.copyto(slab, values)
-                acc += slab @ weights.matrix[c : c + SLAB]
-            out[first + a : first + a + b] = acc
+    out = np.full((rows, weights.matrix.shape[1]), np.nan)
+
+    def pieces():
+        for first, stored in blocks:
+            for a in range(0, len(stored), ROWS_PER_BLOCK):
+                yield first + a, stored[a : a + ROWS_PER_BLOCK]
+
+    def work(task, scratch):
+        first, block = task
+        out[first : first + len(block)] = _block_dots(block, weights, *scratch)
+
+    parallel(
+        pieces(),
+        work,
+        lambda: (
+            np.empty((ROWS_PER_BLOCK, SLAB), np.int32),
+            np.empty((ROWS_PER_BLOCK, SLAB), np.float64),
+        ),
+    )
     return out
+
+
+def _block_dots(stored: np.ndarray, weights: QueryWeights, bits_scratch, wide) -> np.ndarray:
+    half = stored.dtype == np.float16
+    block = stored.view(np.int16) if half else stored
+    b = len(block)
+    acc = np.zeros((b, weights.matrix.shape[1]))
+    for c in range(0, weights.dim, SLAB):
+        part = block[:, c : c + SLAB]
+        values = decode_scaled(part, bits_scratch) if half else part
+        slab = wide[:b, : values.shape[1]]
+        np.copyto(slab, values)
+        acc += slab @ weights.matrix[c : c + SLAB]
+    return acc
+
+
+_WORKERS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+_CONTROLLER: ThreadpoolController | None = None
+
+
+def _controller() -> ThreadpoolController:
+    global _CONTROLLER
+    if _CONTROLLER is None:  # introspecting the loaded BLAS libraries costs milliseconds: once
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def parallel(tasks: Iterable, work, scratch_factory) -> None:
+    """Run ``work(task, scratch)`` for every task on one thread per core (BLAS limited to one
+    thread meanwhile, so the cores are not oversubscribed); each thread has its own scratch
+    space from ``scratch_factory()``. The first error is raised in the caller."""
+    global _POOL
+    tasks = iter(tasks)
+    first = next(tasks, None)
+    if first is None:
+        return
+    second = next(tasks, None)
+    with _controller().limit(limits=1, user_api="blas"):
+        if second is None or _WORKERS == 1:
+            scratch = scratch_factory()
+            for task in (first,) if second is None else itertools.chain((first, second), tasks):
+                work(task, scratch)
+            return
+        with _POOL_LOCK:
+            if _POOL is None:
+                _POOL = ThreadPoolExecutor(_WORKERS, thread_name_prefix="dermris-scan")
+        shared = itertools.chain((first, second), tasks)
+        lock = threading.Lock()
+
+        def run() -> None:
+            scratch = scratch_factory()
+            while True:
+                with lock:
+                    task = next(shared, None)
+                if task is None:
+                    return
+                work(task, scratch)
+
+        futures = [_POOL.submit(run) for _ in range(_WORKERS)]
+        for future in futures:
+            future.result()
 
 
 def dot_error(x_norms: np.ndarray, weights: QueryWeights) -> np.ndarray:

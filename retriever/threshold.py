@@ -40,14 +40,15 @@ from .measures import (
     normalised_score,
     rank,
 )
-from .scan import QueryWeights, dot_error, style_dots
-from .store_index import StoreIndex, squared_distances
+from .scan import QueryWeights, dot_error, parallel, style_dots
+from .store_index import StoreIndex
 from .types import QueryVectors, SearchStats
 
 __all__ = ["QueryBatch"]
 
 _FLOAT64_SLACK = 1e-9  # relative to ||q - mu||^2 + ||x - mu||^2: float64 rounding of length-D sums
-_EXACT_BLOCK = 64  # style rows turned into float64 at a time
+_EXACT_BLOCK = 64  # style rows read at a time for exact values
+_EXACT_ROWS = 4  # ... and turned into float64 at a time (stays in cache)
 
 
 class _Query:
@@ -172,9 +173,9 @@ class QueryBatch:
             query.stats.add_time("bounds", started)
 
     def _tighten(self, rows: np.ndarray | None, asking: _Query) -> None:
-        """Tight style-loss intervals for ``rows`` (None: every row, by a sequential scan) for
-        every query of the batch that has style bounds, from one read of the rows."""
-        queries = [q for q in self.queries if q.ls_lo is not None]
+        """Tight style-loss intervals for ``rows`` for ``asking``, or for every row (None: a
+        sequential scan) for every query of the batch that has style bounds (they share it)."""
+        queries = [q for q in self.queries if q.ls_lo is not None] if rows is None else [asking]
         started = time.perf_counter()
         index = self.index
         n = index.rows
@@ -186,7 +187,8 @@ class QueryBatch:
             rows = np.unique(rows)
             count = len(rows)
             blocks = iter([(0, index.style.rows_stored(rows))])
-        weights = QueryWeights.stack([q.weights for q in queries if q.weights is not None])
+        parts = [q.weights for q in queries if q.weights is not None]
+        weights = parts[0] if len(parts) == 1 else QueryWeights.stack(parts)
         dots = style_dots(blocks, weights, count)
         picked = np.arange(n) if rows is None else rows
         sq_x = index.sketch_sq_norms[picked]
@@ -218,14 +220,31 @@ class QueryBatch:
             return
         started = time.perf_counter()
         codec = self.index.store.codec
-        for a in range(0, len(rows), _EXACT_BLOCK):
-            part = rows[a : a + _EXACT_BLOCK]
-            x = codec.decode(self.index.style.rows_stored(part)).astype(np.float64)
-            query.ls[part] = squared_distances(x, query.q64)
-            if self.explain:
-                diff = x - query.q64
-                stages = np.add.reduceat(diff * diff, self._stage_starts, axis=1)
-                query.stage_losses.update(zip(part.tolist(), stages, strict=True))
+        width = self.index.store.style_dim
+        stage_starts = self._stage_starts
+        explain = self.explain
+
+        def tasks():
+            for a in range(0, len(rows), _EXACT_BLOCK):
+                part = rows[a : a + _EXACT_BLOCK]
+                stored = self.index.style.rows_stored(part)
+                for b in range(0, len(part), _EXACT_ROWS):
+                    yield part[b : b + _EXACT_ROWS], stored[b : b + _EXACT_ROWS]
+
+        def work(task, squares):
+            chunk, stored = task
+            x = codec.decode(stored)  # float32, as every path decodes
+            sq = squares[: len(x)]
+            # the one exact arithmetic (squared_distances), in place: float64 differences,
+            # squared, summed pairwise along each row
+            np.subtract(x, query.q64, out=sq)
+            np.multiply(sq, sq, out=sq)
+            query.ls[chunk] = sq.sum(axis=1)
+            if explain:
+                stages = np.add.reduceat(sq, stage_starts, axis=1)
+                query.stage_losses.update(zip(chunk.tolist(), stages, strict=True))
+
+        parallel(tasks(), work, lambda: np.empty((_EXACT_ROWS, width)))
         if query.ls_lo is not None:
             query.ls_lo[rows] = query.ls_hi[rows] = query.ls[rows]
         self._count_reads(query, rows)
@@ -414,7 +433,7 @@ class QueryBatch:
         names = MEASURE_COMPONENTS[measure]
         self._prepare(query, names)
         candidates = np.flatnonzero(allowed)
-        batch = max(4 * k, 64)
+        batch = k + 32
         while len(candidates):
             lo, hi = self._bounds(query, measure, candidates)
             if len(candidates) > k:  # rows whose upper bound is below the k-th lower bound are out
@@ -427,7 +446,7 @@ class QueryBatch:
             pending = candidates[loose]
             order = pending[np.lexsort((pending, -hi[loose]))]
             self._refine(query, names, order[:batch], order)
-            batch *= 4
+            batch *= 2
         # the rows that can still be in the top k: their exact scores
         if len(candidates) > k:
             lo, hi = self._bounds(query, measure, candidates)

@@ -7,10 +7,11 @@ process that maps it shares through the page cache. The store replaces a shard f
 renaming a new one into place (never in place), so a mapping always shows the file as it was
 when it was opened: a reader's snapshot stays consistent beside a writer.
 
-Every chunk's checksum is verified the first time its shard is mapped (crc32c runs at several
-GB/s), and the shard index must lay the rows out at one stride without overlaps; a shard that
-does not (written by another tool) is read into memory through :class:`~.rows.ShardedRows`
-instead, which verifies the same checksums.
+Every row's checksum is verified the first time it is read through the mapping
+(:meth:`MappedRows.verify`; crc32c runs at several GB/s), never again in the same process. The
+shard index must lay the rows out at one stride without overlaps; a shard that does not
+(written by another tool) is read into memory through :class:`~.rows.ShardedRows` instead,
+which verifies the same checksums.
 """
 
 from __future__ import annotations
@@ -48,12 +49,14 @@ class MappedRows:
         self.shard_rows = rows_reader.shard_rows
         self.width = rows_reader.width
         self._views: dict[int, np.ndarray] = {}
+        self._raw: dict[int, tuple[np.ndarray, int]] = {}  # shard -> (file bytes, first offset)
+        self._verified: dict[int, np.ndarray] = {}  # shard -> rows whose checksum was checked
         self._lock = threading.Lock()
         self.mapped_bytes = 0
 
     def shard(self, shard: int) -> np.ndarray:
         """Rows ``[shard * shard_rows, ...)`` (up to the committed rows) as a read-only view of
-        their stored values (``dtype`` as stored), checksums verified once."""
+        their stored values (``dtype`` as stored). Call :meth:`verify` before using rows."""
         with self._lock:
             view = self._views.get(shard)
         if view is not None:
@@ -63,8 +66,33 @@ class MappedRows:
             self._views.setdefault(shard, view)
             return self._views[shard]
 
+    def verify(self, shard: int, local: np.ndarray | None = None) -> None:
+        """Check the crc32c of rows ``local`` of ``shard`` (default: all of them) unless they
+        were checked already; a mismatch is a :class:`StoreFormatError`."""
+        view = self.shard(shard)
+        with self._lock:
+            done = self._verified[shard]
+            raw = self._raw.get(shard)
+        todo = np.arange(len(view)) if local is None else np.unique(np.asarray(local, np.int64))
+        todo = todo[~done[todo]]
+        if not len(todo) or raw is None:
+            return
+        data, first = raw
+        chunk = self.reader.row_bytes + 4
+        row_bytes = self.reader.row_bytes
+        for i in todo.tolist():
+            start = first + i * chunk
+            stored = int.from_bytes(data[start + row_bytes : start + chunk].tobytes(), "little")
+            if google_crc32c.value(data[start : start + row_bytes]) != stored:
+                base = shard * self.shard_rows
+                raise StoreFormatError(
+                    f"array {self.reader.name}: row {base + i} fails its checksum (damaged chunk)"
+                )
+        with self._lock:
+            done[todo] = True
+
     def blocks(self, start: int = 0, stop: int | None = None):
-        """Yield ``(first_row, view)`` shard by shard over rows ``[start, stop)``."""
+        """Yield ``(first_row, view)`` shard by shard over rows ``[start, stop)`` (verified)."""
         stop = self.rows if stop is None else min(stop, self.rows)
         first = start
         while first < stop:
@@ -72,6 +100,7 @@ class MappedRows:
             base = shard * self.shard_rows
             view = self.shard(shard)
             end = min(stop, base + len(view))
+            self.verify(shard, np.arange(first - base, end - base))
             yield first, view[first - base : end - base]
             first = end
 
@@ -96,22 +125,16 @@ class MappedRows:
             copy = reader.read(np.arange(base, base + count))
             copy.flags.writeable = False
             self.mapped_bytes += copy.nbytes
+            with self._lock:
+                self._verified[shard] = np.ones(count, bool)
             return copy
         size = os.fstat(fd).st_size
         if offsets[0] + count * chunk > size:
             raise StoreFormatError(f"array {reader.name}: shard c/{shard}/0 points past its end")
         mapping = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-        raw = np.frombuffer(mapping, np.uint8)
-        for i in range(count):  # every checksum, once
-            start = int(offsets[0]) + i * chunk
-            payload = raw[start : start + reader.row_bytes]
-            stored = int.from_bytes(
-                raw[start + reader.row_bytes : start + chunk].tobytes(), "little"
-            )
-            if google_crc32c.value(payload) != stored:
-                raise StoreFormatError(
-                    f"array {reader.name}: row {base + i} fails its checksum (damaged chunk)"
-                )
+        with self._lock:
+            self._raw[shard] = (np.frombuffer(mapping, np.uint8), int(offsets[0]))
+            self._verified[shard] = np.zeros(count, bool)
         view = np.ndarray(
             (count, self.width),
             dtype=reader.dtype,
