@@ -5,17 +5,26 @@ alone) and, in the same run, a brute-force full scan of the whole store (every s
 mask read), checks that both give the same rows and scores, and records the memory the
 Retriever keeps resident. Writes JSON, prints a table, and draws a PNG plot.
 
+Every query's path and cost go into the JSON (``per_query``): whether it scanned or read rows
+(``scans``, ``style_rows_read``, ``mask_rows_read``, ``bytes_read``, ``reranked``), the time by
+stage, and what the cost model says those reads cost, so that a cost model that always scans,
+never scans or ignores a forced choice shows there. ``--check-paths`` asserts it: it runs a few
+queries on a small store with ``CostModel.always_scan()``, ``CostModel.never_scan()`` and the
+default, and exits with status 1 when a forced choice was not honoured or the answers differ.
+
 Examples
 --------
 ::
 
     python benchmarks/bench_retrieval.py --source pipeline --rows 1000
     python benchmarks/bench_retrieval.py --source spectrum --rows 10000 20000 --brute 3
+    python benchmarks/bench_retrieval.py --check-paths
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -29,9 +38,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dermris.indexer import Store  # noqa: E402
-from dermris.retriever import MEASURES, Retriever  # noqa: E402
+from dermris.retriever import MEASURES, CostModel, Retriever, SearchOptions  # noqa: E402
 
-from stores import measure_spectrum, photo_store, pipeline_store, spectrum_store  # noqa: E402
+from stores import (  # noqa: E402
+    measure_spectrum,
+    photo_store,
+    pipeline_store,
+    random_store,
+    spectrum_store,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -42,6 +57,38 @@ def _rss() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def path_taken(stats) -> str:
+    """The path a search took: ``"scan"`` (at least one sequential scan of the style rows),
+    ``"rows"`` (style or mask rows read one by one only) or ``"memory"`` (nothing read)."""
+    if stats.scans:
+        return "scan"
+    if stats.style_rows_read or stats.mask_rows_read:
+        return "rows"
+    return "memory"
+
+
+def modelled_seconds(stats, store: Store, cost: CostModel) -> float:
+    """What the cost model says the reads of a search cost: its scans of every style row, the
+    style rows read one by one besides, and the mask rows read."""
+    scanned = stats.scans * store.rows
+    single = max(stats.style_rows_read - scanned, 0)
+    return (
+        stats.scans * cost.scan_seconds(store.rows, store.style_row_bytes)
+        + cost.rows_seconds(single, store.style_row_bytes)
+        + cost.rows_seconds(stats.mask_rows_read, store.mask_row_bytes)
+    )
+
+
+def query_record(stats, store: Store, cost: CostModel) -> dict:
+    """One query's path and cost for the JSON: :meth:`SearchStats.to_dict` plus the path and
+    the cost model's estimate of its reads."""
+    return {
+        "path": path_taken(stats),
+        **stats.to_dict(),
+        "modelled_read_seconds": modelled_seconds(stats, store, cost),
+    }
 
 
 def nine_scores(
@@ -171,14 +218,23 @@ def run_one(
         },
     )
     fast_results = {}
+    cost = retriever.options.cost_model
+    per_query = []
     for row in rows:
         t = time.perf_counter()
         fast_results[row] = retriever.search(row, k=k, measures="all")
         all_ms.append((time.perf_counter() - t) * 1e3)
+        record = {
+            "row": int(row),
+            "all_nine": query_record(fast_results[row].stats, store, cost),
+            "measures": {},
+        }
+        per_query.append(record)
         for m in MEASURES:
             t = time.perf_counter()
             st = retriever.search(row, measures=m, k=k).stats
             per_measure[m]["ms"].append((time.perf_counter() - t) * 1e3)
+            record["measures"][m] = query_record(st, store, cost)
             per_measure[m]["reranked"].append(st.reranked.get(m, 0))
             per_measure[m]["style_rows"].append(st.style_rows_read)
             per_measure[m]["mask_rows"].append(st.mask_rows_read)
@@ -254,6 +310,7 @@ def run_one(
             "max": max(style_bytes_all) / max(style_array_bytes, 1),
         },
         "scans_all_nine_median": statistics.median([fast_results[r].stats.scans for r in rows]),
+        "paths_all_nine": _path_counts(q["all_nine"] for q in per_query),
         "max_relative_score_error": max_rel if brute_s else None,
         "measures": {
             m: {
@@ -264,9 +321,12 @@ def run_one(
                 "style_rows_read_median": statistics.median(v["style_rows"]),
                 "mask_rows_read_median": statistics.median(v["mask_rows"]),
                 "bytes_read_median": statistics.median(v["bytes"]),
+                "paths": _path_counts(q["measures"][m] for q in per_query),
             }
             for m, v in per_measure.items()
         },
+        "cost_model": dataclasses.asdict(cost),
+        "per_query": per_query,
     }
     if brute_s:
         result["speedup_all_nine_vs_brute"] = (
@@ -280,11 +340,104 @@ def run_one(
     return result
 
 
+def _path_counts(records) -> dict[str, int]:
+    counts = {"scan": 0, "rows": 0, "memory": 0}
+    for record in records:
+        counts[record["path"]] += 1
+    return counts
+
+
+# The forced choices --check-paths holds the cost model to: (cost model, check of one query's
+# stats for the style measure alone, what the check means).
+FORCED = {
+    "always_scan": (
+        CostModel.always_scan(),
+        lambda st, n: st.scans >= 1 and st.style_rows_read >= n,
+        "a style query scans (scans >= 1, every style row read)",
+    ),
+    "never_scan": (CostModel.never_scan(), lambda st, n: st.scans == 0, "no query scans"),
+    "default": (CostModel(), lambda st, n: True, "(recorded only)"),
+}
+
+
+def check_paths(store_path: Path, *, queries: int = 4, k: int = 5, seed: int = 0) -> dict:
+    """Run a few queries under each cost model of :data:`FORCED` and check its forced choice.
+
+    Every query runs the style measure alone and all nine measures; a forced scan must show as
+    ``scans >= 1`` for the style query, ``never_scan`` as no scan in any query, and the answers
+    must not depend on the cost model.
+
+    Returns
+    -------
+    dict
+        ``{"store", "rows", "queries", "runs": {model: [per-query records]}, "problems"}``;
+        ``problems`` is empty when every forced choice was honoured.
+    """
+    store = Store.open(store_path)
+    n = store.rows
+    rng = np.random.default_rng(seed)
+    rows = sorted(rng.choice(n, size=min(queries, n), replace=False).tolist())
+    runs: dict[str, list[dict]] = {}
+    answers: dict[str, list] = {}
+    problems: list[str] = []
+    for name, (cost, honoured, meaning) in FORCED.items():
+        retriever = Retriever.open(store_path, device="cpu", options=SearchOptions(cost_model=cost))
+        runs[name], answers[name] = [], []
+        for row in rows:
+            style = retriever.search(row, measures="style", k=k)
+            nine = retriever.search(row, measures="all", k=k)
+            runs[name].append(
+                {
+                    "row": int(row),
+                    "style": query_record(style.stats, store, cost),
+                    "all_nine": query_record(nine.stats, store, cost),
+                }
+            )
+            answers[name].append({m: [(h.row, h.score) for h in hits] for m, hits in nine.items()})
+            if not honoured(style.stats, n):
+                problems.append(
+                    f"{name}: style query for row {row} took the {path_taken(style.stats)} path "
+                    f"(scans {style.stats.scans}, style rows read {style.stats.style_rows_read} "
+                    f"of {n}); expected: {meaning}"
+                )
+            if name == "never_scan" and nine.stats.scans:
+                problems.append(
+                    f"never_scan: all-nine query for row {row} scanned {nine.stats.scans} times"
+                )
+    for name in FORCED:
+        if answers[name] != answers["default"]:
+            problems.append(f"{name}: the answers differ from the default cost model's")
+    return {
+        "store": str(store_path),
+        "rows": n,
+        "queries": rows,
+        "runs": runs,
+        "problems": problems,
+    }
+
+
+def print_paths(report: dict) -> None:
+    """One line per cost model and query: the path each search took and what it read."""
+    print(f"check-paths: {report['store']} ({report['rows']} rows), queries {report['queries']}")
+    print(f"  {'cost model':<12}{'row':>5}  {'style: path':<12}{'scans':>6}{'style rd':>9}", end="")
+    print(f"{'mask rd':>8}  {'all nine: path':<15}{'scans':>6}{'bytes':>9}")
+    for name, records in report["runs"].items():
+        for r in records:
+            s, a = r["style"], r["all_nine"]
+            print(
+                f"  {name:<12}{r['row']:>5}  {s['path']:<12}{s['scans']:>6}"
+                f"{s['style_rows_read']:>9}{s['mask_rows_read']:>8}  {a['path']:<15}"
+                f"{a['scans']:>6}{a['bytes_read']:>9}"
+            )
+    for problem in report["problems"]:
+        print(f"  PROBLEM: {problem}")
+    print("  forced choices honoured" if not report["problems"] else "  FAILED")
+
+
 def print_table(run: dict) -> None:
     print(
         f"\n{run['label']}: N={run['rows']} D={run['style_dim']} ({run['style_dtype']}), "
-        f"sketch d={run['sketch_dim']}, "
-        f"k={run['k']}, {run['queries']} queries"
+        f"sketch d={run['sketch_dim']}, k={run['k']}, {run['queries']} queries"
     )
     print(
         f"  all nine: median {run['all_nine']['median_ms']:.1f} ms, "
@@ -307,22 +460,28 @@ def print_table(run: dict) -> None:
         )
     frac = run["style_bytes_read_fraction_all_nine"]
     print(
-        "  style bytes read per query (all nine): "
-        f"median {100 * frac['median']:.2f} % of the style array, "
-        f"max {100 * frac['max']:.2f} %; scans (median) {run['scans_all_nine_median']}; "
-        "all nine / streaming brute force = "
+        f"  style bytes read per query (all nine): median {100 * frac['median']:.2f} % "
+        f"of the style array, max {100 * frac['max']:.2f} %; "
+        f"scans (median) {run['scans_all_nine_median']}; all nine / streaming brute force = "
         f"{run.get('all_nine_over_streaming_brute', float('nan')):.3f}"
     )
+    paths = run.get("paths_all_nine")
+    if paths:
+        print(
+            f"  paths of the all-nine queries: {paths['scan']} scanned, "
+            f"{paths['rows']} read rows only, {paths['memory']} read nothing"
+        )
     print(
         f"  {'measure':<10}{'recall@k':>9}{'median ms':>11}{'p95 ms':>9}{'reranked':>10}"
-        f"{'style rd':>10}{'mask rd':>9}{'MB read':>9}"
+        f"{'style rd':>10}{'mask rd':>9}{'MB read':>9}{'scanned':>9}"
     )
     for m, v in run["measures"].items():
         recall = "-" if v["recall_at_k"] is None else f"{v['recall_at_k']:.3f}"
+        scanned = v.get("paths", {}).get("scan", "-")
         print(
             f"  {m:<10}{recall:>9}{v['median_ms']:>11.1f}{v['p95_ms']:>9.1f}"
             f"{v['rows_reranked_median']:>10.0f}{v['style_rows_read_median']:>10.0f}"
-            f"{v['mask_rows_read_median']:>9.0f}{v['bytes_read_median'] / 1e6:>9.2f}"
+            f"{v['mask_rows_read_median']:>9.0f}{v['bytes_read_median'] / 1e6:>9.2f}{scanned:>9}"
         )
 
 
@@ -370,11 +529,31 @@ def main() -> None:
         type=Path,
         default=Path(os.environ.get("DERMRIS_BENCH_DIR", "/tmp/dermris-bench")),
     )
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "retrieval.json")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="JSON (default: results/retrieval.json)"
+    )
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--check-paths",
+        action="store_true",
+        help="Only check that forced cost-model choices are honoured (exit 1 if not), on "
+        "--store or on a small random store; JSON only with --out.",
+    )
+    parser.add_argument("--store", type=Path, default=None, help="--check-paths: the store")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.check_paths:
+        store = args.store or random_store(args.workdir / "check-paths-random-64", 64)
+        report = check_paths(store, k=args.k, seed=args.seed)
+        print_paths(report)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=1))
+            print(f"JSON: {args.out}")
+        sys.exit(1 if report["problems"] else 0)
+    if args.out is None:
+        args.out = HERE / "results" / "retrieval.json"
     args.out.parent.mkdir(parents=True, exist_ok=True)
 
     spectrum = None
@@ -386,7 +565,7 @@ def main() -> None:
         top = np.cumsum(spectrum["variance_fraction"])
         print(
             f"measured spectrum (lite0, {spectrum['images']} images): "
-            "first 16 / 64 / 256 components hold "
+            f"first 16 / 64 / 256 components hold "
             f"{top[15]:.3f} / {top[63]:.3f} / {top[min(255, len(top) - 1)]:.3f} of the variance"
         )
 

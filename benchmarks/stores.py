@@ -9,6 +9,8 @@
 * :func:`spectrum_store` writes ``N`` rows of paper size (B6 layout, ``D = 260,032`` float16)
   whose principal spectrum follows the measured one: ``r`` explicit principal directions with
   the measured variances, plus the remaining variance spread over all other directions.
+* :func:`random_store` writes a small store of clustered random rows (no model), in seconds:
+  enough for checks of the search's paths (``bench_retrieval.py --check-paths``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dermris.indexer import Store, StoreWriter, index_folder, store_exists
 from dermris.indexer.synthetic import TEXTURE_CLASSES, synthetic_lesion, write_synthetic_set
 from dermris.models import backbone_info, build_model, get_preset
 
-__all__ = ["pipeline_store", "photo_store", "measure_spectrum", "spectrum_store"]
+__all__ = ["pipeline_store", "photo_store", "measure_spectrum", "spectrum_store", "random_store"]
 
 
 def pipeline_store(
@@ -186,4 +188,42 @@ def spectrum_store(
     (path / "benchmark-source.json").write_text(
         json.dumps({"kind": "spectrum", "rank": rank, "seed": seed})
     )
+    return path
+
+
+def random_store(
+    path: Path, n: int = 64, *, seed: int = 0, channels=(4, 6, 8), sketch_dim: int = 8
+) -> Path:
+    """Write ``n`` clustered random rows (tiny preset's shapes, 32 x 32 masks, no model).
+
+    Reused when ``path`` already holds ``n`` rows with a sketch of them.
+    """
+    if (
+        store_exists(path)
+        and Store.open(path).rows == n
+        and getattr(Store.open(path).sketch_info, "rows", None) == n
+    ):
+        return path
+    shutil.rmtree(path, ignore_errors=True)
+    rng = np.random.default_rng(seed)
+    config = get_preset("tiny").replace(feature_dim=16, image_size=32)
+    layout = StyleLayout.from_channels(channels)
+    centres = rng.normal(size=(4, layout.dim)) * 4
+    style = centres[rng.integers(0, 4, n)] + rng.normal(size=(n, layout.dim))
+    features = rng.normal(size=(n, config.feature_dim)).astype(np.float32)
+    masks = rng.random((n, 32, 32)) < rng.uniform(0.05, 0.5, (n, 1, 1))
+    ids = [f"RAND_{r:05d}" for r in range(n)]
+    records = pa.table(
+        {
+            "image_id": pa.array(ids),
+            "path": pa.array([f"synthetic://{i}" for i in ids]),
+            "sha256": pa.array([f"{r:064x}" for r in range(n)]),
+            "width": pa.array([32] * n, pa.int32()),
+            "height": pa.array([32] * n, pa.int32()),
+        }
+    )
+    writer = StoreWriter.create(path, model_config=config, style_layout=layout)
+    writer.append(features=features, style=style.astype(np.float32), masks=masks, records=records)
+    writer.update_sketch(dim=sketch_dim)
+    writer.close()
     return path
