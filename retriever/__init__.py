@@ -64,6 +64,7 @@ _EXPORTS = {
     "normalised_score": ".measures",
     "rank": ".measures",
     "parse_where": ".filters",
+    "estimate_memory": ".store_index",
 }
 
 _ERRORS = [
@@ -106,4 +107,5 @@ if TYPE_CHECKING:  # pragma: no cover
     )
     from .results import Hit, SearchResult
     from .search import Retriever
+    from .store_index import estimate_memory
     from .types import CostModel, QueryVectors, SearchOptions, SearchStats

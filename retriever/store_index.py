@@ -27,6 +27,7 @@ __all__ = [
     "StyleAccess",
     "cosine_of",
     "distance_and_dot",
+    "estimate_memory",
     "mask_block_counts_of",
     "squared_distances",
 ]
@@ -383,3 +384,30 @@ def mask_block_counts_of(mask_packed: np.ndarray, size: int, grid: int) -> np.nd
     """Lesion pixels of one bit-packed mask in each cell of the ``grid x grid`` block grid."""
     mask = np.unpackbits(mask_packed, count=size * size).astype(bool).reshape(1, size, size)
     return mask_block_counts(mask, grid)[0].astype(np.int64)
+
+
+def estimate_memory(store: Store, options: SearchOptions | None = None) -> dict[str, int]:
+    """What a :class:`~dermris.retriever.Retriever` on ``store`` would hold, without opening one.
+
+    Returns
+    -------
+    dict
+        ``bytes_per_row`` (the per-row arrays, as :meth:`StoreIndex.row_nbytes` counts them),
+        ``fixed_bytes`` (the sketch's basis and mean) and ``total_bytes``. Memory-mapped style
+        rows are not counted: they live in the page cache, shared by every process.
+    """
+    options = options if options is not None else SearchOptions()
+    n = store.rows
+    spec = store.manifest.arrays
+    sketch = store.manifest.sketch
+    d = sketch.dim if sketch is not None else 0
+    per_row = spec.feature_dim * 4 + 8 + 1 + 4 + 8 + 8 + d * 4 + 8
+    masks_kept = n * spec.mask_bytes <= options.mask_memory_bytes
+    if masks_kept:
+        per_row += spec.mask_bytes
+    if not (masks_kept and n * spec.mask_bytes <= options.exact_dice_bytes):
+        grid = spec.mask_grid or (16 if spec.mask_size % 16 == 0 else 1)
+        cell = (spec.mask_size // grid) ** 2
+        per_row += grid * grid * (1 if cell < 256 else 2)
+    fixed = (d * store.style_dim + store.style_dim) * 8
+    return {"bytes_per_row": per_row, "fixed_bytes": fixed, "total_bytes": per_row * n + fixed}

@@ -1,12 +1,12 @@
-"""The FAISS certificates: stores on which float32 rounding reorders FAISS's answers.
+"""The feature measures' certificates: stores on which float32 rounding reorders any float32 answer.
 
-FAISS ranks in float32 (``||x||^2 + ||q||^2 - 2 q.x`` for Euclidean distance, unit vectors for
-cosine). On features with a huge common offset that arithmetic cancels catastrophically: the
-distances (about 0.05) are far below the float32 resolution of the terms (about 64), so FAISS's
-order is noise. Rows whose distances are equal to a few float32 ulps scramble it too. Only the
-certificate (FAISS's answer stands when every row it did not return is provably worse, by the
-worst-case rounding margin) keeps the answers exact; without it, or with a zero margin, the
-nearest rows and ``ED_max`` come from FAISS's noise.
+The feature measures are ranked from one float32 pass (``||x||^2 + ||q||^2 - 2 q.x``, as FAISS's
+flat indexes compute it). On features with a huge common offset that arithmetic cancels
+catastrophically: the distances (about 0.05) are far below the float32 resolution of the terms
+(about 64), so the float32 order is noise. Rows whose distances are equal to a few float32 ulps
+scramble it too. Only the certificate (every row not scored exactly is provably worse than the
+k-th, by the worst-case rounding margin of a length-F float32 dot product) keeps the answers
+exact; without it, or with a zero margin, the nearest rows and ``ED_max`` come from noise.
 
 The main assertions are at the Retriever level, against the independent brute force of
 ``tests/reference.py``: they hold whatever computes the feature measures. The offset features
@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from dermris.retriever import QueryVectors, Retriever
-from dermris.retriever.feature_search import FeatureSearch
 
 from array_store import write_store
 from reference import brute_force, load_store, row_query
@@ -95,6 +94,8 @@ def test_retriever_exact_on_catastrophically_cancelling_features(tmp_path, seed)
             got = retriever.search(row, measures=FEATURE_MEASURES, k=k)
             for name in FEATURE_MEASURES:
                 _assert_same(got[name], expected[name])
+            for name in FEATURE_MEASURES:  # alone: no other measure's work makes rows exact
+                _assert_same(retriever.search(row, measures=name, k=k)[name], expected[name])
 
 
 def test_retriever_exact_on_near_equal_distances(tmp_path):
@@ -141,53 +142,33 @@ def test_retriever_exact_on_cancelling_features_with_filter(tmp_path):
             _assert_same(got[name], expected[name])
 
 
-@pytest.mark.parametrize("by", ["euclidean", "cosine"])
-def test_feature_search_nearest_certified_on_cancelling_features(by):
-    """``FeatureSearch.nearest`` equals a float64 brute force where FAISS's own order is noise
-    (guards against a zero certificate margin and an uncertified first round)."""
+def _bounds_contain_exact(features: np.ndarray, queries: np.ndarray) -> None:
+    """The float32 pass's bounds contain every row's exact float64 distance and cosine."""
+    from dermris.retriever.store_index import cosine_of, distance_and_dot
+
+    index = type("Index", (), {})()  # only the arrays feature_bounds reads
+    index.features = features
+    wide = features.astype(np.float64)
+    index.feature_sq = np.sum(wide * wide, axis=1)
+    from dermris.retriever.store_index import StoreIndex
+
+    ed_lo, ed_hi, cos_lo, cos_hi = StoreIndex.feature_bounds(index, queries)
+    for i, q in enumerate(np.asarray(queries, np.float32).astype(np.float64)):
+        ed, dots = distance_and_dot(wide, q)
+        cos = np.clip(cosine_of(dots, np.sqrt(index.feature_sq), q), -1, 1)  # as scores clip it
+        assert (ed_lo[i] <= ed).all() and (ed <= ed_hi[i]).all()
+        assert (cos_lo[i] <= cos).all() and (cos <= cos_hi[i]).all()
+
+
+def test_feature_bounds_contain_exact_values_on_cancelling_features():
+    """The float32 feature pass's bounds (the feature measures' certificate: every row not
+    scored exactly is provably beyond the k-th) contain the exact float64 values where float32's
+    own arithmetic is noise: they fail without the rounding margin."""
     features = _offset_features(200, 8, seed=11)
-    search = FeatureSearch(features)
-    rng = np.random.default_rng(11)
-    allowed = rng.random(200) < 0.7
-    for q in features[::20]:
-        for k in (1, 4):
-            for mask in (None, allowed):
-                got = search.nearest(q, k, mask, by=by)
-                assert got is not None  # 200 rows: the last round returns every allowed row
-                rows, values = _exact_nearest(features, q, k, mask, by)
-                np.testing.assert_array_equal(got[0], rows)
-                np.testing.assert_allclose(got[1], values, rtol=1e-12)
+    _bounds_contain_exact(features, features[::20])
 
 
-def test_feature_search_max_distance_certified_on_cancelling_features():
-    """``FeatureSearch.max_distance`` equals the float64 maximum over the live rows where FAISS's
-    float32 order is noise (guards against a zero margin and 16 uncertified candidates)."""
-    features = _offset_features(200, 8, seed=13)
-    search = FeatureSearch(features)
-    live = np.random.default_rng(13).random(200) < 0.8
-    f64 = features.astype(np.float64)
-    for q in features[::10]:
-        distances = np.sqrt(((f64 - q.astype(np.float64)) ** 2).sum(axis=1))
-        for mask in (None, live):
-            got = search.max_distance(q, mask)
-            expected = distances.max() if mask is None else distances[mask].max()
-            assert got == pytest.approx(expected, rel=1e-12)
-
-
-def test_feature_search_near_equal_distances():
-    """Rows at distances equal far below FAISS's float32 resolution: ``nearest`` and
-    ``max_distance`` still equal the float64 brute force (guards against the three certificate
-    bugs at the FeatureSearch level)."""
+def test_feature_bounds_contain_exact_values_on_near_equal_distances():
+    """Rows at distances equal far below float32's resolution: the bounds still hold."""
     features, centre = _sphere_features(300, 16, seed=17)
-    search = FeatureSearch(features)
-    f64 = features.astype(np.float64)
-    for q in (centre, centre + np.float32(1e-3), features[0]):
-        for by in ("euclidean", "cosine"):
-            got = search.nearest(q, 5, None, by=by)
-            assert got is not None
-            rows, values = _exact_nearest(features, q, 5, None, by)
-            np.testing.assert_array_equal(got[0], rows)
-            np.testing.assert_allclose(got[1], values, rtol=1e-12)
-        got = search.max_distance(q, None)
-        expected = np.sqrt(((f64 - np.asarray(q, np.float64)) ** 2).sum(axis=1)).max()
-        assert got == pytest.approx(expected, rel=1e-12)
+    _bounds_contain_exact(features, np.stack([centre, centre + np.float32(1e-3), features[0]]))

@@ -36,10 +36,10 @@ TIE_PATHS = {
     "scan": {"exact_dice_bytes": 0, "cost_model": CostModel.always_scan()},
     "bounds": {"exact_dice_bytes": 0, "cost_model": CostModel.never_scan()},
     "bounds-disk": {"cost_model": CostModel.never_scan(), "mask_memory_bytes": 0},
-    "bounds-no-faiss": {
+    "bounds-disk-reads": {
         "exact_dice_bytes": 0,
         "cost_model": CostModel.never_scan(),
-        "use_faiss": False,
+        "memory_budget_bytes": 0,
     },
     "exact-dice": {},
 }
@@ -136,7 +136,11 @@ def test_ties_at_the_kth_score_free_query(tmp_path):
 PATHS = {
     "default": {},
     "scan": {"cost_model": CostModel.always_scan()},
-    "bounds": {"cost_model": CostModel.never_scan(), "mask_memory_bytes": 0, "use_faiss": False},
+    "bounds": {
+        "cost_model": CostModel.never_scan(),
+        "mask_memory_bytes": 0,
+        "memory_budget_bytes": 0,
+    },
 }
 
 

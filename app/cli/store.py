@@ -18,8 +18,13 @@ from ._common import command, main
 def info_cmd(store, as_json):
     """Describe what STORE holds."""
     from dermris.indexer.store import Store
+    from dermris.retriever.store_index import estimate_memory
 
-    summary = Store.open(store).describe()
+    opened = Store.open(store)
+    summary = opened.describe()
+    memory = estimate_memory(opened)
+    summary["retriever_bytes_per_row"] = memory["bytes_per_row"]
+    summary["retriever_memory_bytes"] = memory["total_bytes"]
     if as_json:
         click.echo(json.dumps(summary, indent=1))
         return
