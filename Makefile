@@ -6,7 +6,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dermris-installed
 
-.PHONY: demo test test-slow install lint typecheck
+.PHONY: demo test test-slow test-all install lint typecheck
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# what CI runs: the default suite and the heavier tests marked slow
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "slow or not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
