@@ -29,7 +29,7 @@ from dermris.core.errors import (
     UnknownMeasureError,
 )
 from dermris.core.imageio import decode_image, decode_image_bytes
-from dermris.retriever import Retriever
+from dermris.retriever import LesionQuery, Retriever
 from dermris.retriever.explain import mask_outline, style_stages
 from dermris.retriever.measures import MEASURES
 
@@ -157,13 +157,23 @@ def create_app(
         summary["measures"] = list(MEASURES)
         return summary
 
-    @app.post("/api/search", summary="Search by an uploaded image or a stored row")
+    @app.post("/api/search", summary="Search by uploaded images or stored rows")
     def search(
         file: Annotated[
-            UploadFile | None, File(description="A dermoscopy image (JPEG, PNG, BMP, TIFF)")
+            list[UploadFile] | None,
+            File(
+                description=(
+                    "A dermoscopy image (JPEG, PNG, BMP, TIFF); several file parts are one "
+                    "lesion query"
+                )
+            ),
         ] = None,
         row: Annotated[
             int | None, Form(description="A stored row as the query (excluded from its results)")
+        ] = None,
+        rows: Annotated[
+            list[int] | None,
+            Form(description="Stored rows of one lesion, asked (with any files) as one query"),
         ] = None,
         measures: Annotated[
             list[str] | None, Form(description="Measures (default: all nine)")
@@ -177,37 +187,41 @@ def create_app(
         explain: Annotated[
             bool, Form(description="Add style-stage breakdowns and mask outlines")
         ] = False,
+        group_by: Annotated[
+            str | None,
+            Form(description="One hit per group of this column (e.g. lesion_id), its best row"),
+        ] = None,
     ):
-        if (file is None) == (row is None):
+        files = [f for f in (file or []) if f is not None]
+        lesion = len(files) + len(rows or ()) > 1 or bool(rows)
+        if row is not None and (files or rows):
+            raise HTTPException(400, "give either a row, or image files and rows")
+        if row is None and not files and not rows:
             raise HTTPException(400, "give either an image file or a row")
-        hidden = sorted(set(columns or ()) & _PRIVATE_COLUMNS)
+        hidden = sorted((set(columns or ()) | {group_by or ""}) & _PRIVATE_COLUMNS)
         if hidden:
             raise HTTPException(
                 400, f"column {hidden[0]!r} is not served (images are served by row)"
             )
         try:
             with lock:
-                if file is not None:
-                    data = file.file.read(max_upload_bytes + 1)
-                    if len(data) > max_upload_bytes:
-                        raise HTTPException(413, f"upload over {max_upload_bytes} bytes")
-                    draft = 2 * retriever.store.model_config.image_size
-                    image = decode_image_bytes(
-                        data, name=file.filename or "upload", draft_size=draft
-                    )[0]
-                    vectors = retriever.embed(image)
-                else:
-                    assert row is not None  # exactly one of file and row is given
+                images = [_upload_image(f) for f in files]
+                if row is not None:
                     # the row's vectors carry it: it is excluded from its results
-                    vectors = retriever.vectors(int(row))
+                    query = retriever.vectors(int(row))
+                elif lesion:
+                    query = LesionQuery([*images, *(int(r) for r in rows or ())])
+                else:
+                    query = retriever.embed(images[0])
                 result = retriever.search(
-                    vectors,
+                    query,
                     measures=measures or list(MEASURES),
                     k=k,
                     where=where or None,
                     columns=columns or (),
                     exclude=exclude or (),
                     explain=explain,
+                    group_by=group_by or None,
                 )
         except DermrisError as exc:
             fail(exc)
@@ -215,14 +229,26 @@ def create_app(
         payload["query"] = {
             "row": row,
             "image_id": retriever.image_ids[row] if row is not None else None,
-            "filename": file.filename if file is not None else None,
+            "filename": files[0].filename if len(files) == 1 and not lesion else None,
         }
+        if lesion:
+            payload["query"]["lesion"] = {
+                "rows": [int(r) for r in rows or ()],
+                "filenames": [f.filename for f in files],
+            }
         why = result.explanation
         if why is not None:
             payload["query"]["mask_outline_png"] = base64.b64encode(
                 _outline_png(why.query_mask, why.mask_size)
             ).decode()
         return payload
+
+    def _upload_image(upload) -> Image.Image:
+        data = upload.file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise HTTPException(413, f"upload over {max_upload_bytes} bytes")
+        draft = 2 * retriever.store.model_config.image_size
+        return decode_image_bytes(data, name=upload.filename or "upload", draft_size=draft)[0]
 
     @app.get("/api/image/{row}", summary="An indexed image by row (never by path)")
     def image(row: int, size: Annotated[int | None, Query(ge=16, le=4096)] = None):

@@ -54,6 +54,8 @@ _EXPORTS = {
     "Explanation": ".explain",
     "StageLoss": ".explain",
     "QueryVectors": ".types",
+    "LesionQuery": ".types",
+    "Grouping": ".grouping",
     "CostModel": ".types",
     "SearchOptions": ".types",
     "SearchStats": ".types",
@@ -97,6 +99,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 if TYPE_CHECKING:  # pragma: no cover
     from .explain import Explanation, StageLoss
     from .filters import parse_where
+    from .grouping import Grouping
     from .measures import (
         cosine_score,
         dice_score,
@@ -108,4 +111,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .results import Hit, SearchResult
     from .search import Retriever
     from .store_index import estimate_memory
-    from .types import CostModel, QueryVectors, SearchOptions, SearchStats
+    from .types import CostModel, LesionQuery, QueryVectors, SearchOptions, SearchStats

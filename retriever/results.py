@@ -55,6 +55,12 @@ class Hit:
         All four component scores: ``es``, ``cs``, ``ss`` and ``dc``.
     metadata : mapping of str to object
         The metadata columns asked for with ``columns=``.
+    group : object
+        In a grouped search (``group_by=``), the group's value in that column (None for a row
+        whose value is null: a group of its own); None otherwise.
+    members : tuple of int
+        In a grouped search, the other rows of the group that may be returned (passing
+        ``where`` and ``exclude``), ascending; the hit is the group's best row.
     """
 
     row: int
@@ -63,9 +69,12 @@ class Hit:
     score: float
     components: Mapping[str, float] = field(default_factory=dict)
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    group: Any = None
+    members: tuple[int, ...] = ()
 
-    def to_dict(self, *, paths: bool = True) -> dict:
-        """JSON-ready form (``paths=False`` leaves out the indexed file's path)."""
+    def to_dict(self, *, paths: bool = True, grouped: bool = False) -> dict:
+        """JSON-ready form (``paths=False`` leaves out the indexed file's path; ``grouped``
+        adds ``group`` and ``members``)."""
         out: dict[str, Any] = {"row": self.row, "image_id": self.image_id}
         if paths:
             out["path"] = self.path
@@ -73,6 +82,9 @@ class Hit:
         out["components"] = dict(self.components)
         if self.metadata:
             out["metadata"] = json_safe(dict(self.metadata))
+        if grouped:
+            out["group"] = json_safe(self.group)
+            out["members"] = [int(m) for m in self.members]
         return out
 
 
@@ -82,6 +94,8 @@ class SearchResult(Mapping):
     ``result["style"]`` is a list of :class:`Hit`, best first; :attr:`stats` says what the
     search cost (rows read, bytes, seconds); :attr:`explanation` holds the style-stage
     breakdown and the lesion masks of every hit when the search was asked to ``explain``.
+    :attr:`group_by` is the column of a grouped search (None otherwise); :attr:`rows` the
+    stored rows the query was made of (several for a lesion query).
     """
 
     def __init__(
@@ -92,12 +106,16 @@ class SearchResult(Mapping):
         query: str,
         row: int | None,
         explanation: "Explanation | None" = None,
+        group_by: str | None = None,
+        rows: tuple[int, ...] = (),
     ) -> None:
         self._hits = hits
         self.stats = stats
         self.query = query
         self.row = row
         self.explanation = explanation
+        self.group_by = group_by
+        self.rows = rows if rows else ((row,) if row is not None else ())
 
     def __getitem__(self, measure: str) -> list[Hit]:
         return self._hits[measure]
@@ -132,19 +150,24 @@ class SearchResult(Mapping):
         for measure, hits in self._hits.items():
             entries = []
             for hit in hits:
-                entry = hit.to_dict(paths=paths)
+                entry = hit.to_dict(paths=paths, grouped=self.group_by is not None)
                 if self.explanation is not None:
                     entry["style_stages"] = [s.to_dict() for s in self.explanation.stages[hit.row]]
                 entries.append(entry)
             results[measure] = entries
         out: dict[str, Any] = {"query": self.query, "row": self.row, "results": results}
+        if len(self.rows) > 1 or (self.rows and self.row is None):
+            out["rows"] = list(self.rows)
+        if self.group_by is not None:
+            out["group_by"] = self.group_by
         if stats:
             out["stats"] = self.stats.to_dict()
         return out
 
     def to_arrow(self) -> "pa.Table":
         """One table row per hit: ``measure``, ``rank`` (1 = best), ``row``, ``image_id``,
-        ``path``, ``score``, the four components and the metadata columns asked for."""
+        ``path``, ``score``, the four components (``group`` and ``members`` when grouped) and
+        the metadata columns asked for."""
         import pyarrow as pa
 
         rows: dict[str, list] = {
@@ -177,6 +200,10 @@ class SearchResult(Mapping):
             **{c: pa.float64() for c in COMPONENTS},
         }
         columns = {name: pa.array(values, types[name]) for name, values in rows.items()}
+        if self.group_by is not None:
+            hits = [h for hs in self._hits.values() for h in hs]
+            columns["group"] = pa.array([h.group for h in hits])
+            columns["members"] = pa.array([list(h.members) for h in hits], pa.list_(pa.int64()))
         for c in meta_columns:
             if c in columns:
                 continue

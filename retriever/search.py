@@ -26,20 +26,21 @@ from dermris.core.imageio import decode_image, to_rgb
 from dermris.indexer.store import Store
 
 from .filters import rows_matching
+from .grouping import Grouping
 from .measures import COMPONENTS, MEASURE_COMPONENTS, check_measures
 from .results import Hit, SearchResult
 from .store_index import StoreIndex
 from .threshold import QueryBatch
-from .types import QueryVectors, SearchOptions
+from .types import LesionQuery, QueryVectors, SearchOptions, SearchStats
 
 if TYPE_CHECKING:
     from dermris.indexer.embed import Embedder
 
-__all__ = ["Hit", "SearchResult", "Retriever", "QueryVectors", "SearchOptions"]
+__all__ = ["Hit", "SearchResult", "Retriever", "QueryVectors", "SearchOptions", "LesionQuery"]
 
 Query = Any
 """A path (str or os.PathLike), a PIL image, an H x W (x 3) uint8 array, a stored row (int),
-or :class:`QueryVectors`."""
+:class:`QueryVectors`, or a :class:`LesionQuery` of several of these."""
 
 
 class _TextColumn(Sequence[str]):
@@ -92,6 +93,7 @@ class Retriever:
         self._image_ids = _TextColumn(meta.column("image_id"))
         self._paths = _TextColumn(meta.column("path"))
         self._metadata: pa.Table | None = None
+        self._groupings: dict[str, Grouping] = {}
         self._index = StoreIndex(store, options=self.options)
 
     @classmethod
@@ -191,6 +193,28 @@ class Retriever:
         if self._metadata is None:
             self._metadata = self.store.metadata()
         return self._metadata
+
+    def grouping(self, column: str) -> Grouping:
+        """The groups of rows of equal ``column`` values (nulls alone), built once."""
+        if not isinstance(column, str) or not column:
+            raise QueryError(f"group_by must be a metadata column name, not {column!r}")
+        if column not in self._groupings:
+            self._check_columns((column,))
+            self._groupings[column] = Grouping.from_column(
+                self.metadata().column(column), name=column
+            )
+        return self._groupings[column]
+
+    def group_rows(self, column: str, value: Any) -> list[int]:
+        """The live rows whose ``column`` equals ``value`` (e.g. one lesion's images)."""
+        grouping = self.grouping(column)
+        self._sync()
+        try:
+            group = grouping.values.index(value)
+        except ValueError:
+            raise QueryError(f"no row has {column} == {value!r}") from None
+        rows = grouping.rows(group)
+        return [int(r) for r in rows[self._index.live[rows]]]
 
     # -- query vectors -------------------------------------------------------------------
     def _model(self) -> "Embedder":
@@ -336,6 +360,7 @@ class Retriever:
         columns: Sequence[str] = ...,
         exclude_self: bool = ...,
         explain: bool = ...,
+        group_by: str | None = ...,
     ) -> list[SearchResult]: ...
 
     @overload
@@ -350,6 +375,7 @@ class Retriever:
         columns: Sequence[str] = ...,
         exclude_self: bool = ...,
         explain: bool = ...,
+        group_by: str | None = ...,
     ) -> SearchResult: ...
 
     def search(
@@ -363,15 +389,18 @@ class Retriever:
         columns: Sequence[str] = (),
         exclude_self: bool = True,
         explain: bool = False,
+        group_by: str | None = None,
     ) -> SearchResult | list[SearchResult]:
         """The ``k`` stored images most similar to ``query``, under each measure.
 
         Parameters
         ----------
-        query : path, PIL.Image.Image, np.ndarray, int, QueryVectors, or a list of these
-            An image file, a PIL image, an ``H x W (x 3)`` uint8 array, a stored row, or
-            already computed vectors. A list (or tuple) is a batch: images are embedded
-            together and every style or mask row read from disk serves all queries.
+        query : path, PIL.Image.Image, np.ndarray, int, QueryVectors, LesionQuery, or a list
+            An image file, a PIL image, an ``H x W (x 3)`` uint8 array, a stored row, already
+            computed vectors, or a :class:`LesionQuery` (several images of one lesion: each
+            measure's score is the mean over its images). A list (or tuple) is a batch: images
+            are embedded together and every style or mask row read from disk serves all
+            queries.
         measures : str or sequence of str
             One of :data:`~dermris.retriever.MEASURES`, several, or ``"all"``.
         k : int
@@ -389,7 +418,12 @@ class Retriever:
         explain : bool
             Attach an :class:`~dermris.retriever.explain.Explanation` to every result
             (``result.explanation``): each hit's style loss split by block stage and its lesion
-            mask, from the rows the search itself read.
+            mask, from the rows the search itself read (not for lesion queries).
+        group_by : str, optional
+            A metadata column (e.g. ``"lesion_id"``): return the exact ``k`` best groups of rows
+            sharing a value, each as its best row under the measure (ties by row), the group's
+            other allowed rows in ``Hit.members`` and its value in ``Hit.group``. A row whose
+            value is null is a group of its own.
 
         Returns
         -------
@@ -400,57 +434,80 @@ class Retriever:
         measures = check_measures(measures)
         k = self._check_k(k)
         columns = self._check_columns(columns)
+        grouping = self.grouping(group_by) if group_by is not None else None
         batch = isinstance(query, (list, tuple))
         queries = list(query) if batch else [query]
+        if explain and any(isinstance(q, LesionQuery) for q in queries):
+            raise QueryError("explain is not available for lesion queries")
         self._sync()
         allowed = self._allowed(exclude, where)
-        vectors, labels = self._prepare(queries)
-        results = self._rank(vectors, labels, measures, k, allowed, columns, exclude_self, explain)
+        vectors, labels, spans = self._prepare(queries)
+        results = self._rank(
+            vectors, labels, spans, measures, k, allowed, columns, exclude_self, explain, grouping
+        )
         self._sync()  # a compaction during the search would have renumbered rows: fail loudly
         seconds = time.perf_counter() - started
         for result in results:
             result.stats.seconds = seconds
         return results if batch else results[0]
 
-    def _prepare(self, queries: list) -> tuple[list[QueryVectors], list[str]]:
-        vectors: list[QueryVectors | None] = [None] * len(queries)
-        labels = [""] * len(queries)
+    def _prepare(
+        self, queries: list
+    ) -> tuple[list[QueryVectors], list[str], list[tuple[int, int]]]:
+        """Vectors of every image of every query (a lesion query's images in a row), a label
+        per query, and each query's span of vectors."""
+        flat: list[Any] = []
+        spans: list[tuple[int, int]] = []
+        for q in queries:
+            items = list(q.images) if isinstance(q, LesionQuery) else [q]
+            spans.append((len(flat), len(flat) + len(items)))
+            flat.extend(items)
+        vectors: list[QueryVectors | None] = [None] * len(flat)
+        names = [""] * len(flat)
         images, positions = [], []
-        for i, q in enumerate(queries):
+        for i, q in enumerate(flat):
             if isinstance(q, QueryVectors):
-                vectors[i], labels[i] = q, f"row {q.row}" if q.row is not None else "vectors"
+                vectors[i], names[i] = q, f"row {q.row}" if q.row is not None else "vectors"
             elif _is_row(q):
-                vectors[i], labels[i] = self.vectors(q), f"row {int(q)}"
+                vectors[i], names[i] = self.vectors(q), f"row {int(q)}"
             else:
                 images.append(q)
                 positions.append(i)
-                labels[i] = (
+                names[i] = (
                     str(q) if isinstance(q, (str, os.PathLike)) else f"{type(q).__name__} image"
                 )
         if images:
             for i, v in zip(positions, self.embed(images)):
                 vectors[i] = v
-        return cast("list[QueryVectors]", vectors), labels  # every query has its vectors now
+        labels = [
+            names[a] if not isinstance(q, LesionQuery) else "lesion: " + ", ".join(names[a:b])
+            for q, (a, b) in zip(queries, spans)
+        ]
+        return cast("list[QueryVectors]", vectors), labels, spans
 
     def _rank(
         self,
         vectors: list[QueryVectors],
         labels: list[str],
+        spans: list[tuple[int, int]],
         measures: tuple[str, ...],
         k: int,
         allowed: np.ndarray,
         columns: tuple[str, ...],
         exclude_self: bool,
         explain: bool,
+        grouping: Grouping | None = None,
     ) -> list[SearchResult]:
         batch = QueryBatch(self._index, vectors, explain=explain)
         table = self.metadata().select(list(columns)) if columns else None
         results = []
-        for state, q, label in zip(batch.queries, vectors, labels):
+        for (a, b), label in zip(spans, labels):
+            states = batch.queries[a:b]
+            own = [q.row for q in vectors[a:b] if q.row is not None and 0 <= q.row < len(allowed)]
             mask = allowed
-            if exclude_self and q.row is not None and 0 <= q.row < len(allowed):
+            if exclude_self and own:
                 mask = allowed.copy()
-                mask[q.row] = False
+                mask[own] = False
             per_measure = {}
             hit_rows = []
             # the components of the measures asked for (all four for all nine): a cheap measure
@@ -459,9 +516,9 @@ class Retriever:
                 c for c in COMPONENTS if any(c in MEASURE_COMPONENTS[m] for m in measures)
             )
             for measure in measures:
-                rows, scores = batch.top_k(state, measure, k, mask)
+                rows, scores = batch.top_k(states, measure, k, mask, grouping=grouping)
                 hit_rows.append(rows)
-                comps = batch.hit_components(state, rows, names)
+                comps = batch.hit_components(states, rows, names)
                 meta = (
                     table.take(pa.array(rows, pa.int64())).to_pylist()
                     if table is not None
@@ -475,13 +532,31 @@ class Retriever:
                         score=float(sc),
                         components={c: float(comps[c][i]) for c in names},
                         metadata=meta[i],
+                        **(
+                            {
+                                "group": grouping.value(r),
+                                "members": tuple(int(m) for m in grouping.members(r, mask)),
+                            }
+                            if grouping is not None
+                            else {}
+                        ),
                     )
                     for i, (r, sc) in enumerate(zip(rows, scores))
                 ]
-            why = batch.explanation(state, np.concatenate(hit_rows)) if explain else None
+            why = batch.explanation(states[0], np.concatenate(hit_rows)) if explain else None
+            lesion = b - a > 1
+            row = vectors[a].row if not lesion else None
             results.append(
                 SearchResult(
-                    per_measure, stats=state.stats, query=label, row=q.row, explanation=why
+                    per_measure,
+                    stats=SearchStats.combined(s.stats for s in states)
+                    if lesion
+                    else states[0].stats,
+                    query=label,
+                    row=row,
+                    explanation=why,
+                    group_by=grouping.column if grouping is not None else None,
+                    rows=tuple(int(r) for r in own) if lesion else (),
                 )
             )
         return results

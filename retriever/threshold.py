@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .explain import Explanation, stage_losses
+from .grouping import Grouping, top_groups
 from .measures import (
     MEASURE_COMPONENTS,
     cosine_score,
@@ -419,50 +420,96 @@ class QueryBatch:
 
     # -- ranking -------------------------------------------------------------------------
     def top_k(
-        self, query: _Query, measure: str, k: int, allowed: np.ndarray
+        self,
+        query: _Query | Sequence[_Query],
+        measure: str,
+        k: int,
+        allowed: np.ndarray,
+        *,
+        grouping: Grouping | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Rows and exact scores of the ``k`` best rows under ``measure`` among ``allowed``.
+        """Rows and exact scores of the ``k`` best rows (or groups) under ``measure``.
 
         Parameters
         ----------
+        query : query state, or a sequence of them
+            One query, or the images of one lesion query: a row's score is then the mean of
+            the measure's scores over the images (each with its own ``ED_max`` / ``LS_max``),
+            bounded by the mean of their bounds.
         allowed : np.ndarray
             Boolean ``(N,)``: rows that may be returned (live, not excluded, passing the
             filter). Normalisers are taken over every live row regardless.
+        grouping : Grouping, optional
+            Return the best row of each of the ``k`` best groups (a group's score is its best
+            row's score; ties by row): rows are visited until ``k`` distinct groups are proven.
         """
+        states = [query] if isinstance(query, _Query) else list(query)
         started = time.perf_counter()
         names = MEASURE_COMPONENTS[measure]
-        self._prepare(query, names)
+        for state in states:
+            self._prepare(state, names)
         candidates = np.flatnonzero(allowed)
         batch = k + 32
         while len(candidates):
-            lo, hi = self._bounds(query, measure, candidates)
-            if len(candidates) > k:  # rows whose upper bound is below the k-th lower bound are out
-                kth = np.partition(lo, len(lo) - k)[len(lo) - k]
-                keep = hi >= kth
-                candidates, hi = candidates[keep], hi[keep]
-            loose = self._loose(query, names, candidates)
+            lo, hi = self._mean_bounds(states, measure, candidates)
+            candidates, hi = _prune(candidates, lo, hi, k, grouping)
+            loose = np.zeros(len(candidates), bool)
+            for state in states:
+                loose |= self._loose(state, names, candidates)
             if not loose.any():
                 break
             pending = candidates[loose]
             order = pending[np.lexsort((pending, -hi[loose]))]
-            self._refine(query, names, order[:batch], order)
+            for state in states:
+                self._refine(state, names, order[:batch], order)
             batch *= 2
         # the rows that can still be in the top k: their exact scores
-        if len(candidates) > k:
-            lo, hi = self._bounds(query, measure, candidates)
-            kth = np.partition(lo, len(lo) - k)[len(lo) - k]
-            candidates = candidates[hi >= kth]
-        scores = measure_score(measure, self.exact_components(query, candidates, names))
-        best = rank(scores, k, rows=candidates)
-        query.stats.reranked[measure] = len(candidates)
-        query.stats.add_time(f"rank {measure}", started)
+        lo, hi = self._mean_bounds(states, measure, candidates)
+        candidates, _ = _prune(candidates, lo, hi, k, grouping)
+        scores = self._mean_exact(states, measure, candidates)
+        if grouping is None:
+            best = rank(scores, k, rows=candidates)
+        else:
+            best = top_groups(scores, candidates, grouping, k)
+        stats = states[0].stats
+        stats.reranked[measure] = len(candidates)
+        stats.add_time(f"rank {measure}", started)
         return candidates[best], scores[best]
 
+    def _mean_bounds(
+        self, states: Sequence[_Query], measure: str, rows: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Bounds of the mean score over ``states`` (summed in state order, as the exact)."""
+        lo, hi = self._bounds(states[0], measure, rows)
+        if len(states) == 1:
+            return lo, hi
+        for state in states[1:]:
+            low, high = self._bounds(state, measure, rows)
+            lo, hi = lo + low, hi + high
+        return lo / len(states), hi / len(states)
+
+    def _mean_exact(self, states: Sequence[_Query], measure: str, rows: np.ndarray) -> np.ndarray:
+        names = MEASURE_COMPONENTS[measure]
+        total = measure_score(measure, self.exact_components(states[0], rows, names))
+        if len(states) == 1:
+            return total
+        for state in states[1:]:
+            total = total + measure_score(measure, self.exact_components(state, rows, names))
+        return total / len(states)
+
     def hit_components(
-        self, query: _Query, rows: np.ndarray, names: Sequence[str]
+        self, query: _Query | Sequence[_Query], rows: np.ndarray, names: Sequence[str]
     ) -> dict[str, np.ndarray]:
-        """The exact components ``names`` of the hit rows."""
-        return self.exact_components(query, rows, names)
+        """The exact components ``names`` of the hit rows (their means over a lesion's
+        images)."""
+        states = [query] if isinstance(query, _Query) else list(query)
+        out = self.exact_components(states[0], rows, names)
+        if len(states) == 1:
+            return out
+        for state in states[1:]:
+            more = self.exact_components(state, rows, names)
+            out = {c: out[c] + more[c] for c in names}
+        return {c: v / len(states) for c, v in out.items()}
 
     def explanation(self, query: _Query, rows: np.ndarray) -> Explanation:
         """Why ``rows`` (hits of ``query``) scored as they did: their style losses by stage and
@@ -487,3 +534,25 @@ class QueryBatch:
             masks=masks,
             stages={int(r): stage_losses(layout, query.stage_losses[int(r)]) for r in rows},
         )
+
+
+def _prune(
+    rows: np.ndarray, lo: np.ndarray, hi: np.ndarray, k: int, grouping: Grouping | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Drop the rows that cannot be among the ``k`` best (rows or groups' best rows).
+
+    Ungrouped: a row whose upper bound is below the ``k``-th largest lower bound. Grouped: a
+    row whose upper bound is below the ``k``-th largest lower bound of a group (a group's lower
+    bound is the largest of its rows'), or below its own group's lower bound (another row of the
+    group beats it). Bounds equal to the threshold stay (ties are broken by row).
+    """
+    if grouping is None:
+        if len(rows) <= k:
+            return rows, hi
+        kth = np.partition(lo, len(lo) - k)[len(lo) - k]
+        keep = hi >= kth
+    else:
+        keep = (hi >= grouping.kth_group_lower(rows, lo, k)) & (
+            hi >= grouping.group_lower(rows, lo)
+        )
+    return rows[keep], hi[keep]

@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from dermris.core.errors import QueryError
+
 __all__ = [
     "CostModel",
+    "LesionQuery",
     "QueryVectors",
     "SearchOptions",
     "SearchStats",
@@ -136,6 +141,48 @@ class QueryVectors:
     row: int | None = None
 
 
+@dataclass(frozen=True, init=False)
+class LesionQuery:
+    """Several images of one lesion asked as one query.
+
+    Each measure's score of a stored row is the mean, over the query's images, of that
+    measure's score for the image (every image with its own ``ED_max`` and ``LS_max`` over the
+    whole store); the hit's components are the means of the images' components. The ranking
+    is exact (the mean of the images' upper bounds bounds the mean). Stored rows among the
+    images are not returned (with ``exclude_self``, the default).
+
+    Parameters
+    ----------
+    images : iterable
+        At least one image: paths, PIL images, uint8 arrays, stored rows (int) or
+        :class:`QueryVectors`, mixed as needed.
+
+    Examples
+    --------
+    >>> LesionQuery([12, 13, "new_view.jpg"])                       # doctest: +SKIP
+    """
+
+    images: tuple[Any, ...]
+
+    def __init__(self, images: Iterable[Any]) -> None:
+        if isinstance(images, (str, bytes, os.PathLike, np.ndarray)) or not isinstance(
+            images, Iterable
+        ):
+            raise QueryError("a LesionQuery takes a list of images (paths, rows, arrays, ...)")
+        items = tuple(images)
+        if not items:
+            raise QueryError("a LesionQuery needs at least one image")
+        if any(isinstance(i, (LesionQuery, list, tuple)) for i in items):
+            raise QueryError("the images of a LesionQuery cannot be lists or lesion queries")
+        object.__setattr__(self, "images", items)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __repr__(self) -> str:
+        return f"LesionQuery({len(self.images)} images)"
+
+
 @dataclass
 class SearchStats:
     """What one search cost.
@@ -174,6 +221,23 @@ class SearchStats:
         self.stage_seconds[stage] = (
             self.stage_seconds.get(stage, 0.0) + time.perf_counter() - started
         )
+
+    @classmethod
+    def combined(cls, parts: "Iterable[SearchStats]") -> "SearchStats":
+        """One query's cost from the costs of its images (a lesion query): counts and stage
+        times summed, re-ranked rows from the first image (where ranking records them)."""
+        parts = list(parts)
+        out = cls(rows=parts[0].rows if parts else 0)
+        for part in parts:
+            out.style_rows_read += part.style_rows_read
+            out.mask_rows_read += part.mask_rows_read
+            out.bytes_read += part.bytes_read
+            out.scans += part.scans
+            for stage, seconds in part.stage_seconds.items():
+                out.stage_seconds[stage] = out.stage_seconds.get(stage, 0.0) + seconds
+        if parts:
+            out.reranked = dict(parts[0].reranked)
+        return out
 
     def to_dict(self) -> dict:
         """JSON-ready form."""

@@ -94,6 +94,7 @@ def brute_force(
         "i1_sd": [_harmonic([a, b]) for a, b in zip(ss, dc)],
     }
     out = {}
+    data["_last_scores"] = scores  # for the grouped and lesion references below
     for name in NAMES:
         rows = [r for r in live if r != exclude_row and (allowed is None or r in allowed)]
         rows.sort(key=lambda r: (-scores[name][r], r))
@@ -105,3 +106,65 @@ def brute_force(
 def row_query(data: dict, row: int):
     """The query vectors of a stored row, as the reference sees them."""
     return data["features"][row], data["style"][row], data["masks"][row]
+
+
+def all_scores(data: dict, feature, style, mask_bits) -> dict:
+    """{measure: [score of every row]} for one query (deleted rows included)."""
+    brute_force(data, feature, style, mask_bits, k=0)
+    return data.pop("_last_scores")
+
+
+def _rows(data: dict, exclude_rows=(), allowed=None) -> list:
+    deleted = data.get("deleted", set())
+    return [
+        r
+        for r in range(data["n"])
+        if r not in deleted and r not in set(exclude_rows) and (allowed is None or r in allowed)
+    ]
+
+
+def mean_scores(data: dict, queries) -> dict:
+    """{measure: [mean over ``queries`` of the measure's score, for every row]}: a lesion query.
+
+    ``queries``: (feature, style, mask) triples, each scored on its own (own ED_max, LS_max).
+    """
+    per_query = [all_scores(data, *q) for q in queries]
+    return {
+        name: [sum(s[name][r] for s in per_query) / len(per_query) for r in range(data["n"])]
+        for name in NAMES
+    }
+
+
+def ranked(scores: dict, rows: list, k: int) -> dict:
+    """{measure: [(row, score), ...]}: the k best of ``rows``, score descending, ties by row."""
+    out = {}
+    for name in NAMES:
+        order = sorted(rows, key=lambda r: (-scores[name][r], r))
+        out[name] = [(r, scores[name][r]) for r in order[:k]]
+    return out
+
+
+def grouped(scores: dict, rows: list, groups: list, k: int) -> dict:
+    """{measure: [(row, score, group, members), ...]}: the k best groups among ``rows``.
+
+    A group is the set of ``rows`` sharing a non-null value of ``groups`` (a list with one value
+    per store row); a null value is a group of its own. A group's score is its best row's
+    (ties by row); groups are ranked by score descending, then by that row. ``members``: the
+    group's other rows among ``rows``, ascending.
+    """
+    by_group: dict = {}
+    for r in rows:
+        key = ("value", groups[r]) if groups[r] is not None else ("null", r)
+        by_group.setdefault(key, []).append(r)
+    out = {}
+    for name in NAMES:
+        best = []
+        for key, members in by_group.items():
+            top = min(members, key=lambda r: (-scores[name][r], r))
+            best.append((top, scores[name][top], key, members))
+        best.sort(key=lambda t: (-t[1], t[0]))
+        out[name] = [
+            (top, score, key[1] if key[0] == "value" else None, sorted(m for m in ms if m != top))
+            for top, score, key, ms in best[:k]
+        ]
+    return out

@@ -117,6 +117,14 @@ def print_results(results, *, file=None) -> None:
                 f"  {i:>2} {hit.row:>6}  {hit.image_id[:27]:<28}{hit.score:9.4f}{comps}{meta}",
                 file=file,
             )
+            if getattr(results, "group_by", None) is not None:
+                more = ", ".join(str(m) for m in hit.members[:8])
+                more += ", ..." if len(hit.members) > 8 else ""
+                click.echo(
+                    f"{'':>12}{results.group_by} {hit.group}: "
+                    f"{len(hit.members)} more row(s){' (' + more + ')' if more else ''}",
+                    file=file,
+                )
             if explanation is not None:
                 from dermris.retriever.explain import stage_summary
 

@@ -1,4 +1,5 @@
-"""``dermris search``: rank a store's images against an image or a stored row."""
+"""``dermris search``: rank a store's images against an image or a stored row, several images of
+one lesion (``--lesion``), one hit per group (``--group-by lesion_id``)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,32 @@ from ._common import DEVICES, command, main, print_results, print_stats
 
 @command(main, "search")
 @click.argument("store", type=click.Path(path_type=Path))
-@click.argument("image", required=False, type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
 @click.option(
-    "--row", type=click.IntRange(min=0), help="Query with a stored row instead of an image."
+    "--row",
+    "rows",
+    multiple=True,
+    type=click.IntRange(min=0),
+    help="Query with a stored row instead of an image (repeatable with --lesion).",
+)
+@click.option(
+    "--lesion",
+    is_flag=True,
+    help=(
+        "The images and --row rows are views of one lesion, asked as one query: each measure's "
+        "score is the mean over them; their own rows are not returned."
+    ),
+)
+@click.option(
+    "--lesion-of",
+    metavar="COLUMN=VALUE",
+    help="A lesion query of every stored row whose COLUMN is VALUE (e.g. lesion_id=IL_0001).",
+)
+@click.option(
+    "--group-by",
+    metavar="COLUMN",
+    help="One hit per group of rows sharing COLUMN (e.g. lesion_id): its best row, the others "
+    "listed as members; null values are groups of their own.",
 )
 @click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option(
@@ -61,8 +85,11 @@ from ._common import DEVICES, command, main, print_results, print_stats
 @click.option("--device", type=DEVICES, default="auto", show_default=True)
 def search_cmd(
     store,
-    image,
-    row,
+    images,
+    rows,
+    lesion,
+    lesion_of,
+    group_by,
     k,
     measures,
     all_measures,
@@ -78,16 +105,37 @@ def search_cmd(
 ):
     """Rank the images of STORE by similarity to IMAGE (or to a stored --row).
 
-    ED_max and LS_max are maxima over the whole store, also with --where.
+    Several IMAGES and --row rows with --lesion (or --lesion-of COLUMN=VALUE) are one lesion
+    query. ED_max and LS_max are maxima over the whole store (per query image), also with
+    --where.
     """
-    from dermris.retriever import Retriever
+    from dermris.retriever import LesionQuery, Retriever
 
-    if (image is None) == (row is None):
-        raise click.UsageError("give either IMAGE or --row")
+    given = len(images) + len(rows)
+    if lesion_of is not None:
+        if given:
+            raise click.UsageError("--lesion-of takes no IMAGE or --row")
+        column, sep, value = lesion_of.partition("=")
+        if not sep or not column:
+            raise click.UsageError("--lesion-of takes COLUMN=VALUE, e.g. lesion_id=IL_0001")
+        lesion = True
+    elif not given:
+        raise click.UsageError("give either IMAGE or --row (or --lesion-of)")
+    elif given > 1 and not lesion:
+        raise click.UsageError(
+            "several images or rows: add --lesion to ask them as one lesion query"
+        )
+    if explain and lesion:
+        raise click.UsageError("--explain is not available for lesion queries")
     if all_measures or not measures:
         measures = MEASURES
     retriever = Retriever.open(store, device=device)
-    query = image if image is not None else row
+    if lesion_of is not None:
+        rows = tuple(retriever.group_rows(column, _typed(retriever, column, value)))
+    items: list = [*images, *rows]
+    query = LesionQuery(items) if lesion else items[0]
+    image = images[0] if images else None
+    row = rows[0] if rows else None
     result = retriever.search(
         query,
         measures=measures,
@@ -96,12 +144,17 @@ def search_cmd(
         columns=columns,
         exclude=exclude,
         explain=explain,
+        group_by=group_by,
     )
     if image is not None:
         query_source, query_name = image, str(image)
     else:
         query_source = retriever.locate(retriever.paths[row], image_root)
         query_name = f"row {row} ({retriever.image_ids[row]})"
+    if lesion:
+        query_name = f"lesion of {len(items)} image(s): " + ", ".join(
+            str(i) if not isinstance(i, int) else f"row {i}" for i in items
+        )
     if sheet is not None:
         from dermris.app.sheet import contact_sheet
 
@@ -117,6 +170,7 @@ def search_cmd(
             "store": str(store),
             "k": k,
             "where": where,
+            "group_by": group_by,
             **result.to_dict(stats=stats),
             "query": query_name,
         }
@@ -133,3 +187,22 @@ def search_cmd(
         print_stats(result.stats)
     if sheet is not None:
         click.echo(f"\ncontact sheet: {sheet}")
+
+
+def _typed(retriever, column: str, value: str):
+    """``value`` (text from the command line) as the type of ``column``."""
+    import pyarrow as pa
+
+    from dermris.core.errors import QueryError
+
+    if column not in retriever.metadata_columns:
+        raise QueryError(f"unknown metadata column {column!r}")
+    kind = retriever.store.metadata_schema().field(column).type
+    try:
+        if pa.types.is_integer(kind):
+            return int(value)
+        if pa.types.is_floating(kind):
+            return float(value)
+    except ValueError:
+        raise QueryError(f"{column} holds numbers, not {value!r}") from None
+    return value
