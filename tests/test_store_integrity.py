@@ -321,7 +321,10 @@ def test_mask_chunk_zstd_bomb_is_refused_before_allocating(random_store):
     store = Store.open(path)
     tracemalloc.start()
     try:
-        with pytest.raises(StoreFormatError, match=f"row {ROW} cannot be decompressed .*1073741824"):
+        with pytest.raises(
+            StoreFormatError,
+            match=f"row {ROW} cannot be decompressed .*1073741824",
+        ):
             store.mask_rows([ROW])
         _, peak = tracemalloc.get_traced_memory()
     finally:
