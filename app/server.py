@@ -208,6 +208,7 @@ def create_app(
                     columns=columns or (),
                     exclude=exclude or (),
                     explain=explain,
+                    hidden_columns=_PRIVATE_COLUMNS,  # never filtered on, like never returned
                 )
         except DermrisError as exc:
             fail(exc)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast, overload
 
@@ -278,37 +278,42 @@ class Retriever:
             self._index.set_deleted(deleted)
 
     # -- arguments -----------------------------------------------------------------------
-    def _allowed(self, exclude: Iterable[int], where) -> np.ndarray:
+    def _allowed(self, exclude: Iterable[int], where, hidden: frozenset[str]) -> np.ndarray:
         allowed = self._index.live.copy()
         if isinstance(exclude, (str, bytes)) or not isinstance(exclude, Iterable):
             raise QueryError(f"exclude must be a collection of rows, not {type(exclude).__name__}")
-        rows = list(exclude)
+        if isinstance(exclude, np.ndarray) and exclude.dtype.kind in "iu":
+            rows: list = exclude.reshape(-1).tolist()
+        else:
+            rows = list(exclude)
         if rows:
             if not all(_is_row(r) for r in rows):
                 raise QueryError("exclude must hold stored row numbers (integers)")
-            arr = np.asarray(rows, np.int64)
-            bad = arr[(arr < 0) | (arr >= self.store.rows)]
-            if len(bad):
+            # range-checked as Python integers: beyond int64 is out of range, not OverflowError
+            bad = [int(r) for r in rows if not 0 <= int(r) < self.store.rows]
+            if bad:
                 raise QueryError(
-                    f"exclude: row {int(bad[0])} is out of range "
-                    f"(the store has {self.store.rows} rows)"
+                    f"exclude: row {bad[0]} is out of range (the store has {self.store.rows} rows)"
                 )
-            allowed[arr] = False
+            allowed[np.asarray(rows, np.int64)] = False
         if where is not None:
             if not isinstance(where, (str, pc.Expression)):
                 raise QueryError(
                     "where must be a pyarrow compute expression or a string, "
                     f"not {type(where).__name__}"
                 )
-            allowed &= rows_matching(self.metadata(), where)
+            allowed &= rows_matching(self.metadata(), where, hidden=hidden)
         return allowed
 
-    def _check_columns(self, columns: Sequence[str]) -> tuple[str, ...]:
+    def _check_columns(self, columns: Sequence[str], hidden: frozenset[str]) -> tuple[str, ...]:
         if isinstance(columns, str):
             columns = (columns,)
         columns = tuple(columns)
         if columns:
-            known = set(self.metadata_columns)
+            private = [c for c in columns if c in hidden]
+            if private:
+                raise QueryError(f"column {private[0]!r} is not served (images are served by row)")
+            known = set(self.metadata_columns) - hidden
             missing = [c for c in columns if c not in known]
             if missing:
                 raise QueryError(
@@ -336,6 +341,7 @@ class Retriever:
         columns: Sequence[str] = ...,
         exclude_self: bool = ...,
         explain: bool = ...,
+        hidden_columns: Collection[str] = ...,
     ) -> list[SearchResult]: ...
 
     @overload
@@ -350,6 +356,7 @@ class Retriever:
         columns: Sequence[str] = ...,
         exclude_self: bool = ...,
         explain: bool = ...,
+        hidden_columns: Collection[str] = ...,
     ) -> SearchResult: ...
 
     def search(
@@ -363,6 +370,7 @@ class Retriever:
         columns: Sequence[str] = (),
         exclude_self: bool = True,
         explain: bool = False,
+        hidden_columns: Collection[str] = (),
     ) -> SearchResult | list[SearchResult]:
         """The ``k`` stored images most similar to ``query``, under each measure.
 
@@ -390,6 +398,9 @@ class Retriever:
             Attach an :class:`~dermris.retriever.explain.Explanation` to every result
             (``result.explanation``): each hit's style loss split by block stage and its lesion
             mask, from the rows the search itself read.
+        hidden_columns : collection of str
+            Metadata columns this caller may neither filter on nor return (the server passes
+            ``{"path"}``): naming one in ``where`` or ``columns`` is a :class:`QueryError`.
 
         Returns
         -------
@@ -399,11 +410,12 @@ class Retriever:
         started = time.perf_counter()
         measures = check_measures(measures)
         k = self._check_k(k)
-        columns = self._check_columns(columns)
+        hidden = frozenset(hidden_columns)
+        columns = self._check_columns(columns, hidden)
         batch = isinstance(query, (list, tuple))
         queries = list(query) if batch else [query]
         self._sync()
-        allowed = self._allowed(exclude, where)
+        allowed = self._allowed(exclude, where, hidden)
         vectors, labels = self._prepare(queries)
         results = self._rank(vectors, labels, measures, k, allowed, columns, exclude_self, explain)
         self._sync()  # a compaction during the search would have renumbered rows: fail loudly
