@@ -33,7 +33,7 @@ def frame_content_size(header: bytes | bytearray | memoryview | np.ndarray) -> i
     ValueError
         Not the start of a zstd frame (wrong magic number, reserved bit set, truncated).
     """
-    data = bytes(memoryview(header).cast("B")[:_HEADER_MAX])
+    data = np.frombuffer(header, np.uint8)[:_HEADER_MAX].tobytes()
     if len(data) < 5 or int.from_bytes(data[:4], "little") != _MAGIC:
         raise ValueError("not a zstd frame")
     descriptor = data[4]
