@@ -222,6 +222,7 @@ def create_app(
                     exclude=exclude or (),
                     explain=explain,
                     group_by=group_by or None,
+                    hidden_columns=_PRIVATE_COLUMNS,  # never filtered on, like never returned
                 )
         except DermrisError as exc:
             fail(exc)

@@ -12,6 +12,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from dermris.core.errors import OptionalDependencyError
 
 from .measures import COMPONENTS
@@ -27,7 +29,10 @@ __all__ = ["Hit", "SearchResult", "json_safe"]
 
 
 def json_safe(value: Any) -> Any:
-    """``value`` with every non-finite float (NaN, infinities: not JSON) turned into None."""
+    """``value`` with every non-finite float (NaN, infinities: not JSON) turned into None, and
+    NumPy scalars into Python numbers (``np.float32`` is no ``float``)."""
+    if isinstance(value, np.generic) and isinstance(value, (np.floating, np.integer, np.bool_)):
+        value = value.item()
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):

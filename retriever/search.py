@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast, overload
 
@@ -302,37 +302,42 @@ class Retriever:
             self._index.set_deleted(deleted)
 
     # -- arguments -----------------------------------------------------------------------
-    def _allowed(self, exclude: Iterable[int], where) -> np.ndarray:
+    def _allowed(self, exclude: Iterable[int], where, hidden: frozenset[str]) -> np.ndarray:
         allowed = self._index.live.copy()
         if isinstance(exclude, (str, bytes)) or not isinstance(exclude, Iterable):
             raise QueryError(f"exclude must be a collection of rows, not {type(exclude).__name__}")
-        rows = list(exclude)
+        if isinstance(exclude, np.ndarray) and exclude.dtype.kind in "iu":
+            rows: list = exclude.reshape(-1).tolist()
+        else:
+            rows = list(exclude)
         if rows:
             if not all(_is_row(r) for r in rows):
                 raise QueryError("exclude must hold stored row numbers (integers)")
-            arr = np.asarray(rows, np.int64)
-            bad = arr[(arr < 0) | (arr >= self.store.rows)]
-            if len(bad):
+            # range-checked as Python integers: beyond int64 is out of range, not OverflowError
+            bad = [int(r) for r in rows if not 0 <= int(r) < self.store.rows]
+            if bad:
                 raise QueryError(
-                    f"exclude: row {int(bad[0])} is out of range "
-                    f"(the store has {self.store.rows} rows)"
+                    f"exclude: row {bad[0]} is out of range (the store has {self.store.rows} rows)"
                 )
-            allowed[arr] = False
+            allowed[np.asarray(rows, np.int64)] = False
         if where is not None:
             if not isinstance(where, (str, pc.Expression)):
                 raise QueryError(
                     "where must be a pyarrow compute expression or a string, "
                     f"not {type(where).__name__}"
                 )
-            allowed &= rows_matching(self.metadata(), where)
+            allowed &= rows_matching(self.metadata(), where, hidden=hidden)
         return allowed
 
-    def _check_columns(self, columns: Sequence[str]) -> tuple[str, ...]:
+    def _check_columns(self, columns: Sequence[str], hidden: frozenset[str]) -> tuple[str, ...]:
         if isinstance(columns, str):
             columns = (columns,)
         columns = tuple(columns)
         if columns:
-            known = set(self.metadata_columns)
+            private = [c for c in columns if c in hidden]
+            if private:
+                raise QueryError(f"column {private[0]!r} is not served (images are served by row)")
+            known = set(self.metadata_columns) - hidden
             missing = [c for c in columns if c not in known]
             if missing:
                 raise QueryError(
@@ -361,6 +366,7 @@ class Retriever:
         exclude_self: bool = ...,
         explain: bool = ...,
         group_by: str | None = ...,
+        hidden_columns: Collection[str] = ...,
     ) -> list[SearchResult]: ...
 
     @overload
@@ -376,6 +382,7 @@ class Retriever:
         exclude_self: bool = ...,
         explain: bool = ...,
         group_by: str | None = ...,
+        hidden_columns: Collection[str] = ...,
     ) -> SearchResult: ...
 
     def search(
@@ -390,6 +397,7 @@ class Retriever:
         exclude_self: bool = True,
         explain: bool = False,
         group_by: str | None = None,
+        hidden_columns: Collection[str] = (),
     ) -> SearchResult | list[SearchResult]:
         """The ``k`` stored images most similar to ``query``, under each measure.
 
@@ -424,6 +432,10 @@ class Retriever:
             sharing a value, each as its best row under the measure (ties by row), the group's
             other allowed rows in ``Hit.members`` and its value in ``Hit.group``. A row whose
             value is null is a group of its own.
+        hidden_columns : collection of str
+            Metadata columns this caller may neither filter on nor return (the server passes
+            ``{"path"}``): naming one in ``where``, ``columns`` or ``group_by`` is a
+            :class:`QueryError`.
 
         Returns
         -------
@@ -433,14 +445,17 @@ class Retriever:
         started = time.perf_counter()
         measures = check_measures(measures)
         k = self._check_k(k)
-        columns = self._check_columns(columns)
+        hidden = frozenset(hidden_columns)
+        columns = self._check_columns(columns, hidden)
+        if group_by is not None and group_by in hidden:
+            raise QueryError(f"group_by: column {group_by!r} is not available here")
         grouping = self.grouping(group_by) if group_by is not None else None
         batch = isinstance(query, (list, tuple))
         queries = list(query) if batch else [query]
         if explain and any(isinstance(q, LesionQuery) for q in queries):
             raise QueryError("explain is not available for lesion queries")
         self._sync()
-        allowed = self._allowed(exclude, where)
+        allowed = self._allowed(exclude, where, hidden)
         vectors, labels, spans = self._prepare(queries)
         results = self._rank(
             vectors, labels, spans, measures, k, allowed, columns, exclude_self, explain, grouping

@@ -26,6 +26,7 @@ from dermris.models.presets import ModelConfig
 from . import _zarr
 from ._files import inside, manifest_stamp, read_manifest
 from ._format import ARRAYS_DIR, METADATA_DIR, Manifest, RejectedFile, SketchInfo
+from ._zstd import zarr_chunks_problem
 from .codec import StyleCodec
 from .mapped import MappedRows
 from .rows import ShardedRows
@@ -301,8 +302,19 @@ class Store:
         return Path(os.path.abspath(path)), record.weights_sha256
 
     # -- arrays --------------------------------------------------------------------------
+    def _bounded(self, name: str, arr: zarr.Array, start: int, stop: int) -> None:
+        """Refuse to let zarr decompress a chunk whose zstd frame states another size than the
+        chunk has (zarr would allocate whatever the frame says before checking)."""
+        problem = zarr_chunks_problem(self.root / ARRAYS_DIR / arr.path, arr, start, stop)
+        if problem is not None:
+            raise StoreFormatError(f"{self.root}: array {name} is damaged: {problem}")
+
     def _read(self, name: str, selection):
         """Read from an array, turning damaged chunks into :class:`StoreFormatError`."""
+        if isinstance(selection, slice):
+            self._bounded(name, self._arrays[name], selection.start or 0, selection.stop)
+        else:
+            self._bounded(name, self._arrays[name], int(selection), int(selection) + 1)
         try:
             return self._arrays[name][selection]
         except (ValueError, OSError, RuntimeError, KeyError) as exc:
@@ -439,6 +451,7 @@ class Store:
             ):
                 if self.all_chunks_written:
                     self._check_chunk_files("mask_blocks", arr, self.rows)
+                self._bounded("mask_blocks", arr, 0, self.rows)
                 try:
                     return np.asarray(arr[: self.rows], np.int32), grid
                 except (ValueError, OSError, RuntimeError) as exc:
@@ -449,9 +462,12 @@ class Store:
         out = np.zeros((self.rows, grid * grid), np.int32)
         for a in range(0, self.rows, 4096):
             b = min(self.rows, a + 4096)
-            out[a:b] = mask_block_counts(
-                unpack_masks(np.asarray(self._read("mask", slice(a, b))), self.mask_size), grid
+            packed = (
+                self._mask_reader.read_range(a, b)
+                if self._mask_reader is not None
+                else np.asarray(self._read("mask", slice(a, b)))
             )
+            out[a:b] = mask_block_counts(unpack_masks(packed, self.mask_size), grid)
         return out, grid
 
     def sketch(self) -> StyleSketch | None:

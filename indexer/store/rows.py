@@ -29,7 +29,9 @@ import numpy as np
 
 from dermris.core.errors import StoreFormatError
 
-__all__ = ["ShardedRows"]
+from ._zstd import decode_bounded
+
+__all__ = ["ShardedRows", "index_problem"]
 
 _EMPTY = np.uint64(2**64 - 1)
 _MAX_GAP = 64 << 10  # read through gaps up to this many bytes between wanted chunks
@@ -37,6 +39,66 @@ _MAX_GAP = 64 << 10  # read through gaps up to this many bytes between wanted ch
 
 def _crc32c(data) -> int:
     return google_crc32c.value(data)
+
+
+def index_problem(index: np.ndarray, data_end: int, *, first_row: int = 0) -> str | None:
+    """What is wrong with a shard index, or None when it is sound.
+
+    Parameters
+    ----------
+    index : np.ndarray
+        ``(rows, 2)`` uint64 ``(offset, nbytes)`` entries; ``offset == 2**64 - 1`` marks a
+        chunk that was never written (then ``nbytes`` must be ``2**64 - 1`` too).
+    data_end : int
+        Where the chunks end (the file size less the index).
+    first_row : int
+        The row of the first entry (messages name rows).
+
+    Returns
+    -------
+    str or None
+        One phrase naming the first bad entry: an entry past the end of
+        the file or whose ``offset + nbytes`` wraps around ``2**64``, a chunk too short to
+        hold its checksum, two entries pointing at one chunk, or two overlapping chunks.
+        Checksums cannot catch these: every chunk read through such an index can be a valid
+        chunk of another row.
+    """
+    offsets = index[:, 0]
+    sizes = index[:, 1]
+    empty = offsets == _EMPTY
+    half = np.flatnonzero(empty & (sizes != _EMPTY))
+    if len(half):
+        return f"the entry of row {first_row + int(half[0])} marks no chunk but gives a length"
+    written = np.flatnonzero(~empty)
+    if not len(written):
+        return None
+    off, n = offsets[written], sizes[written]
+    end = np.uint64(max(data_end, 0))
+    # offset <= end first, so that end - offset cannot wrap; then nbytes <= end - offset
+    outside = (off > end) | (n > end - np.minimum(off, end))
+    if outside.any():
+        i = int(written[np.flatnonzero(outside)[0]])
+        return (
+            f"the entry of row {first_row + i} (offset {int(offsets[i])}, {int(sizes[i])} "
+            f"bytes) points outside the {int(end)} bytes of chunks"
+        )
+    short = n < 4
+    if short.any():
+        i = int(written[np.flatnonzero(short)[0]])
+        return (
+            f"the chunk of row {first_row + i} is {int(sizes[i])} bytes, too short for its checksum"
+        )
+    order = np.argsort(off, kind="stable")
+    off, n, rows = off[order], n[order], written[order]
+    same = np.flatnonzero(off[1:] == off[:-1])
+    if len(same):
+        a, b = sorted((int(rows[same[0]]), int(rows[same[0] + 1])))
+        return f"rows {first_row + a} and {first_row + b} point at one chunk"
+    overlap = np.flatnonzero(off[1:] < off[:-1] + n[:-1])  # no wrap: both are within end
+    if len(overlap):
+        a, b = sorted((int(rows[overlap[0]]), int(rows[overlap[0] + 1])))
+        return f"the chunks of rows {first_row + a} and {first_row + b} overlap"
+    return None
 
 
 class ShardedRows:
@@ -160,11 +222,11 @@ class ShardedRows:
                     f"array {self.name}: the index of shard c/{shard}/0 fails its checksum"
                 )
             index = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.shard_rows, 2)
-            bad = (index[:, 0] != _EMPTY) & (
-                (index[:, 0] + index[:, 1]) > np.uint64(size - index_bytes)
-            )
-            if bad.any():
-                raise StoreFormatError(f"array {self.name}: shard c/{shard}/0 points past its end")
+            problem = index_problem(index, size - index_bytes, first_row=shard * self.shard_rows)
+            if problem is not None:
+                raise StoreFormatError(
+                    f"array {self.name}: the index of shard c/{shard}/0 is damaged ({problem})"
+                )
         except BaseException:
             os.close(fd)
             raise
@@ -195,12 +257,10 @@ class ShardedRows:
                 f"array {self.name}: row {row} fails its checksum (damaged chunk)"
             )
         payload = chunk[:-4]
-        if self.zstd:
-            from numcodecs import Zstd
-
+        if self.zstd:  # bounded: a frame stating another size is refused before allocating
             try:
-                payload = np.frombuffer(Zstd().decode(payload.tobytes()), np.uint8)
-            except Exception as exc:  # numcodecs raises RuntimeError on corrupt frames
+                payload = decode_bounded(payload, self.row_bytes)
+            except ValueError as exc:
                 raise StoreFormatError(
                     f"array {self.name}: row {row} cannot be decompressed ({exc})"
                 ) from None
