@@ -7,9 +7,9 @@ from pathlib import Path
 
 import click
 
-from dermris.retriever.measures import MEASURES
+from dermris.retriever.measures import DICE_MEASURES, MEASURES
 
-from ._common import DEVICES, command, main, print_results, print_stats
+from ._common import DEVICES, command, log, main, print_results, print_stats
 
 
 @command(main, "search")
@@ -87,6 +87,13 @@ def search_cmd(
     if all_measures or not measures:
         measures = MEASURES
     retriever = Retriever.open(store, device=device)
+    dice_based = [m for m in measures if m in DICE_MEASURES]
+    if dice_based and not retriever.segmenter_trained:
+        log.warning(
+            "%s: the Dice part of these scores is noise, the store's masks come from an "
+            "untrained segmenter (train one: dermris train segmenter; see docs/models.md)",
+            ", ".join(dice_based),
+        )
     query = image if image is not None else row
     result = retriever.search(
         query,
@@ -119,6 +126,7 @@ def search_cmd(
             "where": where,
             **result.to_dict(stats=stats),
             "query": query_name,
+            "segmenter_trained": retriever.segmenter_trained,
         }
         if sheet is not None:
             payload["sheet"] = str(sheet)
