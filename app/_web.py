@@ -7,11 +7,14 @@ unless told otherwise and refuses to bind beyond loopback without a token.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import secrets
+import socket
+from collections.abc import Callable
 
-from dermris.core.errors import OptionalDependencyError, QueryError
+from dermris.core.errors import ConfigError, OptionalDependencyError, QueryError
 
 __all__ = [
     "TOKEN_ENV",
@@ -198,12 +201,82 @@ def resolve_token(host: str, token: str | None) -> str | None:
     return token
 
 
-def run(app, *, host: str, port: int) -> None:
-    """Serve ``app`` with uvicorn until interrupted."""
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` and listening (connections wait in its backlog).
+
+    Raises
+    ------
+    ConfigError
+        The address cannot be bound (the port is in use, the host is not this machine's), in
+        one line.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        hint = (
+            "; is another server running? pass another --port"
+            if exc.errno == errno.EADDRINUSE
+            else ""
+        )
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}{hint}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run(
+    app,
+    *,
+    host: str,
+    port: int,
+    sock: socket.socket | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Serve ``app`` with uvicorn until interrupted.
+
+    Parameters
+    ----------
+    app : ASGI application
+        What to serve.
+    host, port : str, int
+        Where (bound here unless ``sock`` is given).
+    sock : socket.socket, optional
+        A socket from :func:`listen` (bind first, to fail before slow set-up).
+    on_ready : callable, optional
+        Called once the server accepts requests (e.g. to print its address).
+
+    Raises
+    ------
+    ConfigError
+        The address cannot be bound, or the server did not start.
+    """
     try:
         import uvicorn
     except ImportError:
         raise OptionalDependencyError(
             "the web pages need uvicorn: pip install 'dermris[serve]'"
         ) from None
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5)
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and not self.should_exit and on_ready is not None:
+                on_ready()
+
+    sock = sock if sock is not None else listen(host, port)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_keep_alive=5)
+    server = _Server(config)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if not server.started:
+        raise ConfigError(f"the server on {host}:{port} did not start")

@@ -31,7 +31,7 @@ from dermris.core.errors import (
 from dermris.core.imageio import decode_image, decode_image_bytes
 from dermris.retriever import LesionQuery, Retriever
 from dermris.retriever.explain import mask_outline, style_stages
-from dermris.retriever.measures import MEASURES
+from dermris.retriever.measures import DICE_MEASURES, MEASURES
 
 from . import _web
 from ._web import TOKEN_ENV, is_loopback
@@ -155,6 +155,8 @@ def create_app(
             c for c in summary.get("metadata_columns", []) if c not in _PRIVATE_COLUMNS
         ]
         summary["measures"] = list(MEASURES)
+        summary["segmenter_trained"] = retriever.segmenter_trained
+        summary["preset"] = retriever.store.model_config.name
         return summary
 
     @app.post("/api/search", summary="Search by uploaded images or stored rows")
@@ -227,6 +229,10 @@ def create_app(
         except DermrisError as exc:
             fail(exc)
         payload = result.to_dict(paths=False)  # no server paths: images are served by row
+        if not retriever.segmenter_trained:  # the Dice part of these measures is noise
+            for measure in set(payload["results"]) & set(DICE_MEASURES):
+                for hit in payload["results"][measure]:
+                    hit["untrained_masks"] = True
         payload["query"] = {
             "row": row,
             "image_id": retriever.image_ids[row] if row is not None else None,

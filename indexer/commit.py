@@ -14,6 +14,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -53,7 +54,9 @@ class Chunk:
 class Committer:
     """The writer stage on its own thread.
 
-    It gathers chunks and commits every ``commit_every`` rows.
+    It gathers chunks and commits every ``commit_every`` rows, and whatever it holds when a
+    chunk arrives ``commit_seconds`` or more after the last commit (so a short or slow run
+    keeps its work when interrupted). ``clock`` (seconds, monotonic) is replaceable for tests.
     """
 
     def __init__(
@@ -62,11 +65,17 @@ class Committer:
         table: MetadataTable | None,
         report: IndexReport,
         commit_every: int,
+        *,
+        commit_seconds: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.writer = writer
         self.table = table
         self.report = report
         self.commit_every = commit_every
+        self.commit_seconds = commit_seconds
+        self.clock = clock
+        self.commits = 0
         self.seconds = 0.0
         self.error: BaseException | None = None
         self._aborted = False
@@ -116,6 +125,7 @@ class Committer:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 5)  # Linux: this thread only
         except (AttributeError, OSError):
             pass
+        last = self.clock()
         try:
             while True:
                 chunk = self._queue.get()
@@ -124,9 +134,13 @@ class Committer:
                 if chunk is None:
                     break
                 pending.append(chunk)
-                if sum(len(c) for c in pending) >= self.commit_every:
+                rows = sum(len(c) for c in pending)
+                if rows >= self.commit_every or (
+                    rows and self.clock() - last >= self.commit_seconds
+                ):
                     self._commit(pending)
                     pending = []
+                    last = self.clock()
             self._commit(pending)
         except BaseException as exc:  # handed to the main thread
             self.error = exc
@@ -164,6 +178,7 @@ class Committer:
             else:
                 self.writer.append(features=features, style=style, masks=masks, records=records)
             self.report.indexed += len(items)
+            self.commits += 1
         self.writer.record_rejected(rejected)
         self.seconds += time.perf_counter() - started
 
@@ -195,6 +210,7 @@ class Admission:
             zip(committed.column("image_id").to_pylist(), committed.column("path").to_pylist())
         )
         self.seen_sha: dict[str, str] = {}
+        self.seen_known: dict[str, str] = {}  # sha256 of this run's files already in the store
         self.report = report
 
     @property
@@ -224,7 +240,13 @@ class Admission:
         elif item.status == "known":
             if item.sha256 in self.purged_sha:
                 report.previously_deleted.append(path)
+            elif item.sha256 in self.seen_known:  # a second copy: the store holds one row
+                first = self.seen_known[item.sha256]
+                report.duplicates.append((path, first))
+                chunk.rejected.append((path, f"same bytes as {first}"))
             else:
+                assert item.sha256 is not None  # known by its hash
+                self.seen_known[item.sha256] = path
                 report.already_indexed += 1
         elif item.sha256 in self.seen_sha:
             report.duplicates.append((path, self.seen_sha[item.sha256]))

@@ -82,6 +82,8 @@ class ClusterRun:
         Rows per commit (commits fall on block boundaries).
     retries : int
         Times a block that raised is tried again before the run fails.
+    commit_seconds : float
+        Also commit when this long has passed since the last commit.
     """
 
     images: str
@@ -89,6 +91,7 @@ class ClusterRun:
     block_size: int | None = None
     commit_every: int = 256
     retries: int = 2
+    commit_seconds: float = 30.0
 
 
 def default_block_size(*, shard_rows: int, files: int, workers: int, batch_size: int) -> int:
@@ -312,7 +315,9 @@ def _embed_blocks(
 
     client = session.client
     window = _Window(session)
-    committer = Committer(writer, table, report, run.commit_every)
+    committer = Committer(
+        writer, table, report, run.commit_every, commit_seconds=run.commit_seconds
+    )
     bar = tqdm(
         total=len(blocks), desc="indexing", unit="block", file=sys.stderr, disable=not progress
     )

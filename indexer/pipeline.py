@@ -4,8 +4,8 @@
 * **Mapper**: this thread runs the model on each batch (:mod:`.embed`); on CUDA the pixels
   arrive pinned and are copied asynchronously, and the style vectors are encoded to the
   store's float16 form on the device.
-* **Writer**: a thread of its own commits rows every ``commit_every`` images
-  (:class:`~.store.StoreWriter`), so the model never waits for the disk.
+* **Writer**: a thread of its own commits rows every ``commit_every`` images, or every
+  ``commit_seconds`` (:class:`~.store.StoreWriter`), so the model never waits for the disk.
 
 Rows are committed in file order, so a rerun gives the same store; an interrupted run keeps what
 it has committed, and running the same command again skips every image already in the store
@@ -30,13 +30,22 @@ from dermris.models import DermrisModel, build_model, get_preset, load_model
 from .commit import Admission, Chunk, Committer
 from .embed import Embedder, resolve_device, resolve_precision
 from .loader import ImageLoader
+from .progress import StageProgress
 from .report import IndexReport
 from .sources import IMAGE_EXTENSIONS, MetadataTable, list_images
 from .store import StoreWriter, store_exists
 
-__all__ = ["IndexReport", "index_folder"]
+__all__ = ["IndexReport", "index_folder", "UNTRAINED_SEGMENTER"]
 
 log = logging.getLogger(__name__)
+
+UNTRAINED_SEGMENTER = (
+    "masks come from an untrained segmenter: the Dice part of the i1_ed, i1_cd, i1_ecd and "
+    "i1_sd measures is meaningless until you train one (dermris train segmenter --images "
+    "IMAGES --masks MASKS --out seg.safetensors, then index into a new store with --weights "
+    "seg.safetensors; see docs/models.md)"
+)
+"""The warning of a store whose masks come from an untrained segmenter."""
 
 
 def _open_or_create(
@@ -47,6 +56,7 @@ def _open_or_create(
     backbone_weights: str | os.PathLike | None,
     pretrained: bool,
     need_model: bool = True,
+    stage: StageProgress | None = None,
 ) -> tuple[StoreWriter, DermrisModel | None]:
     """The store's writer, and its model (None for an existing store when ``need_model`` is
     False: cluster workers load the model from the store themselves)."""
@@ -60,18 +70,21 @@ def _open_or_create(
                     f"{store} was built with preset {stored.name!r}, not {preset!r}; "
                     "use another store path"
                 )
-            model = writer.load_model() if need_model or weights is not None else None
+            model = writer.load_model(progress=stage) if need_model or weights is not None else None
             if weights is not None:
-                writer.check_model(load_model(weights))
+                writer.check_model(load_model(weights, progress=stage))
             return writer, model
         except BaseException:
             writer.close()
             raise
     if weights is not None:
-        model = load_model(weights)
+        model = load_model(weights, progress=stage)
     else:
         model = build_model(
-            get_preset(preset or "tiny"), backbone_weights=backbone_weights, pretrained=pretrained
+            get_preset(preset or "tiny"),
+            backbone_weights=backbone_weights,
+            pretrained=pretrained,
+            progress=stage,
         )
     writer = StoreWriter.create(
         store, model_config=model.config, style_layout=model.style_layout, model=model
@@ -100,6 +113,7 @@ def index_folder(
     device: str = "auto",
     batch_size: int = 16,
     commit_every: int = 256,
+    commit_seconds: float = 30.0,
     sketch_dim: int = 256,
     workers: int | None = None,
     precision: str = "auto",
@@ -108,6 +122,7 @@ def index_folder(
     cluster=None,
     block_size: int | None = None,
     faiss_files: bool = False,
+    setup_progress: StageProgress | None = None,
 ) -> IndexReport:
     """Index every image under ``images`` into ``store`` (created if absent).
 
@@ -135,6 +150,11 @@ def index_folder(
         Images per forward pass.
     commit_every : int
         Rows per commit (Parquet part + manifest rewrite).
+    commit_seconds : float
+        Also commit what is ready when this many seconds have passed since the last commit,
+        so an interrupted run keeps its work. On ``KeyboardInterrupt`` the rows already
+        embedded are committed before the exception propagates; running the same call again
+        resumes.
     sketch_dim : int
         Dimension of the style sketch the retriever bounds style losses with.
     workers : int, optional
@@ -158,6 +178,9 @@ def index_folder(
         Keep FAISS files of the features in the store (``faiss/``, for other tools; the
         retriever builds its own indexes). Once asked, every later run appends the new rows as
         a new part.
+    setup_progress : StageProgress, optional
+        The bar of the model stage (building or loading the model, BatchNorm calibration);
+        default: a new one when ``progress``. Closed once the model is ready.
 
     Returns
     -------
@@ -166,6 +189,63 @@ def index_folder(
     started = time.perf_counter()
     if commit_every < 1 or batch_size < 1:
         raise ValueError("commit_every and batch_size must be >= 1")
+    if not commit_seconds > 0:
+        raise ValueError("commit_seconds must be > 0")
+    stage = setup_progress if setup_progress is not None else StageProgress(enabled=progress)
+    try:
+        return _index_folder(
+            images,
+            store,
+            preset=preset,
+            weights=weights,
+            backbone_weights=backbone_weights,
+            pretrained=pretrained,
+            metadata=metadata,
+            id_column=id_column,
+            device=device,
+            batch_size=batch_size,
+            commit_every=commit_every,
+            commit_seconds=commit_seconds,
+            sketch_dim=sketch_dim,
+            workers=workers,
+            precision=precision,
+            compile=compile,
+            progress=progress,
+            cluster=cluster,
+            block_size=block_size,
+            faiss_files=faiss_files,
+            stage=stage,
+            started=started,
+        )
+    finally:
+        stage.close()
+
+
+def _index_folder(
+    images,
+    store,
+    *,
+    preset,
+    weights,
+    backbone_weights,
+    pretrained,
+    metadata,
+    id_column,
+    device,
+    batch_size,
+    commit_every,
+    commit_seconds,
+    sketch_dim,
+    workers,
+    precision,
+    compile,
+    progress,
+    cluster,
+    block_size,
+    faiss_files,
+    stage: StageProgress,
+    started: float,
+) -> IndexReport:
     files = list_images(images)
     if not files:
         raise DataError(
@@ -196,12 +276,15 @@ def index_folder(
                 backbone_weights=backbone_weights,
                 pretrained=pretrained,
                 need_model=session is None,
+                stage=stage,
             )
+            trained = bool(writer.manifest.model.segmenter_trained)
             if session is not None:
                 from .blocks import ModelSettings
                 from .coordinator import ClusterRun, index_on_cluster
 
                 del model  # the workers load the store's copy
+                _started(stage, trained)
                 report = IndexReport()
                 report.stages["setup"] = time.perf_counter() - started - connect_s
                 settings = ModelSettings(
@@ -219,6 +302,7 @@ def index_folder(
                         model=settings,
                         block_size=block_size,
                         commit_every=commit_every,
+                        commit_seconds=commit_seconds,
                     ),
                 )
                 report.stages["cluster"] += connect_s
@@ -233,6 +317,7 @@ def index_folder(
                 )
                 report = IndexReport(device=str(torch_device), precision=embedder.precision)
                 report.stages["setup"] = time.perf_counter() - started
+                _started(stage, trained)
                 _run(
                     writer,
                     embedder,
@@ -240,9 +325,11 @@ def index_folder(
                     table,
                     report,
                     commit_every=commit_every,
+                    commit_seconds=commit_seconds,
                     workers=workers,
                     progress=progress,
                 )
+        report.segmenter_trained = trained
         t = time.perf_counter()
         writer.update_faiss_files(enable=faiss_files)  # only when asked (now, or once before)
         writer.update_sketch(dim=sketch_dim, device=torch_device)
@@ -259,6 +346,13 @@ def index_folder(
     finally:
         if writer is not None:
             writer.close()
+
+
+def _started(stage: StageProgress, segmenter_trained: bool) -> None:
+    """The model is ready: end its stage's bar, and warn of an untrained segmenter."""
+    stage.close()
+    if not segmenter_trained:
+        log.warning(UNTRAINED_SEGMENTER)
 
 
 def _client_device(device: str):
@@ -280,6 +374,7 @@ def _run(
     report: IndexReport,
     *,
     commit_every: int,
+    commit_seconds: float,
     workers: int | None,
     progress: bool,
 ) -> None:
@@ -295,7 +390,7 @@ def _run(
     )
     encoder = writer.codec.torch_encoder(device) if writer.codec is not None else None
     batches = iter(loader)  # worker processes start here, before the writer thread exists
-    committer = Committer(writer, table, report, commit_every)
+    committer = Committer(writer, table, report, commit_every, commit_seconds=commit_seconds)
     bar = tqdm(total=len(files), desc="indexing", unit="img", file=sys.stderr, disable=not progress)
     read_wait = model_s = 0.0
     try:
@@ -322,9 +417,20 @@ def _run(
             committer.put(chunk)
             bar.update(len(batch.items))
         committer.close()
+    except KeyboardInterrupt:
+        _keep_on_interrupt(committer)
+        raise
     except BaseException:
         committer.abort()
         raise
     finally:
         bar.close()
     report.stages.update(read_wait=read_wait, model=model_s, write=committer.seconds)
+
+
+def _keep_on_interrupt(committer: Committer) -> None:
+    """Commit the rows already embedded (Ctrl-C); a second interrupt or an error drops them."""
+    try:
+        committer.close()
+    except BaseException:
+        committer.abort()

@@ -38,6 +38,9 @@ class IndexReport:
     cluster : dict
         On a Dask cluster: its address and dashboard, the workers that ran blocks, and the number
         of blocks (empty for a run in one process).
+    segmenter_trained : bool
+        Whether the store's masks come from a trained segmenter (else the Dice part of the
+        Dice-based measures is noise).
     """
 
     indexed: int = 0
@@ -52,6 +55,7 @@ class IndexReport:
     device: str = ""
     precision: str = ""
     cluster: dict = field(default_factory=dict)
+    segmenter_trained: bool = False
 
     def to_dict(self) -> dict:
         """JSON-ready summary."""
@@ -67,5 +71,6 @@ class IndexReport:
             "stages": {k: round(v, 3) for k, v in self.stages.items()},
             "device": self.device,
             "precision": self.precision,
+            "segmenter_trained": self.segmenter_trained,
             **({"cluster": dict(self.cluster)} if self.cluster else {}),
         }

@@ -9,6 +9,7 @@ averaged over members and packed into the style vector (:mod:`models.gram`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, cast
@@ -180,6 +181,15 @@ class DermrisModel(nn.Module):
         self.style_layout = StyleLayout.from_channels(info.stage_channels, config.style_weights)
         self.extractor = EnsembleFeatureExtractor(config)
         self.segmenter = Segmenter(config.segmenter)
+        self.trained_parts: frozenset[str] = frozenset()
+        """Parts trained on labelled data (``"classifier"``, ``"segmenter"``): set by
+        :mod:`dermris.models.training`, written to weights files and read back by
+        :func:`~dermris.models.load_model`. A preset's parts are untrained."""
+
+    @property
+    def segmenter_trained(self) -> bool:
+        """Whether the segmenter was trained (else its masks are noise)."""
+        return "segmenter" in self.trained_parts
 
     @property
     def mean(self) -> tuple[float, float, float]:
@@ -213,14 +223,19 @@ def _synthetic_batch(generator: torch.Generator, batch: int, size: int) -> torch
     return (smooth * (1 - 0.5 * mix) + fine * 0.5 * mix).clamp(0, 1)
 
 
+CALIBRATION_BATCHES = 4
+"""Synthetic batches :func:`calibrate_batchnorm` runs by default."""
+
+
 @torch.no_grad()
 def calibrate_batchnorm(
     model: DermrisModel,
     *,
     include_backbones: bool,
     seed: int,
-    batches: int = 4,
+    batches: int = CALIBRATION_BATCHES,
     batch_size: int = 8,
+    on_batch: Callable[[int], None] | None = None,
 ) -> None:
     """Set BatchNorm running statistics from seeded synthetic images.
 
@@ -237,6 +252,10 @@ def calibrate_batchnorm(
         Also recalibrate the backbones' BatchNorms (False when they carry real weights).
     seed : int
         Seed of the synthetic images.
+    batches, batch_size : int
+        How many synthetic batches, of how many images.
+    on_batch : callable, optional
+        Called with the index of every batch done (progress).
     """
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
@@ -255,9 +274,11 @@ def calibrate_batchnorm(
         module.train()
     mean = torch.tensor(model.mean).view(1, 3, 1, 1)
     std = torch.tensor(model.std).view(1, 3, 1, 1)
-    for _ in range(batches):
+    for batch in range(batches):
         images = _synthetic_batch(generator, batch_size, model.config.image_size)
         model(((images - mean) / std).to(device))
+        if on_batch is not None:
+            on_batch(batch)
     for module, momentum in saved.items():
         module.momentum = momentum
     model.eval()

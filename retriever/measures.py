@@ -25,6 +25,7 @@ from dermris.core.errors import UnknownMeasureError
 __all__ = [
     "MEASURES",
     "COMPONENTS",
+    "DICE_MEASURES",
     "MEASURE_COMPONENTS",
     "UnknownMeasureError",
     "check_measure",
@@ -65,6 +66,9 @@ MEASURE_COMPONENTS: Mapping[str, tuple[str, ...]] = {
     "i1_sd": ("ss", "dc"),
 }
 """The components each measure combines."""
+
+DICE_MEASURES: tuple[str, ...] = tuple(m for m in MEASURES if "dc" in MEASURE_COMPONENTS[m])
+"""The measures with a Dice component (meaningless while the segmenter is untrained)."""
 
 
 def check_measure(name: str) -> str:

@@ -153,6 +153,12 @@ class Retriever:
         return self._paths
 
     @property
+    def segmenter_trained(self) -> bool:
+        """Whether the store's masks come from a trained segmenter (else the Dice component,
+        and so the Dice-based measures :data:`DICE_MEASURES`, rank by noise)."""
+        return self.store.segmenter_trained
+
+    @property
     def metadata_columns(self) -> list[str]:
         """The metadata columns ``where=`` and ``columns=`` can use."""
         return self.store.metadata_schema().names

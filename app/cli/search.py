@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from dermris.retriever.measures import MEASURES
+from dermris.retriever.measures import DICE_MEASURES, MEASURES
 
-from ._common import DEVICES, command, main, print_results, print_stats
+from ._common import DEVICES, command, log, main, print_results, print_stats
 
 
 @command(main, "search")
@@ -130,6 +130,13 @@ def search_cmd(
     if all_measures or not measures:
         measures = MEASURES
     retriever = Retriever.open(store, device=device)
+    dice_based = [m for m in measures if m in DICE_MEASURES]
+    if dice_based and not retriever.segmenter_trained:
+        log.warning(
+            "%s: the Dice part of these scores is noise, the store's masks come from an "
+            "untrained segmenter (train one: dermris train segmenter; see docs/models.md)",
+            ", ".join(dice_based),
+        )
     if lesion_of is not None:
         rows = tuple(retriever.group_rows(column, _typed(retriever, column, value)))
     items: list = [*images, *rows]
@@ -173,6 +180,7 @@ def search_cmd(
             "group_by": group_by,
             **result.to_dict(stats=stats),
             "query": query_name,
+            "segmenter_trained": retriever.segmenter_trained,
         }
         if sheet is not None:
             payload["sheet"] = str(sheet)

@@ -38,15 +38,30 @@ from ._common import DEVICES, command, main
 )
 def serve_cmd(store, host, port, token, device, judge_dir, extra_hosts):
     """Serve a search page and an HTTP API over STORE (OpenAPI docs at /api/docs)."""
-    from dermris.app.server import serve
+    from dermris.app import _web
+    from dermris.app.server import create_app
 
-    click.echo(f"dermris: http://{host}:{port}/ (API docs: /api/docs; Ctrl-C to stop)", err=True)
-    serve(
-        store,
+    token = _web.resolve_token(host, token)
+    sock = _web.listen(host, port)  # a port in use fails now, in one line
+    try:
+        app = create_app(
+            store,
+            host=host,
+            port=port,
+            token=token,
+            device=device,
+            judge_session=judge_dir,
+            extra_hosts=extra_hosts,
+        )
+    except BaseException:
+        sock.close()
+        raise
+    _web.run(
+        app,
         host=host,
         port=port,
-        token=token,
-        device=device,
-        judge_session=judge_dir,
-        extra_hosts=extra_hosts,
+        sock=sock,
+        on_ready=lambda: click.echo(
+            f"dermris: http://{host}:{port}/ (API docs: /api/docs; Ctrl-C to stop)", err=True
+        ),
     )

@@ -11,6 +11,11 @@ import click
 
 from ._common import command, main
 
+UNTRAINED_MASKS = (
+    "masks from an untrained segmenter, the Dice part of i1_ed, i1_cd, i1_ecd and i1_sd is "
+    "noise (train one: dermris train segmenter; see docs/models.md)"
+)
+
 
 @command(main, "info")
 @click.argument("store", type=click.Path(path_type=Path))
@@ -30,7 +35,9 @@ def info_cmd(store, as_json):
         return
     width = max(len(k) for k in summary)
     for key, value in summary.items():
-        if isinstance(value, (list, tuple)):
+        if key == "segmenter_trained":
+            value = "yes" if value else f"no: {UNTRAINED_MASKS}"
+        elif isinstance(value, (list, tuple)):
             value = ", ".join(map(str, value)) or "-"
         elif isinstance(value, dict):
             value = (

@@ -215,13 +215,20 @@ class ModelRecord:
     config: ModelConfig
     weights_file: str | None
     weights_sha256: str | None
+    segmenter_trained: bool | None = None
+    """Whether the masks come from a trained segmenter (``dermris train segmenter``); None:
+    not recorded (stores made before this field; read as untrained, since every preset's
+    segmenter is untrained)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "config": self.config.to_dict(),
             "weights_file": self.weights_file,
             "weights_sha256": self.weights_sha256,
         }
+        if self.segmenter_trained is not None:
+            out["segmenter_trained"] = self.segmenter_trained
+        return out
 
     @classmethod
     def from_fields(cls, f: _Fields) -> "ModelRecord":
@@ -235,7 +242,10 @@ class ModelRecord:
         sha = f.str("weights_sha256", default=None, optional=True)
         if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
             f.fail("model.weights_sha256", "a hex sha256", sha)
-        return cls(config, weights_file, sha)
+        trained = f.get("segmenter_trained", None)
+        if trained is not None and not isinstance(trained, bool):
+            f.fail("model.segmenter_trained", "true, false or null", trained)
+        return cls(config, weights_file, sha, trained)
 
 
 @dataclass(frozen=True)

@@ -257,12 +257,24 @@ class Store:
 
     # -- the model -----------------------------------------------------------------------
     @property
+    def segmenter_trained(self) -> bool:
+        """Whether the masks come from a trained segmenter.
+
+        False for an untrained one (every preset's, until ``dermris train segmenter``): its
+        masks are noise and so is the Dice part of the ``i1_*`` measures that use it. Stores
+        made before the manifest recorded it read as untrained.
+        """
+        return bool(self.manifest.model.segmenter_trained)
+
+    @property
     def has_model(self) -> bool:
         """Whether the store carries the model that made it (needed for image queries)."""
         return self.manifest.model.weights_file is not None
 
-    def load_model(self) -> "DermrisModel":
+    def load_model(self, *, progress=None) -> "DermrisModel":
         """Load the stored model after checking its sha256 against the manifest.
+
+        ``progress`` is told of every step (:data:`dermris.models.weights.Progress`).
 
         Raises
         ------
@@ -277,7 +289,7 @@ class Store:
         path, sha256 = self.model_file()
         if sha256 and file_sha256(path) != sha256:
             raise StoreFormatError(f"{path} does not match the sha256 in the manifest")
-        return load_model(path)
+        return load_model(path, progress=progress)
 
     def model_file(self) -> tuple[Path, str | None]:
         """The stored model's file (an absolute path inside the store) and its sha256 from the
@@ -590,6 +602,7 @@ class Store:
             "backbone_source": cfg.backbone_source,
             "image_size": cfg.image_size,
             "segmenter": cfg.segmenter.arch,
+            "segmenter_trained": self.segmenter_trained,
             "feature_dim": self.feature_dim,
             "style_dim": self.style_dim,
             "style_dtype": m.style.dtype,

@@ -272,6 +272,7 @@ class StoreWriter:
         style_layout: StyleLayout,
         model: "DermrisModel | None" = None,
         style_dtype: str = "float16",
+        segmenter_trained: bool | None = None,
     ) -> "StoreWriter":
         """Create an empty store, with ``model`` saved as ``STORE/model.safetensors``.
 
@@ -290,6 +291,9 @@ class StoreWriter:
             Saved into the store; without it the store answers only stored-row queries.
         style_dtype : str
             ``"float16"`` (default) or ``"float32"``.
+        segmenter_trained : bool, optional
+            Whether the masks come from a trained segmenter (recorded in the manifest's model
+            record); default: ``model.segmenter_trained``, or not recorded without a model.
 
         Raises
         ------
@@ -318,8 +322,13 @@ class StoreWriter:
                 from dermris.models.weights import save_model
 
                 weights_sha256 = save_model(model, staging / MODEL_FILE)
+            if segmenter_trained is None and model is not None:
+                segmenter_trained = bool(model.segmenter_trained)
             record = ModelRecord(
-                model_config, MODEL_FILE if weights_sha256 else None, weights_sha256
+                model_config,
+                MODEL_FILE if weights_sha256 else None,
+                weights_sha256,
+                segmenter_trained,
             )
             initialise_store(
                 staging, model_config, style_layout, style_dtype=style_dtype, model_record=record
@@ -361,9 +370,10 @@ class StoreWriter:
                 f"{self.root} was built with other model weights; use another store path"
             )
 
-    def load_model(self) -> "DermrisModel":
-        """The model stored with the store (checksum verified)."""
-        return self.reader().load_model()
+    def load_model(self, *, progress=None) -> "DermrisModel":
+        """The model stored with the store (checksum verified; ``progress`` as
+        :meth:`Store.load_model`)."""
+        return self.reader().load_model(progress=progress)
 
     # -- rows ----------------------------------------------------------------------------
     def committed_metadata(self, columns: Sequence[str]) -> pa.Table:

@@ -407,6 +407,7 @@ def train_classifier(
             progress,
         )
     model.cpu().eval()
+    model.trained_parts = model.trained_parts | {"classifier"}
     save_model(model, out, part="classifier" if part_only else None, training=asdict(cfg))
     return model
 
@@ -458,6 +459,7 @@ def train_ensemble(
     for p in model.extractor.members.parameters():
         p.requires_grad_(True)
     model.cpu().eval()
+    model.trained_parts = model.trained_parts | {"classifier"}
     save_model(model, out, part="classifier" if part_only else None, training=asdict(cfg))
     return model
 
@@ -526,5 +528,6 @@ def train_segmenter(
         progress,
     )
     model.cpu().eval()
+    model.trained_parts = model.trained_parts | {"segmenter"}
     save_model(model, out, part="segmenter" if part_only else None, training=asdict(cfg))
     return model
