@@ -10,9 +10,11 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import re
 import secrets
 import socket
 from collections.abc import Callable
+from pathlib import Path
 
 from dermris.core.errors import ConfigError, OptionalDependencyError, QueryError
 
@@ -22,6 +24,7 @@ __all__ = [
     "allowed_hosts",
     "install_guard",
     "is_loopback",
+    "public_message",
     "resolve_token",
     "run",
 ]
@@ -38,6 +41,20 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/[^\s'\",;:()]+(?:/[^\s'\",;:()]*)*")
+
+
+def public_message(exc: BaseException, root: str | os.PathLike | None = None) -> str:
+    """``exc``'s first line for a client: the store's path becomes "the store", and any other
+    absolute path on the server becomes ``<path>``."""
+    lines = str(exc).splitlines()
+    message = lines[0] if lines else type(exc).__name__
+    if root is not None:
+        for form in {str(root), os.path.abspath(root), str(Path(root).resolve())}:
+            message = message.replace(form, "the store")
+    return _ABSOLUTE_PATH.sub("<path>", message)
 
 
 def require_fastapi():
@@ -188,6 +205,14 @@ def install_guard(
             if not secrets.compare_digest(given.encode(), token.encode()):
                 return JSONResponse({"detail": "a valid token is required"}, status_code=401)
         return await call_next(request)
+
+
+def presented_token(request) -> str | None:
+    """The token a request carries (``Authorization: Bearer`` or ``?token=``), if any."""
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip() or None
+    return request.query_params.get("token") or None
 
 
 def resolve_token(host: str, token: str | None) -> str | None:

@@ -10,9 +10,9 @@ Needs the ``serve`` extra: ``pip install 'dermris[serve]'`` (fastapi, uvicorn, p
 """
 
 import base64
+import hashlib
 import io
 import os
-import threading
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
@@ -24,6 +24,7 @@ from dermris.core.errors import (
     DermrisError,
     ImageDecodeError,
     ModelUnavailableError,
+    PixelBudgetError,
     QueryError,
     StoreChangedError,
     UnknownMeasureError,
@@ -33,13 +34,29 @@ from dermris.retriever import LesionQuery, Retriever
 from dermris.retriever.explain import mask_outline, style_stages
 from dermris.retriever.measures import DICE_MEASURES, MEASURES
 
-from . import _web
-from ._web import TOKEN_ENV, is_loopback
+from . import _ops, _web
+from ._follow import FollowedStore, Snapshot
+from ._web import TOKEN_ENV, is_loopback, public_message
 
-__all__ = ["create_app", "serve", "is_loopback", "MAX_UPLOAD_BYTES", "TOKEN_ENV"]
+__all__ = [
+    "create_app",
+    "serve",
+    "is_loopback",
+    "MAX_UPLOAD_BYTES",
+    "MAX_UPLOAD_PIXELS",
+    "TOKEN_ENV",
+    "GENERATION_HEADER",
+]
 
 MAX_UPLOAD_BYTES = 32 << 20
 """Largest upload accepted (a full-size ISIC JPEG is a few MB)."""
+
+MAX_UPLOAD_PIXELS = 40_000_000
+"""Most pixels an upload may decode to (after a JPEG's draft shrink): 40 MP, above the largest
+dermoscopy photographs; a 7000 x 7000 image is refused (413) before its pixels are decoded."""
+
+GENERATION_HEADER = "X-Dermris-Generation"
+"""Response header of ``/api/image`` and ``/api/mask``: the store generation the row is of."""
 
 _PAGE = Path(__file__).with_name("search_page.html")
 _PRIVATE_COLUMNS = frozenset({"path"})
@@ -65,6 +82,10 @@ def create_app(
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
     judge_session: str | os.PathLike | None = None,
     extra_hosts: tuple[str, ...] = (),
+    max_upload_pixels: int | None = MAX_UPLOAD_PIXELS,
+    poll_seconds: float = 1.0,
+    audit_log: str | os.PathLike | None = None,
+    metrics_dir: str | os.PathLike | None = None,
 ):
     """The FastAPI application serving ``store``.
 
@@ -84,16 +105,24 @@ def create_app(
         A judgment session folder (``dermris judge --out``) to serve at ``/judge/`` as well.
     extra_hosts : tuple of str
         Further names the server is reached by (``--allowed-host``), besides ``host`` and loopback.
+    max_upload_pixels : int, optional
+        Uploads decoding to more pixels are refused (413) before their pixels are decoded.
+    poll_seconds : float
+        How often the store's manifest is looked at for new rows and compactions by other
+        processes (0: only when a request meets a compacted store).
+    audit_log : path-like, optional
+        Append a JSON line per search here (fsynced, rotated by size).
+    metrics_dir : path-like, optional
+        Folder shared by the workers of one server for ``/metrics`` (default:
+        ``$DERMRIS_METRICS_DIR``, else this process alone).
     """
     _web.require_fastapi()
     from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
     from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.responses import HTMLResponse, Response
 
-    retriever = Retriever.open(store, device=device)
-    lock = (
-        threading.Lock()
-    )  # one search at a time: the retriever and the model are not shared state-safe
+    follow = FollowedStore(store, device=device, poll_seconds=poll_seconds)
+    root = follow.root
 
     from dermris.retriever import __version__
 
@@ -120,17 +149,82 @@ def create_app(
 
         app.include_router(judge_router(judge_session), prefix="/judge")
 
-    def fail(exc: DermrisError):
-        if isinstance(exc, (QueryError, UnknownMeasureError, ImageDecodeError)):
-            raise HTTPException(400, str(exc).splitlines()[0])
-        if isinstance(exc, (ModelUnavailableError, StoreChangedError)):
-            raise HTTPException(409, str(exc).splitlines()[0])
-        raise HTTPException(500, str(exc).splitlines()[0])
+    app.state.follow = follow
+    metrics = _ops.Metrics(metrics_dir or os.environ.get(_ops.METRICS_DIR_ENV) or None)
+    audit = _ops.AuditLog(audit_log) if audit_log is not None else None
+    app.add_middleware(_ops.RequestMetrics, metrics=metrics)
 
-    def live_row(row: int) -> int:
-        if not 0 <= row < len(retriever) or not retriever.live[row]:
-            raise HTTPException(404, f"no row {row}")
+    def observe_search(
+        request: Request,
+        *,
+        status: int,
+        row: int | None,
+        measures: tuple[str, ...],
+        k: int,
+        where: str | None,
+        stage_seconds: dict[str, float],
+        upload_sha256: str | None = None,
+        generation: str | None = None,
+    ) -> None:
+        """Metrics and the audit line of one search."""
+        if status == 200:
+            kind = "row" if row is not None else "upload"
+            metrics.count("dermris_searches_total", {"kind": kind})
+            for m in measures:
+                if f"rank {m}" in stage_seconds:
+                    metrics.observe(
+                        "dermris_search_measure_seconds", {"measure": m}, stage_seconds[f"rank {m}"]
+                    )
+        if audit is not None:
+            audit.write(
+                {
+                    "client": request.client.host if request.client else None,
+                    "token_id": _ops.token_id(_web.presented_token(request)),
+                    "status": status,
+                    "row": row,
+                    "upload_sha256": upload_sha256,
+                    "measures": list(measures),
+                    "k": k,
+                    "where": where,
+                    "generation": generation,
+                }
+            )
+
+    def fail(exc: DermrisError):
+        message = public_message(exc, root)  # one line, no server paths
+        if isinstance(exc, (QueryError, UnknownMeasureError, ImageDecodeError)):
+            raise HTTPException(400, message)
+        if isinstance(exc, (ModelUnavailableError, StoreChangedError)):
+            raise HTTPException(409, message)
+        raise HTTPException(500, message)
+
+    def live_row(retriever: Retriever, row: int) -> int:
+        """``row`` if it is committed and not deleted (as of now), else 404."""
+        if not 0 <= row < len(retriever):
+            raise HTTPException(404, f"no row {row} (the store has {len(retriever)} rows)")
+        if not retriever.live[row]:
+            raise HTTPException(404, f"row {row} was deleted")
         return row
+
+    def same_generation(retriever: Retriever, generation: str | None) -> None:
+        """Row numbers a client got from another generation name other images: 409."""
+        if generation is not None and generation != (retriever.generation or ""):
+            raise HTTPException(
+                409,
+                f"row numbers of generation {generation} are out of date: the store was "
+                f"compacted (now generation {retriever.generation}); search again",
+            )
+
+    def on_store(work):
+        """``work(retriever)`` on one generation of the store, with clear errors."""
+        try:
+            return follow.run(work)
+        except DermrisError as exc:
+            fail(exc)
+            raise  # unreachable: fail raises
+
+    def generation_headers(snap: Snapshot) -> dict[str, str]:
+        return {GENERATION_HEADER: snap.generation or ""}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page():
@@ -143,24 +237,50 @@ def create_app(
         schema = "/api/openapi.json" + (f"?token={quote(given, safe='')}" if given else "")
         return get_swagger_ui_html(openapi_url=schema, title="dermris API")
 
-    @app.get("/api/health", summary="Liveness and store size")
-    def health():
-        return {"status": "ok", "rows": len(retriever), "version": __version__}
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus():
+        snap = follow.current
+        live = int(snap.retriever.live.sum())
+        body = metrics.render(
+            {
+                "dermris_store_rows": [({}, snap.rows)],
+                "dermris_store_live_rows": [({}, live)],
+                "dermris_store_generation": [({"generation": snap.generation or ""}, 1)],
+                "dermris_store_reopens_total": [({}, follow.reopens)],
+            }
+        )
+        return Response(body, media_type=_ops.CONTENT_TYPE)
+
+    @app.get("/api/health", summary="Liveness, store size and generation")
+    async def health():
+        # on the event loop, without the search lock: answers while searches queue
+        snap = follow.current
+        return {
+            "status": "ok",
+            "rows": snap.rows,
+            "version": __version__,
+            "generation": snap.generation,
+        }
 
     @app.get("/api/info", summary="What the store holds")
     def info():
-        summary = retriever.store.describe()
+        def describe(retriever: Retriever):
+            return retriever.store.describe()
+
+        summary, snap = on_store(describe)
+        summary["generation"] = snap.generation
         summary.pop("store", None)  # no server paths
         summary["metadata_columns"] = [
             c for c in summary.get("metadata_columns", []) if c not in _PRIVATE_COLUMNS
         ]
         summary["measures"] = list(MEASURES)
-        summary["segmenter_trained"] = retriever.segmenter_trained
-        summary["preset"] = retriever.store.model_config.name
+        summary["segmenter_trained"] = snap.retriever.segmenter_trained
+        summary["preset"] = snap.retriever.store.model_config.name
         return summary
 
     @app.post("/api/search", summary="Search by uploaded images or stored rows")
     def search(
+        request: Request,
         file: Annotated[
             list[UploadFile] | None,
             File(
@@ -193,6 +313,10 @@ def create_app(
             str | None,
             Form(description="One hit per group of this column (e.g. lesion_id), its best row"),
         ] = None,
+        generation: Annotated[
+            str | None,
+            Form(description="The generation `row` and `exclude` come from (409 if out of date)"),
+        ] = None,
     ):
         files = [f for f in (file or []) if f is not None]
         lesion = len(files) + len(rows or ()) > 1 or bool(rows)
@@ -205,37 +329,87 @@ def create_app(
             raise HTTPException(
                 400, f"column {hidden[0]!r} is not served (images are served by row)"
             )
-        try:
-            with lock:
-                images = [_upload_image(f) for f in files]
-                if row is not None:
-                    # the row's vectors carry it: it is excluded from its results
-                    query = retriever.vectors(int(row))
-                elif lesion:
-                    query = LesionQuery([*images, *(int(r) for r in rows or ())])
-                else:
-                    query = retriever.embed(images[0])
-                result = retriever.search(
-                    query,
-                    measures=measures or list(MEASURES),
-                    k=k,
-                    where=where or None,
-                    columns=columns or (),
-                    exclude=exclude or (),
-                    explain=explain,
-                    group_by=group_by or None,
-                    hidden_columns=_PRIVATE_COLUMNS,  # never filtered on, like never returned
+        images = []
+        upload_sha256 = None
+        audit_line = {
+            "row": row,
+            "measures": tuple(measures or MEASURES),
+            "k": k,
+            "where": where,
+            "stage_seconds": {},
+        }
+        draft = 2 * follow.retriever.store.model_config.image_size
+        for upload in files:
+            # read and decoded before the search lock is taken, within a pixel budget
+            data = upload.file.read(max_upload_bytes + 1)
+            if len(data) > max_upload_bytes:
+                raise HTTPException(413, f"upload over {max_upload_bytes} bytes")
+            digest = hashlib.sha256(data).hexdigest()
+            upload_sha256 = digest if upload_sha256 is None else f"{upload_sha256},{digest}"
+            try:
+                images.append(
+                    decode_image_bytes(
+                        data,
+                        name=upload.filename or "upload",
+                        draft_size=draft,
+                        max_pixels=max_upload_pixels,
+                    )[0]
                 )
-        except DermrisError as exc:
-            fail(exc)
+            except PixelBudgetError as exc:
+                observe_search(request, status=413, upload_sha256=upload_sha256, **audit_line)
+                raise HTTPException(413, public_message(exc, root)) from None
+            except DermrisError as exc:
+                observe_search(request, status=400, upload_sha256=upload_sha256, **audit_line)
+                fail(exc)
+            del data
+
+        def run_search(retriever: Retriever):
+            if row is not None:
+                same_generation(retriever, generation)
+                # the row's vectors carry it: it is excluded from its results
+                query = retriever.vectors(int(row))
+            elif lesion:
+                if rows:
+                    same_generation(retriever, generation)
+                query = LesionQuery([*images, *(int(r) for r in rows or ())])
+            else:
+                query = retriever.embed(images[0])
+            if exclude and row is None:
+                same_generation(retriever, generation)
+            result = retriever.search(
+                query,
+                measures=measures or list(MEASURES),
+                k=k,
+                where=where or None,
+                columns=columns or (),
+                exclude=exclude or (),
+                explain=explain,
+                group_by=group_by or None,
+                hidden_columns=_PRIVATE_COLUMNS,  # never filtered on, like never returned
+            )
+            image_id = retriever.image_ids[row] if row is not None else None
+            return result, image_id, retriever.segmenter_trained
+
+        try:
+            (result, image_id, segmenter_trained), snap = on_store(run_search)
+        except HTTPException as exc:
+            observe_search(
+                request,
+                status=exc.status_code,
+                upload_sha256=upload_sha256,
+                generation=None,
+                **audit_line,
+            )
+            raise
         payload = result.to_dict(paths=False)  # no server paths: images are served by row
-        if not retriever.segmenter_trained:  # the Dice part of these measures is noise
+        payload["generation"] = snap.generation
+        if not segmenter_trained:  # the Dice part of these measures is noise
             for measure in set(payload["results"]) & set(DICE_MEASURES):
                 for hit in payload["results"][measure]:
                     hit["untrained_masks"] = True
         payload["query"] = {
             "row": row,
-            "image_id": retriever.image_ids[row] if row is not None else None,
+            "image_id": image_id,
             "filename": files[0].filename if len(files) == 1 and not lesion else None,
         }
         if lesion:
@@ -248,20 +422,27 @@ def create_app(
             payload["query"]["mask_outline_png"] = base64.b64encode(
                 _outline_png(why.query_mask, why.mask_size)
             ).decode()
+        audit_line["stage_seconds"] = result.stats.stage_seconds
+        observe_search(
+            request,
+            status=200,
+            upload_sha256=upload_sha256,
+            generation=snap.generation,
+            **audit_line,
+        )
         return payload
 
-    def _upload_image(upload) -> Image.Image:
-        data = upload.file.read(max_upload_bytes + 1)
-        if len(data) > max_upload_bytes:
-            raise HTTPException(413, f"upload over {max_upload_bytes} bytes")
-        draft = 2 * retriever.store.model_config.image_size
-        return decode_image_bytes(data, name=upload.filename or "upload", draft_size=draft)[0]
-
     @app.get("/api/image/{row}", summary="An indexed image by row (never by path)")
-    def image(row: int, size: Annotated[int | None, Query(ge=16, le=4096)] = None):
-        with lock:
-            live_row(row)
-            path = retriever.paths[row]
+    def image_of_row(
+        row: int,
+        size: Annotated[int | None, Query(ge=16, le=4096)] = None,
+        generation: Annotated[str | None, Query(description="409 if out of date")] = None,
+    ):
+        def path_of(retriever: Retriever) -> str:
+            same_generation(retriever, generation)
+            return retriever.paths[live_row(retriever, row)]
+
+        path, snap = on_store(path_of)
         try:
             picture = decode_image(path)[0]
         except ImageDecodeError:
@@ -273,28 +454,42 @@ def create_app(
         return Response(
             buf.getvalue(),
             media_type="image/jpeg",
-            headers={"Cache-Control": "private, max-age=3600"},
+            headers={"Cache-Control": "private, max-age=3600"} | generation_headers(snap),
         )
 
     @app.get("/api/mask/{row}", summary="The outline of a row's lesion mask (transparent PNG)")
-    def mask(row: int):
-        with lock:
-            live_row(row)
-            packed = retriever.store.mask_rows([row])[0]
-        return Response(_outline_png(packed, retriever.store.mask_size), media_type="image/png")
+    def mask(
+        row: int,
+        generation: Annotated[str | None, Query(description="409 if out of date")] = None,
+    ):
+        def mask_of(retriever: Retriever):
+            same_generation(retriever, generation)
+            packed = retriever.store.mask_rows([live_row(retriever, row)])[0]
+            return packed, retriever.store.mask_size
+
+        (packed, size), snap = on_store(mask_of)
+        return Response(
+            _outline_png(packed, size), media_type="image/png", headers=generation_headers(snap)
+        )
 
     @app.get(
         "/api/explain", summary="Which style stages make up the style loss between two stored rows"
     )
-    def explain_rows(a: int, b: int):
-        with lock:
-            live_row(a)
-            live_row(b)
-            sa, sb = retriever.store.style_rows([a, b])
-        stages = style_stages(retriever.store.layout, sa, sb)
+    def explain_rows(
+        a: int,
+        b: int,
+        generation: Annotated[str | None, Query(description="409 if out of date")] = None,
+    ):
+        def stages_of(retriever: Retriever):
+            same_generation(retriever, generation)
+            sa, sb = retriever.store.style_rows([live_row(retriever, a), live_row(retriever, b)])
+            return style_stages(retriever.store.layout, sa, sb)
+
+        stages, snap = on_store(stages_of)
         return {
             "a": a,
             "b": b,
+            "generation": snap.generation,
             "style_loss": sum(s.loss for s in stages),
             "stages": [s.to_dict() for s in stages],
         }

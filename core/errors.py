@@ -18,6 +18,7 @@ __all__ = [
     "WeightsError",
     "OptionalDependencyError",
     "ImageDecodeError",
+    "PixelBudgetError",
     "DataError",
     "MetadataError",
     "StoreError",
@@ -56,6 +57,11 @@ class OptionalDependencyError(DermrisError, ImportError):
 
 class ImageDecodeError(DermrisError, ValueError):
     """A file is not a decodable image (corrupt, truncated, unsupported, too large)."""
+
+
+class PixelBudgetError(ImageDecodeError):
+    """An image has more pixels than the caller's budget (refused before its pixels are
+    decoded)."""
 
 
 class DataError(DermrisError, ValueError):

@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import ImageDecodeError
+from .errors import ImageDecodeError, PixelBudgetError
 
 __all__ = [
     "IMAGE_FORMATS",
@@ -41,25 +41,56 @@ MAX_FILE_BYTES = 256 << 20
 """Largest image file read (256 MiB; full ISIC JPEGs are at most a few tens of MB)."""
 
 
+_STRIP_PIXELS = 1 << 20
+"""Pixels converted at a time from 16-bit, 32-bit and float images (8 MB of float64 a strip)."""
+
+
+def _strips(image: Image.Image):
+    """Yield ``(top, float64 rows)`` of a single-band image, about :data:`_STRIP_PIXELS` at a
+    time (never the whole image as float64)."""
+    width, height = image.size
+    step = max(1, _STRIP_PIXELS // max(1, width))
+    for top in range(0, height, step):
+        bottom = min(height, top + step)
+        yield top, np.asarray(image.crop((0, top, width, bottom)), dtype=np.float64)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB (16-bit and float images are rescaled, not clipped)."""
+    """Convert any PIL mode to 8-bit RGB (16-bit and float images are rescaled, not clipped).
+
+    16-bit, 32-bit integer and float images are converted in strips of rows: the arithmetic
+    (float64, per pixel) is the same as over the whole image, the memory a few MB beyond the
+    image itself.
+    """
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        if image.mode.startswith("I;16"):
-            scaled = values / 257.0
-        else:
-            finite = values[np.isfinite(values)]
-            lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-            values = np.nan_to_num(values, nan=lo, posinf=hi, neginf=lo)
-            if image.mode == "I" and lo >= 0 and hi <= 255:
-                scaled = values
-            elif image.mode == "I" and lo >= 0 and hi <= 65535:
+        sixteen = image.mode.startswith("I;16")
+        lo = hi = 0.0
+        if not sixteen:
+            lows, highs = [], []
+            for _, values in _strips(image):
+                finite = values[np.isfinite(values)]
+                if finite.size:
+                    lows.append(float(finite.min()))
+                    highs.append(float(finite.max()))
+            if lows:
+                lo, hi = min(lows), max(highs)
+        gray = np.empty((image.height, image.width), np.uint8)
+        for top, values in _strips(image):
+            if sixteen:
                 scaled = values / 257.0
             else:
-                scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
-        gray = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+                values = np.nan_to_num(values, nan=lo, posinf=hi, neginf=lo)
+                if image.mode == "I" and lo >= 0 and hi <= 255:
+                    scaled = values
+                elif image.mode == "I" and lo >= 0 and hi <= 65535:
+                    scaled = values / 257.0
+                else:
+                    scaled = (
+                        (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
+                    )
+            gray[top : top + len(values)] = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
         return Image.fromarray(gray).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
@@ -110,7 +141,11 @@ def read_file_bytes(path: str | os.PathLike, *, max_bytes: int = MAX_FILE_BYTES)
 
 
 def decode_image_bytes(
-    data: bytes, *, name: str = "<bytes>", draft_size: int | None = None
+    data: bytes,
+    *,
+    name: str = "<bytes>",
+    draft_size: int | None = None,
+    max_pixels: int | None = None,
 ) -> tuple[Image.Image, int, int]:
     """Decode image bytes to an RGB PIL image with EXIF orientation applied.
 
@@ -122,6 +157,9 @@ def decode_image_bytes(
         Used in error messages.
     draft_size : int, optional
         Let JPEG decoding shrink by powers of two while keeping both sides >= this.
+    max_pixels : int, optional
+        Refuse images with more pixels than this (as decoded, after a JPEG's draft shrink)
+        before their pixels are decoded (:class:`~dermris.core.errors.PixelBudgetError`).
 
     Returns
     -------
@@ -147,6 +185,11 @@ def decode_image_bytes(
                 raise ImageDecodeError(f"{name}: image has no pixels")
             if image.format == "JPEG" and draft_size:
                 image.draft("RGB", (draft_size, draft_size))
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise PixelBudgetError(
+                    f"{name}: {image.width} x {image.height} pixels is over the budget of "
+                    f"{max_pixels} pixels"
+                )
             image.load()
             try:
                 orientation = image.getexif().get(0x0112, 1)

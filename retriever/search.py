@@ -124,6 +124,31 @@ class Retriever:
         self.__dict__.update(fresh.__dict__)
         return self
 
+    def reopened(self) -> "Retriever":
+        """A new retriever over the store as it is now (new rows, a new generation), sharing this
+        one's loaded model; this one is left as it was."""
+        fresh = Retriever(
+            Store.open(self.store.root), device=self._device_name, options=self.options
+        )
+        fresh._embedder = self._embedder
+        fresh._device = self._device
+        return fresh
+
+    @property
+    def generation(self) -> str | None:
+        """The generation of the arrays this retriever reads (a compaction makes a new one)."""
+        return self.store.manifest.generation
+
+    def sync(self) -> None:
+        """Pick up deletions committed since the last call (or search).
+
+        Raises
+        ------
+        StoreChangedError
+            The store was compacted since this retriever was opened (reopen it).
+        """
+        self._sync()
+
     @property
     def device(self):
         """The torch device image queries are embedded on (resolving it imports torch)."""
