@@ -14,7 +14,7 @@ import hashlib
 import io
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import quote
 
 import numpy as np
@@ -30,7 +30,7 @@ from dermris.core.errors import (
     UnknownMeasureError,
 )
 from dermris.core.imageio import decode_image, decode_image_bytes
-from dermris.retriever import LesionQuery, Retriever
+from dermris.retriever import LesionQuery, QueryVectors, Retriever
 from dermris.retriever.explain import mask_outline, style_stages
 from dermris.retriever.measures import DICE_MEASURES, MEASURES
 
@@ -331,7 +331,7 @@ def create_app(
             )
         images = []
         upload_sha256 = None
-        audit_line = {
+        audit_line: dict[str, Any] = {
             "row": row,
             "measures": tuple(measures or MEASURES),
             "k": k,
@@ -364,6 +364,7 @@ def create_app(
             del data
 
         def run_search(retriever: Retriever):
+            query: QueryVectors | LesionQuery
             if row is not None:
                 same_generation(retriever, generation)
                 # the row's vectors carry it: it is excluded from its results

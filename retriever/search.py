@@ -230,7 +230,7 @@ class Retriever:
         if not isinstance(column, str) or not column:
             raise QueryError(f"group_by must be a metadata column name, not {column!r}")
         if column not in self._groupings:
-            self._check_columns((column,))
+            self._check_columns((column,), frozenset())
             self._groupings[column] = Grouping.from_column(
                 self.metadata().column(column), name=column
             )
