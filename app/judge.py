@@ -123,8 +123,30 @@ def prepare_session(
     return out
 
 
-RATER_PATTERN = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
-"""What a rater id may be: letters, digits and ``_ . @ -``, up to 64 characters."""
+RATER_PATTERN = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+"""What a rater id may be (matched in full): letters, digits and ``_ . @ -``, up to 64
+characters."""
+
+
+def rater_problem(value: object) -> str | None:
+    """Why ``value`` is not a rater id, in one line, or None when it is one.
+
+    The whole value must match :data:`RATER_PATTERN` (``re.fullmatch``: a ``$`` anchor would
+    let ``"alice\n"`` through as a second rater ``alice``).
+    """
+    rule = "letters, digits and _ . @ - only, 1 to 64 characters"
+    if not isinstance(value, str) or not value:
+        return f"a rater id is required ({rule})"
+    if len(value) > 64:
+        return f"the rater id is {len(value)} characters long ({rule})"
+    if any(ch.isspace() for ch in value):
+        return f"the rater id {value!r} contains whitespace ({rule})"
+    if any(not ch.isprintable() for ch in value):
+        return f"the rater id {value!r} contains control characters ({rule})"
+    if not RATER_PATTERN.fullmatch(value):
+        return f"the rater id {value!r} is not allowed ({rule})"
+    return None
+
 
 ANONYMOUS = ""
 """The rater of judgments recorded before rater ids existed."""
@@ -188,10 +210,10 @@ def judge_router(out: str | os.PathLike):
             append_durably(out / JUDGMENTS_FILE, line)
 
     def rater_id(value) -> str:
-        if not isinstance(value, str) or not RATER_PATTERN.match(value):
-            raise HTTPException(
-                400, "a rater id (letters, digits, _ . @ -; up to 64 characters) is required"
-            )
+        problem = rater_problem(value)
+        if problem is not None:
+            raise HTTPException(400, problem)
+        assert isinstance(value, str)
         return value
 
     @router.get("/", response_class=HTMLResponse, include_in_schema=False)

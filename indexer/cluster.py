@@ -12,6 +12,10 @@ spec                   cluster
 ``PATH.json``          the scheduler file of an existing scheduler (``--scheduler-file``)
 =====================  ==========================================================================
 
+A cluster started here (``local``, ``cuda``) listens on loopback only, and serves Dask's
+dashboard (which has no authentication) on :data:`DEFAULT_DASHBOARD`, this machine only,
+unless :attr:`ClusterSpec.dashboard` says otherwise (``dermris index --dashboard``).
+
 :func:`parse_cluster` imports nothing heavy (the command line validates ``--cluster`` with it);
 dask is imported only when :func:`connect` starts or reaches a cluster.
 """
@@ -30,7 +34,16 @@ from typing import Any
 
 from dermris.core.errors import ClusterError, ConfigError, OptionalDependencyError
 
-__all__ = ["ClusterSpec", "ClusterSession", "parse_cluster", "as_cluster", "connect"]
+__all__ = [
+    "ClusterSpec",
+    "ClusterSession",
+    "DEFAULT_DASHBOARD",
+    "parse_cluster",
+    "parse_dashboard",
+    "local_cluster_options",
+    "as_cluster",
+    "connect",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +53,11 @@ _ADDRESS = re.compile(
 )
 _CONNECT_TIMEOUT_S = 30.0
 _WORKER_WAIT_S = 600.0
+_LOOPBACK = "127.0.0.1"
+DEFAULT_DASHBOARD = f"{_LOOPBACK}:8787"
+"""Where a cluster started here serves Dask's dashboard: this machine only (another free
+port when 8787 is taken)."""
+_DASHBOARD = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]*):(?P<port>\d{1,5})$")
 
 
 @dataclass(frozen=True)
@@ -54,11 +72,16 @@ class ClusterSpec:
         Worker processes (local) or GPUs (cuda) to start; None: the default.
     address : str, optional
         The scheduler address or scheduler file (kinds ``address`` and ``scheduler-file``).
+    dashboard : str, optional
+        ``HOST:PORT`` of the Dask dashboard of a cluster started here (``local``, ``cuda``);
+        None: no dashboard (the scheduler's own health and metrics routes stay on loopback).
+        Default: :data:`DEFAULT_DASHBOARD` (loopback). An existing scheduler keeps its own.
     """
 
     kind: str
     workers: int | None = None
     address: str | None = None
+    dashboard: str | None = DEFAULT_DASHBOARD
 
     def __str__(self) -> str:
         if self.kind in ("local", "cuda"):
@@ -96,6 +119,45 @@ def parse_cluster(text: str) -> ClusterSpec:
     raise ConfigError(f"{value!r} is not a cluster: expected {accepted}")
 
 
+def parse_dashboard(text: str | None) -> str | None:
+    """Parse a ``--dashboard`` value: ``HOST:PORT``, ``PORT`` (on loopback), ``:PORT`` (every
+    interface: anyone who can reach this machine sees the dashboard), or ``off``.
+
+    Raises
+    ------
+    ConfigError
+        Anything else.
+    """
+    if text is None:
+        return None
+    value = str(text).strip()
+    if value.lower() in ("off", "none", "no", "false", ""):
+        return None
+    if value.isdigit():
+        value = f"{_LOOPBACK}:{value}"
+    match = _DASHBOARD.match(value)
+    if match is None or not 0 <= int(match["port"]) < 65536:
+        raise ConfigError(
+            f"{text!r} is not a dashboard address: expected HOST:PORT, PORT (on {_LOOPBACK}), "
+            ":PORT (every interface) or off"
+        )
+    return value
+
+
+def local_cluster_options(spec: ClusterSpec, *, cores: int | None = None) -> dict[str, Any]:
+    """The keyword arguments :func:`connect` gives ``distributed.LocalCluster`` for a
+    ``local`` spec: N single-threaded worker processes, scheduler and workers on loopback, and
+    the dashboard where the spec says (loopback by default, or none)."""
+    workers = spec.workers or cores or _cores()
+    return {
+        "n_workers": workers,
+        "threads_per_worker": 1,
+        "processes": True,
+        "host": _LOOPBACK,
+        "dashboard_address": spec.dashboard,
+    }
+
+
 def as_cluster(cluster: Any) -> Any:
     """Validate what ``index_folder(cluster=...)`` was given: a spec (text or
     :class:`ClusterSpec`), a ``distributed.Client``, or a Dask cluster object."""
@@ -128,11 +190,15 @@ class ClusterSession:
     torch_threads : int, optional
         Torch threads each worker should use (set for local CPU clusters, which share this
         machine's cores between their workers); None: leave the workers' own setting.
+    serves_dashboard : bool
+        False for a cluster started here without a dashboard (its scheduler still answers
+        Dask's health and metrics routes, on loopback).
     """
 
     client: Any
     name: str
     torch_threads: int | None = None
+    serves_dashboard: bool = True
 
     @property
     def workers(self) -> int:
@@ -142,6 +208,8 @@ class ClusterSession:
     @property
     def dashboard(self) -> str | None:
         """The Dask dashboard's address, when the scheduler serves one."""
+        if not self.serves_dashboard:
+            return None
         try:
             if "dashboard" not in self.client.scheduler_info(n_workers=0).get("services", {}):
                 return None
@@ -220,17 +288,18 @@ def _start(
 ) -> ClusterSession:
     distributed = _import_distributed()
     if spec.kind == "local":
-        workers = spec.workers or _cores()
+        options = local_cluster_options(spec)
+        workers = options["n_workers"]
         threads = max(1, _cores() // workers)
         log.info(
-            "starting a local Dask cluster of %d worker processes (%d torch threads each)",
+            "starting a local Dask cluster of %d worker processes (%d torch threads each); "
+            "dashboard %s",
             workers,
             threads,
+            spec.dashboard or "off",
         )
         try:
-            cluster = stack.enter_context(
-                distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True)
-            )
+            cluster = stack.enter_context(distributed.LocalCluster(**options))
         except (RuntimeError, OSError, TimeoutError) as exc:
             first_line = str(exc).splitlines()[0] if str(exc) else ""
             raise ClusterError(
@@ -239,7 +308,9 @@ def _start(
                 "under `if __name__ == '__main__':` (worker processes re-import the script)"
             ) from exc
         client = stack.enter_context(distributed.Client(cluster))
-        return ClusterSession(client, str(spec), torch_threads=threads)
+        return ClusterSession(
+            client, str(spec), torch_threads=threads, serves_dashboard=spec.dashboard is not None
+        )
     if spec.kind == "cuda":
         try:
             from dask_cuda import LocalCUDACluster
@@ -249,14 +320,20 @@ def _start(
             ) from None
         log.info("starting a local Dask CUDA cluster (one worker per GPU)")
         try:
-            cluster = stack.enter_context(LocalCUDACluster(n_workers=spec.workers))
+            cluster = stack.enter_context(
+                LocalCUDACluster(
+                    n_workers=spec.workers,
+                    host=_LOOPBACK,
+                    dashboard_address=spec.dashboard,
+                )
+            )
         except (RuntimeError, OSError, TimeoutError, ValueError) as exc:
             raise ClusterError(
                 f"the local Dask CUDA cluster did not start ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''})"
             ) from exc
         client = stack.enter_context(distributed.Client(cluster))
-        return ClusterSession(client, str(spec))
+        return ClusterSession(client, str(spec), serves_dashboard=spec.dashboard is not None)
     kwargs: dict[str, Any] = {"timeout": connect_timeout_s}
     if (
         spec.kind == "scheduler-file"

@@ -120,17 +120,30 @@ def _split(files: Sequence[ImageFile], size: int) -> list[list[ImageFile]]:
 
 def _failure(exc: BaseException, index: int, block: Sequence[ImageFile]) -> BaseException:
     """A one-line error for a block that failed for good (dermris's own errors pass unchanged)."""
+    where = f"block {index} ({block[0].path} ... {block[-1].path})"
+    failure = _died(exc, where, _DIED_ADVICE + "; the rows committed before it are kept")
+    return exc if failure is None else failure
+
+
+def _died(exc: BaseException, what: str, advice: str) -> ClusterError | None:
+    """A one-line :class:`ClusterError` for work whose workers kept dying (``KilledWorker``)
+    or that the scheduler lost; None for any other error."""
     from distributed import KilledWorker
 
-    where = f"block {index} ({block[0].path} ... {block[-1].path})"
     if isinstance(exc, KilledWorker):
-        return ClusterError(
-            f"{where} was running on workers that died each time it was tried ({exc}); "
-            "a file in it may crash the decoder, or the workers run out of memory"
-        )
+        tries = getattr(exc, "allowed_failures", None)
+        times = f"{tries + 1} times" if isinstance(tries, int) else "each time it was tried"
+        return ClusterError(f"{what}: the worker running it died {times}; {advice}")
     if type(exc).__name__ in ("CancelledError", "FutureCancelledError"):
-        return ClusterError(f"{where} was cancelled: the scheduler lost it ({exc})")
-    return exc
+        return ClusterError(f"{what} was cancelled: the scheduler lost it ({exc})")
+    return None
+
+
+_DIED_ADVICE = (
+    "a file may crash the image decoder or the model, or the workers run out of memory: "
+    "give each worker more memory (fewer workers, e.g. --cluster local:1, or a smaller "
+    "--batch-size), or index the files without --cluster to find the one that fails"
+)
 
 
 class _Window:
@@ -243,15 +256,27 @@ def index_on_cluster(
     if (
         writer.codec is None
     ):  # a new store: its float16 scales come from the first batch, as in one process
-        style = client.submit(
-            first_batch_style,
-            list(files),
-            options,
-            skip_arg,
-            key=f"dermris-codec-{token}",
-            pure=False,
-            retries=run.retries,
-        ).result()
+        try:
+            style = client.submit(
+                first_batch_style,
+                list(files),
+                options,
+                skip_arg,
+                key=f"dermris-codec-{token}",
+                pure=False,
+                retries=run.retries,
+            ).result()
+        except Exception as exc:  # noqa: BLE001 - re-raised, in one line where it is the cluster's
+            first = files[0].path if files else "?"
+            failure = _died(
+                exc,
+                f"the first batch of the new store (from {first}; it sets the store's float16 "
+                "scales) was never embedded",
+                _DIED_ADVICE + "; no rows were committed",
+            )
+            if failure is None:
+                raise
+            raise failure from exc
         if style is not None:
             options = dataclasses.replace(options, codec=writer.fit_codec(style))
     report.stages["cluster"] = time.perf_counter() - started
@@ -293,7 +318,18 @@ def _warm_up(session: ClusterSession, options: BlockOptions, token: str) -> None
         )
         for i, w in enumerate(workers)
     ]
-    loaded = client.gather(futures)
+    try:
+        loaded = client.gather(futures)
+    except Exception as exc:  # noqa: BLE001 - re-raised, in one line where it is the cluster's
+        failure = _died(
+            exc,
+            "loading the model on the workers",
+            "the workers may run out of memory loading it: give each worker more memory "
+            "(fewer workers, e.g. --cluster local:1)",
+        )
+        if failure is None:
+            raise
+        raise failure from exc
     log.info("model loaded on %d workers: %s", len(loaded), ", ".join(sorted(set(loaded))))
 
 

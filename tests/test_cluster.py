@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -428,3 +430,143 @@ def test_blocks_smaller_than_a_batch_fit_the_codec_as_one_process(
         progress=False,
     )
     assert_same_store(store, expected)
+
+
+# -- the dashboard of a cluster started here ---------------------------------------------------
+def test_local_cluster_dashboard_is_on_loopback_unless_asked(monkeypatch, tmp_path, synthetic_set):
+    """Guards against ``--cluster local`` starting Dask's dashboard (no authentication) on
+    every interface (``0.0.0.0:8787``, distributed's default): loopback by default, off or
+    elsewhere only when asked with ``--dashboard``."""
+    from click.testing import CliRunner
+
+    import dermris.indexer
+    from dermris.app.cli import main
+    from dermris.indexer.cluster import DEFAULT_DASHBOARD, local_cluster_options, parse_dashboard
+
+    options = local_cluster_options(parse_cluster("local:2"))
+    assert options["dashboard_address"] == DEFAULT_DASHBOARD == "127.0.0.1:8787"
+    assert options["host"] == "127.0.0.1" and options["n_workers"] == 2
+    off = ClusterSpec("local", 2, dashboard=parse_dashboard("off"))
+    assert local_cluster_options(off)["dashboard_address"] is None
+    assert parse_dashboard("9000") == "127.0.0.1:9000"
+    assert parse_dashboard(":8787") == ":8787"  # every interface, when asked in so many words
+    assert parse_dashboard("10.0.0.5:8787") == "10.0.0.5:8787"
+    with pytest.raises(ConfigError, match="not a dashboard address"):
+        parse_dashboard("http://0.0.0.0:8787/status")
+
+    images, _ = synthetic_set
+    seen = []
+
+    def fake_index_folder(*args, cluster=None, **kwargs):
+        seen.append(cluster)
+        raise ClusterError("stopped by the test")
+
+    monkeypatch.setattr(dermris.indexer, "index_folder", fake_index_folder)
+    runner = CliRunner()
+    store = str(tmp_path / "s")
+    for flags, dashboard in [
+        ([], "127.0.0.1:8787"),
+        (["--dashboard", "off"], None),
+        (["--dashboard", "8788"], "127.0.0.1:8788"),
+    ]:
+        result = runner.invoke(main, ["index", str(images), store, "--cluster", "local:2", *flags])
+        assert result.exit_code == 1 and "stopped by the test" in result.output, result.output
+        assert seen[-1].dashboard == dashboard
+    result = runner.invoke(main, ["index", str(images), store, "--dashboard", "off"])
+    assert result.exit_code == 2 and "--dashboard needs --cluster local or cuda" in result.output
+    result = runner.invoke(
+        main, ["index", str(images), store, "--cluster", "local", "--dashboard", "x:y"]
+    )
+    assert result.exit_code == 2 and "not a dashboard address" in result.output
+
+
+@pytest.mark.slow
+def test_started_local_cluster_serves_its_dashboard_on_loopback_only():
+    """The same, on a started cluster: the dashboard's sockets are bound to 127.0.0.1, and a
+    cluster asked for no dashboard has none."""
+    from dermris.indexer.cluster import connect
+
+    def bound(dask_scheduler):
+        server = dask_scheduler.http_server
+        return sorted({s.getsockname()[0] for s in server._sockets.values()}) if server else []
+
+    def status(link: str) -> int:
+        try:
+            with urllib.request.urlopen(link, timeout=10) as answer:
+                return answer.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    with connect("local:1") as session:
+        link = session.dashboard
+        assert link is not None and link.startswith("http://127.0.0.1:")
+        assert session.client.run_on_scheduler(bound) == ["127.0.0.1"]
+        assert status(link) == 200
+    with connect(ClusterSpec("local", 1, dashboard=None)) as session:
+        assert session.dashboard is None
+        # the scheduler's own HTTP routes (health, metrics) remain, on loopback
+        assert session.client.run_on_scheduler(bound) in ([], ["127.0.0.1"])
+
+
+# -- work whose workers keep dying ---------------------------------------------------------------
+class _Future:
+    def __init__(self, fn, key):
+        self.fn, self.key = fn, key
+
+    def result(self):
+        if self.fn.__name__ in self.dying:
+            raise distributed.KilledWorker(self.key, _Worker(), 3)
+        return "cpu"
+
+
+class _Worker:
+    address = "tcp://127.0.0.1:40001"
+
+
+class _DyingClient:
+    """A client whose workers die running the tasks of the functions named in ``dying``."""
+
+    direct_to_workers = None
+    dashboard_link = None
+
+    def __init__(self, *dying):
+        _Future.dying = set(dying)
+
+    def scheduler_info(self, n_workers=0):
+        return {"address": "tcp://127.0.0.1:40000", "workers": {_Worker.address: {}}}
+
+    def wait_for_workers(self, n, timeout=None):
+        pass
+
+    def submit(self, fn, *args, key=None, **kwargs):
+        return _Future(fn, key)
+
+    def gather(self, futures, **kwargs):
+        return [f.result() for f in futures] if isinstance(futures, list) else futures.result()
+
+    def scatter(self, data, **kwargs):
+        return data
+
+    def cancel(self, futures):
+        pass
+
+
+@pytest.mark.parametrize(
+    ("dying", "says"),
+    [
+        ("first_batch_style", "the first batch of the new store .* died 4 times"),
+        ("warm_up", "loading the model on the workers: the worker running it died 4 times"),
+    ],
+)
+def test_new_store_whose_first_batch_kills_its_worker_is_one_line(
+    folder, weights, tmp_path, dying, says
+):
+    """Guards against a raw ``KilledWorker`` (a traceback naming dask's internals) when the
+    first batch of a new store (which sets its float16 scales), or loading the model, kills
+    every worker that runs it: a ClusterError of one line that says what to do."""
+    images, csv = folder
+    with pytest.raises(ClusterError, match=says) as exc_info:
+        _cluster_index(images, tmp_path / "store", csv, weights, _DyingClient(dying))
+    message = str(exc_info.value)
+    assert "\n" not in message and "more memory" in message and "KilledWorker" not in message
+    assert Store.open(tmp_path / "store").rows == 0 if (tmp_path / "store").exists() else True

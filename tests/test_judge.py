@@ -319,3 +319,39 @@ def test_judgments_beside_the_search_page_keep_their_own_limit(indexed_store, re
     assert (
         ok.status_code == 200 and json.loads((out / "judgments.jsonl").read_text())["rater"] == "x"
     )
+
+
+@pytest.mark.parametrize(
+    ("rater", "says"),
+    [
+        ("alice\n", "contains whitespace"),
+        ("alice\r\n", "contains whitespace"),
+        (" alice", "contains whitespace"),
+        ("al ice", "contains whitespace"),
+        ("alice\x00", "control characters"),
+        ("alice\x1b[2J", "control characters"),
+        ("ali\u200bce", "control characters"),
+        ("x" * 65, "65 characters long"),
+        ("x" * 1000, "1000 characters long"),
+        ("ålice", "is not allowed"),
+        ("", "is required"),
+    ],
+)
+def test_rater_ids_with_newlines_controls_or_too_long_are_refused(retriever, tmp_path, rater, says):
+    """Guards against ``RATER_PATTERN.match`` with a ``$`` anchor accepting ``"alice\\n"`` (a
+    second rater that prints as ``alice``): refused with 400 and a message saying why, both
+    when judging and when asking for tasks, and nothing is recorded."""
+    out = tmp_path / "session"
+    judge.prepare_session(retriever, out, queries=1, seed=2, k=2)
+    tasks = json.loads((out / "tasks.json").read_text())
+    item = tasks["queries"][0]["items"][0]
+    client = _client(out)
+    body = {"query": "Q001", "item": item, "similar": True, "rater": rater}
+    refused = client.post("/judge/api/judgments", json=body)
+    assert refused.status_code == 400 and says in refused.json()["detail"], refused.text
+    listed = client.get("/judge/api/tasks", params={"rater": rater})
+    assert listed.status_code == 400 and says in listed.json()["detail"], listed.text
+    assert (out / "judgments.jsonl").read_text() == ""
+    assert judge.rater_problem(rater) is not None
+    assert client.post("/judge/api/judgments", json={**body, "rater": "alice"}).status_code == 200
+    assert judge.rater_problem("bob@clinic.org") is None

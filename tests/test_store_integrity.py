@@ -378,3 +378,26 @@ def test_decode_bounded_refuses_frames_that_lie_about_their_size():
         decode_bounded(bytes(unsized), 600)
     with pytest.raises(ValueError, match="not a zstd frame"):
         decode_bounded(b"\x00" * 32, 32)
+
+
+def test_appending_to_a_store_with_a_mask_area_bomb_is_refused(random_store):
+    """Guards against the writer letting zarr decompress the chunk that new rows share with
+    older ones (``mask_area``: 65,536 rows per chunk) without bounding it first."""
+    path = random_store(n=30, seed=99, sketch_dim=None)
+    (path / "arrays.zarr" / "mask_area" / "c" / "0").write_bytes(_chunk(_zero_bomb(1 << 30)))
+    rng = np.random.default_rng(0)
+    with StoreWriter.open(path) as writer:
+        reader = writer.reader()
+        tracemalloc.start()
+        try:
+            with pytest.raises(StoreFormatError, match="mask_area is damaged: .*1073741824"):
+                writer.append(
+                    features=rng.normal(size=(2, reader.feature_dim)).astype(np.float32),
+                    style=rng.normal(size=(2, reader.style_dim)).astype(np.float32),
+                    masks=np.zeros((2, reader.mask_size, reader.mask_size), bool),
+                    records=Store.open(path).metadata().slice(0, 2).drop_columns(["row"]),
+                )
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert peak < 64 << 20, f"{peak} bytes allocated"

@@ -26,6 +26,23 @@ def _cluster_option(ctx, param, value):
         raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
+def _with_dashboard(cluster, dashboard: str):
+    """The --cluster spec with the --dashboard address (a usage error without a cluster
+    started here)."""
+    import dataclasses
+
+    from dermris.indexer.cluster import parse_dashboard
+
+    if cluster is None or cluster.kind not in ("local", "cuda"):
+        raise click.UsageError(
+            "--dashboard needs --cluster local or cuda (an existing scheduler has its own)"
+        )
+    try:
+        return dataclasses.replace(cluster, dashboard=parse_dashboard(dashboard))
+    except DermrisError as exc:
+        raise click.BadParameter(str(exc), param_hint="--dashboard") from None
+
+
 @command(main, "index")
 @click.argument("images", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("store", type=click.Path(path_type=Path))
@@ -110,6 +127,14 @@ def _cluster_option(ctx, param, value):
     "scheduler, or its scheduler file [default: this process].",
 )
 @click.option(
+    "--dashboard",
+    default=None,
+    metavar="HOST:PORT|PORT|off",
+    help="Where a cluster started here (--cluster local or cuda) serves Dask's dashboard, "
+    "which has no login: HOST:PORT, PORT (on 127.0.0.1), :PORT (every interface) or off "
+    "[default: 127.0.0.1:8787, this machine only].",
+)
+@click.option(
     "--block-size",
     type=click.IntRange(min=1),
     default=None,
@@ -143,6 +168,7 @@ def index_cmd(
     precision,
     compile_model,
     cluster,
+    dashboard,
     block_size,
     faiss_files,
     strict,
@@ -154,6 +180,8 @@ def index_cmd(
     """
     if block_size is not None and cluster is None:
         raise click.UsageError("--block-size needs --cluster")
+    if dashboard is not None:
+        cluster = _with_dashboard(cluster, dashboard)
     preset = _choose_preset(preset, weights=weights, store=store)
     # the bar comes before the heavy imports: the first line of progress at once
     from dermris.indexer.progress import StageProgress

@@ -52,7 +52,9 @@ from ._common import DEVICES, command, log, main, print_results, print_stats
 )
 @click.option("--all", "all_measures", is_flag=True, help="All nine measures (the default).")
 @click.option(
-    "--where", help="Only return images whose metadata pass, e.g. \"diagnosis == 'melanoma'\"."
+    "--where",
+    help="Only return images whose metadata pass, e.g. \"diagnosis == 'melanoma' and age > 50\" "
+    "or \"diagnosis = 'melanoma' AND age > 50\" (docs/filters.md).",
 )
 @click.option(
     "--column",

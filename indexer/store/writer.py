@@ -45,6 +45,7 @@ from ._format import (
     StyleInfo,
     now,
 )
+from ._zstd import zarr_chunks_problem
 from .codec import StyleCodec
 from .derived import update_sketch, write_faiss_parts
 from .reader import Store, unpack_masks
@@ -476,6 +477,15 @@ class StoreWriter:
         ):  # a missing chunk is always damage
             for name, data in columns:
                 arr = _zarr.array(self._group, name)
+                # zarr decompresses the chunk the new rows share with older ones: bounded first
+                # (a shard's one-row chunks are replaced whole, never decompressed)
+                problem = (
+                    zarr_chunks_problem(arrays_dir / name, arr, n0, n1)
+                    if arr.shards is None
+                    else None
+                )
+                if problem is not None:
+                    raise StoreFormatError(f"{self.root}: array {name} is damaged: {problem}")
                 arr.resize((n1, *arr.shape[1:]))
                 arr[n0:n1] = data
         for name, _ in columns:  # the chunks reach the disk before the manifest that commits them
