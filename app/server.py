@@ -29,7 +29,7 @@ from dermris.core.errors import (
     UnknownMeasureError,
 )
 from dermris.core.imageio import decode_image, decode_image_bytes
-from dermris.retriever import LesionQuery, Retriever
+from dermris.retriever import LesionQuery, QueryVectors, Retriever
 from dermris.retriever.explain import mask_outline, style_stages
 from dermris.retriever.measures import MEASURES
 
@@ -206,6 +206,7 @@ def create_app(
         try:
             with lock:
                 images = [_upload_image(f) for f in files]
+                query: QueryVectors | LesionQuery
                 if row is not None:
                     # the row's vectors carry it: it is excluded from its results
                     query = retriever.vectors(int(row))
