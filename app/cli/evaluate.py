@@ -16,11 +16,33 @@ from ._common import DEVICES, command, main
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option(
     "--label-column",
-    required=True,
-    help="Metadata column with the label (e.g. diagnosis_1, target).",
+    help="Metadata column with the label (e.g. diagnosis_1, target); with --hierarchy, "
+    "default: its first level.",
 )
 @click.option(
-    "--group-column", help="Exclude results sharing the query's value here (patient_id, lesion_id)."
+    "--group-column",
+    default="auto",
+    show_default=True,
+    help="Exclude results sharing the query's value here (patient_id, lesion_id); auto: "
+    "lesion_id when the store has it (leave one lesion out); none: only the query itself.",
+)
+@click.option(
+    "--by",
+    "by",
+    multiple=True,
+    metavar="COLUMN",
+    help="Also report the metrics per value of COLUMN (repeatable), e.g. fitzpatrick_skin_type.",
+)
+@click.option(
+    "--hierarchy",
+    is_flag=True,
+    help="Also report the metrics per level of the diagnosis hierarchy (diagnosis_1 .. "
+    "diagnosis_5, the levels the store has), relevance judged at each level.",
+)
+@click.option(
+    "--confirmed-only",
+    is_flag=True,
+    help="Only rows with diagnosis_confirm_type set, as queries and as results.",
 )
 @click.option("-k", "k", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option(
@@ -43,6 +65,9 @@ def evaluate_cmd(
     store,
     label_column,
     group_column,
+    by,
+    hierarchy,
+    confirmed_only,
     k,
     queries,
     all_rows,
@@ -53,29 +78,55 @@ def evaluate_cmd(
     plot,
     device,
 ):
-    """Leave-one-out evaluation of the measures by labels (Table 1, automatically)."""
-    from dermris.app.evaluate import evaluate, plot_report
+    """Leave-one-out evaluation of the measures by labels (Table 1, automatically), overall,
+    per stratum (--by) and per level of the diagnosis hierarchy (--hierarchy)."""
+    from dermris.app.evaluate import HIERARCHY, evaluate, plot_report, plot_strata
+    from dermris.core.errors import EvaluationError
     from dermris.retriever import Retriever
 
+    retriever = Retriever.open(store, device=device)
+    levels: tuple[str, ...] = ()
+    if hierarchy:
+        levels = tuple(c for c in HIERARCHY if c in retriever.metadata_columns)
+        if not levels:
+            raise EvaluationError(
+                f"--hierarchy: the store has none of the columns {', '.join(HIERARCHY)}"
+            )
+    if label_column is None:
+        if not levels:
+            raise click.UsageError("give --label-column (or --hierarchy)")
+        label_column = levels[0]
     report = evaluate(
-        Retriever.open(store, device=device),
+        retriever,
         label_column,
-        group_column=group_column,
+        group_column=None if group_column == "none" else group_column,
         k=k,
         queries=None if all_rows else queries,
         seed=seed,
         measures=measures or MEASURES,
         bootstrap=bootstrap,
+        by=by,
+        hierarchy=levels,
+        confirmed_only=confirmed_only,
     )
+    strata_plot = None
     if plot is not None:
         plot_report(report, plot)
+        if report.strata or report.levels:
+            strata_plot = plot.with_name(f"{plot.stem}-strata{plot.suffix or '.png'}")
+            plot_strata(report, strata_plot)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=1))
+        payload = report.to_dict()
+        if strata_plot is not None:
+            payload["strata_plot"] = str(strata_plot)
+        click.echo(json.dumps(payload, indent=1))
         return
     pct = int(report.confidence * 100)
+    group_column = report.group_column
     click.echo(
         f"{len(report.queries)} queries, k={k}, label {label_column!r}"
         + (f", same {group_column!r} excluded" if group_column else "")
+        + (", confirmed diagnoses only" if confirmed_only else "")
         + f"; [{pct} % bootstrap CI]"
     )
     click.echo(
@@ -88,8 +139,22 @@ def evaluate_cmd(
             for s in (metrics["precision"], metrics["map"], metrics["majority_vote"])
         )
         click.echo(f"{m:<10} {cells}")
+    sections = [
+        (f"{s.column} = {s.value if s.value is not None else '(missing)'}", s)
+        for s in report.strata
+    ] + [(f"level {lv.column}", lv) for lv in report.levels]
+    for title, stratum in sections:
+        click.echo(f"\n{title} ({stratum.queries} queries)")
+        for m, metrics in stratum.metrics.items():
+            cells = "".join(
+                f"{s.mean:>8.3f} [{s.low:.3f}, {s.high:.3f}]"
+                for s in (metrics["precision"], metrics["map"], metrics["majority_vote"])
+            )
+            click.echo(f"{m:<10} {cells}")
     if plot is not None:
         click.echo(f"plot: {plot}")
+    if strata_plot is not None:
+        click.echo(f"strata plot: {strata_plot}")
 
 
 @command(main, "judge")
