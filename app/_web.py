@@ -18,6 +18,7 @@ from dermris.core.errors import OptionalDependencyError, QueryError
 __all__ = [
     "TOKEN_ENV",
     "BodyLimit",
+    "InFlightLimit",
     "allowed_hosts",
     "install_guard",
     "is_loopback",
@@ -149,6 +150,46 @@ class BodyLimit:
             await self._refuse(send)
 
 
+class InFlightLimit:
+    """ASGI middleware: 503 beyond ``max_requests`` requests in progress, except ``exempt``
+    paths (the health check and the metrics are always answered)."""
+
+    def __init__(
+        self,
+        app,
+        max_requests: int,
+        exempt: tuple[str, ...] = ("/api/health", "/metrics"),
+    ) -> None:
+        self.app = app
+        self.max_requests = max_requests
+        self.exempt = frozenset(exempt)
+        self.in_flight = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.exempt:
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.max_requests:
+            body = b'{"detail":"the server is busy; try again in a moment"}'
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 503,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"retry-after", b"1"),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
 def install_guard(
     app,
     *,
@@ -223,12 +264,29 @@ def resolve_token(host: str, token: str | None) -> str | None:
     return token
 
 
-def run(app, *, host: str, port: int) -> None:
-    """Serve ``app`` with uvicorn until interrupted."""
+def run(app, *, host: str, port: int, limits=None, workers: int = 1) -> None:
+    """Serve ``app`` with uvicorn until interrupted, with the timeouts and caps of
+    :class:`~dermris.app._limits.ServerLimits` (``limits``; defaults when None).
+
+    With ``workers`` > 1, ``app`` must be an import string of an application factory (uvicorn
+    starts that many processes on one socket).
+    """
     try:
         import uvicorn
     except ImportError:
         raise OptionalDependencyError(
             "the web pages need uvicorn: pip install 'dermris[serve]'"
         ) from None
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5)
+    from ._limits import ServerLimits, connection_cap, protocol_for
+
+    limits = connection_cap(limits or ServerLimits())
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        http=protocol_for(limits),
+        timeout_keep_alive=max(1, round(limits.keep_alive)),
+        workers=workers if workers > 1 else None,
+        factory=workers > 1,
+    )

@@ -12,9 +12,11 @@ Needs the ``serve`` extra: ``pip install 'dermris[serve]'`` (fastapi, uvicorn, p
 import base64
 import hashlib
 import io
+import json
 import os
+import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import quote
 
 import numpy as np
@@ -86,6 +88,7 @@ def create_app(
     poll_seconds: float = 1.0,
     audit_log: str | os.PathLike | None = None,
     metrics_dir: str | os.PathLike | None = None,
+    max_requests: int = 128,
 ):
     """The FastAPI application serving ``store``.
 
@@ -115,6 +118,9 @@ def create_app(
     metrics_dir : path-like, optional
         Folder shared by the workers of one server for ``/metrics`` (default:
         ``$DERMRIS_METRICS_DIR``, else this process alone).
+    max_requests : int
+        Requests in progress beyond which new ones get 503 (``/api/health`` and ``/metrics``
+        are always answered).
     """
     _web.require_fastapi()
     from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
@@ -152,6 +158,7 @@ def create_app(
     app.state.follow = follow
     metrics = _ops.Metrics(metrics_dir or os.environ.get(_ops.METRICS_DIR_ENV) or None)
     audit = _ops.AuditLog(audit_log) if audit_log is not None else None
+    app.add_middleware(_web.InFlightLimit, max_requests=max_requests)
     app.add_middleware(_ops.RequestMetrics, metrics=metrics)
 
     def observe_search(
@@ -311,7 +318,7 @@ def create_app(
             )
         image = None
         upload_sha256 = None
-        audit_line = {
+        audit_line: dict[str, Any] = {
             "row": row,
             "measures": tuple(measures or MEASURES),
             "k": k,
@@ -460,6 +467,18 @@ def create_app(
     return app
 
 
+SERVE_ENV = "DERMRIS_SERVE_APP"
+"""Environment variable carrying the app's settings (JSON) to the workers of ``--workers N``."""
+
+
+def app_from_environment():
+    """The application of one worker of ``dermris serve --workers N`` (an app factory for
+    uvicorn): settings from ``$DERMRIS_SERVE_APP``, the token from ``$DERMRIS_TOKEN``."""
+    settings = json.loads(os.environ[SERVE_ENV])
+    settings["extra_hosts"] = tuple(settings.get("extra_hosts", ()))
+    return create_app(settings.pop("store"), token=os.environ.get(TOKEN_ENV) or None, **settings)
+
+
 def serve(
     store: str | os.PathLike,
     *,
@@ -469,16 +488,51 @@ def serve(
     device: str = "auto",
     judge_session: str | os.PathLike | None = None,
     extra_hosts: tuple[str, ...] = (),
+    workers: int = 1,
+    limits=None,
+    audit_log: str | os.PathLike | None = None,
+    max_upload_pixels: int | None = MAX_UPLOAD_PIXELS,
 ) -> None:
-    """Run the server until interrupted (uvicorn); beyond loopback a token is required."""
+    """Run the server until interrupted (uvicorn); beyond loopback a token is required.
+
+    Parameters
+    ----------
+    workers : int
+        Processes answering on one socket; each maps the store (the page cache shares it) and
+        loads the model only when it gets an image query.
+    limits : ServerLimits, optional
+        Timeouts and caps (:class:`dermris.app._limits.ServerLimits`; defaults when None).
+    audit_log : path-like, optional
+        Append a JSON line per search here (fsynced, rotated by size).
+    """
+    from ._limits import ServerLimits
+
     token = _web.resolve_token(host, token)
-    app = create_app(
-        store,
-        host=host,
-        port=port,
-        token=token,
-        device=device,
-        judge_session=judge_session,
-        extra_hosts=extra_hosts,
-    )
-    _web.run(app, host=host, port=port)
+    limits = limits or ServerLimits()
+    settings: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "device": device,
+        "judge_session": str(judge_session) if judge_session is not None else None,
+        "extra_hosts": list(extra_hosts),
+        "audit_log": str(audit_log) if audit_log is not None else None,
+        "max_upload_pixels": max_upload_pixels,
+        "max_requests": limits.max_requests,
+    }
+    if workers <= 1:
+        app = create_app(store, token=token, **settings)
+        _web.run(app, host=host, port=port, limits=limits)
+        return
+    Retriever.open(store, device="cpu")  # a store that cannot be opened fails here, once
+    with tempfile.TemporaryDirectory(prefix="dermris-metrics-") as metrics_dir:
+        os.environ[SERVE_ENV] = json.dumps({"store": str(store), **settings})
+        os.environ[_ops.METRICS_DIR_ENV] = metrics_dir
+        if token is not None:
+            os.environ[TOKEN_ENV] = token
+        _web.run(
+            "dermris.app.server:app_from_environment",
+            host=host,
+            port=port,
+            limits=limits,
+            workers=workers,
+        )
