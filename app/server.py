@@ -357,6 +357,8 @@ def create_app(
                 vectors = retriever.vectors(int(row))
             if exclude and file is not None:
                 same_generation(retriever, generation)
+            retriever.sync()
+            deleted = len(retriever.store.deleted_rows)  # as the search starts
             result = retriever.search(
                 vectors,
                 measures=measures or list(MEASURES),
@@ -367,10 +369,10 @@ def create_app(
                 explain=explain,
             )
             image_id = retriever.image_ids[row] if row is not None else None
-            return result, image_id
+            return result, image_id, deleted
 
         try:
-            (result, image_id), snap = on_store(run_search)
+            (result, image_id, deleted), snap = on_store(run_search)
         except HTTPException as exc:
             observe_search(
                 request,
@@ -382,6 +384,7 @@ def create_app(
             raise
         payload = result.to_dict(paths=False)  # no server paths: images are served by row
         payload["generation"] = snap.generation
+        payload["deleted"] = deleted
         payload["query"] = {
             "row": row,
             "image_id": image_id,
