@@ -202,7 +202,7 @@ def verify(answers: list[dict], archive: Path, limit: int, seed: int) -> dict:
         by_generation[a["generation"]].append(a)
     rng = random.Random(seed)
     share = max(1, limit // max(1, len(by_generation)))
-    checked = disagreed = later = missing = 0
+    checked = disagreed = later = missing = controls = controls_caught = 0
     first = []
     for generation, group in by_generation.items():
         folder = archive / generation
@@ -212,6 +212,14 @@ def verify(answers: list[dict], archive: Path, limit: int, seed: int) -> dict:
         data = load_store(folder)
         manifest = json.loads((folder / "manifest.json").read_text())
         data["deleted_order"] = [d["row"] for d in manifest.get("deleted", [])]
+        # a negative control: an answer with two hits swapped must be caught
+        control = json.loads(json.dumps(group[0]))
+        hits = control["results"]["style"]
+        if len(hits) >= 2 and hits[0][1] != hits[1][1]:
+            hits[0], hits[1] = hits[1], hits[0]
+            state = _state(data, control["rows"], control["deleted"])
+            controls_caught += state is not None and not _agrees(control, state)
+            controls += 1
         for answer in rng.sample(group, min(share, len(group))):
             checked += 1
             ok = False
@@ -233,6 +241,8 @@ def verify(answers: list[dict], archive: Path, limit: int, seed: int) -> dict:
         "agreed_with_a_deletion_committed_as_it_started": later,
         "answers_of_unarchived_generations": missing,
         "first_disagreements": first,
+        "negative_controls": controls,
+        "negative_controls_caught": controls_caught,
         "generations_answered": len(by_generation),
     }
 
