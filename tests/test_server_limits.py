@@ -152,3 +152,32 @@ def test_health_answers_beside_hundreds_of_stalled_connections(random_store):
             sock.close()
         server.kill()
         server.wait(20)
+
+
+def test_requests_beyond_the_cap_get_503_but_health_answers(random_store):
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    store = random_store(n=10, seed=7)
+    app = create_app(store, device="cpu", poll_seconds=0, max_requests=2)
+    client = TestClient(app, base_url="http://127.0.0.1:8000")
+    answers = []
+
+    def explain():
+        answers.append(client.get("/api/explain", params={"a": 1, "b": 2}).status_code)
+
+    with app.state.follow.lock:  # two searches wait for the lock: the cap is reached
+        waiting = [threading.Thread(target=explain) for _ in range(2)]
+        for t in waiting:
+            t.start()
+        time.sleep(2.0)  # both are in progress, waiting for the lock
+        assert client.get("/api/explain", params={"a": 1, "b": 2}).status_code == 503
+        busy = client.get("/api/info")
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        assert client.get("/api/health").json()["status"] == "ok"
+        assert client.get("/metrics").status_code == 200
+    for t in waiting:
+        t.join(20)
+    assert answers == [200, 200]
+    assert client.get("/api/explain", params={"a": 1, "b": 2}).status_code == 200
