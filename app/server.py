@@ -4,7 +4,14 @@ API (FastAPI, OpenAPI docs at ``/api/docs``) and a search page for clinicians.
 Safety: binds 127.0.0.1 unless told otherwise; requests whose ``Host`` or ``Origin`` is not this
 server are refused (DNS rebinding); a token (``--token`` or ``DERMRIS_TOKEN``), required when
 binding beyond loopback, is checked on every request; uploads are limited in bytes and, through
-PIL's decompression-bomb limit, in pixels; images are served by row, never by path.
+PIL's decompression-bomb limit and a per-request budget, in pixels (decoded before the search
+lock is taken); images are served by row, never by path; messages name no server path.
+
+The server follows the store (:mod:`dermris.app._follow`): deletions are seen by every
+endpoint at once, new rows within about a second, and a compaction by another process is
+followed by reopening the new generation; answers carry ``generation``. Slow and hostile clients
+meet deadlines and caps (:mod:`dermris.app._limits`); ``/metrics`` and the audit log are in
+:mod:`dermris.app._ops`. See docs/operations.md.
 
 Needs the ``serve`` extra: ``pip install 'dermris[serve]'`` (fastapi, uvicorn, python-multipart).
 """
