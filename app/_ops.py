@@ -19,6 +19,7 @@ import math
 import os
 import threading
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -94,11 +95,17 @@ class Metrics:
         self._histograms: dict[tuple[str, tuple], list[float]] = {}
         self._shared = Path(shared_dir) if shared_dir else None
         self._mine = self._shared / f"worker-{os.getpid()}.json" if self._shared else None
+        self._dirty = False
+        if self._shared is not None:
+            threading.Thread(
+                target=_publish_loop, args=(weakref.ref(self),), name="dermris-metrics", daemon=True
+            ).start()
 
     def count(self, name: str, labels: dict[str, str], by: float = 1.0) -> None:
         """Add ``by`` to a counter."""
         with self._lock:
             self._counters[(name, tuple(sorted(labels.items())))] += by
+            self._dirty = True
 
     def observe(self, name: str, labels: dict[str, str], seconds: float) -> None:
         """Record one observation of a histogram."""
@@ -110,6 +117,7 @@ class Metrics:
                     slots[i] += 1
             slots[-2] += 1  # count (also the +Inf bucket)
             slots[-1] += seconds  # sum
+            self._dirty = True
 
     def _state(self) -> dict[str, Any]:
         with self._lock:
@@ -120,14 +128,20 @@ class Metrics:
                 ],
             }
 
-    def _publish(self) -> list[dict[str, Any]]:
-        """Write this worker's figures to the shared folder; every worker's figures."""
-        state = self._state()
+    def publish(self) -> None:
+        """Write this worker's figures to the shared folder (every second, and on a scrape)."""
         if self._shared is None or self._mine is None:
-            return [state]
+            return
+        self._dirty = False
         tmp = self._mine.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state), "utf-8")
+        tmp.write_text(json.dumps(self._state()), "utf-8")
         os.replace(tmp, self._mine)
+
+    def _publish(self) -> list[dict[str, Any]]:
+        """Every worker's figures (this one's published first)."""
+        if self._shared is None:
+            return [self._state()]
+        self.publish()
         states = []
         for path in sorted(self._shared.glob("worker-*.json")):
             try:
@@ -170,6 +184,20 @@ class Metrics:
             for labels_dict, value in gauges.get(name, []):
                 lines.append(f"{name}{_labels(sorted(labels_dict.items()))} {_number(value)}")
         return "\n".join(lines) + "\n"
+
+
+def _publish_loop(ref: weakref.ref[Metrics]) -> None:
+    while True:
+        time.sleep(1.0)
+        metrics = ref()
+        if metrics is None:
+            return
+        if metrics._dirty:
+            try:
+                metrics.publish()
+            except OSError:
+                pass
+        del metrics
 
 
 class AuditLog:

@@ -21,6 +21,7 @@ from dermris.core.errors import ConfigError, OptionalDependencyError, QueryError
 __all__ = [
     "TOKEN_ENV",
     "BodyLimit",
+    "InFlightLimit",
     "allowed_hosts",
     "install_guard",
     "is_loopback",
@@ -152,6 +153,46 @@ class BodyLimit:
             await self._refuse(send)
 
 
+class InFlightLimit:
+    """ASGI middleware: 503 beyond ``max_requests`` requests in progress, except ``exempt``
+    paths (the health check and the metrics are always answered)."""
+
+    def __init__(
+        self,
+        app,
+        max_requests: int,
+        exempt: tuple[str, ...] = ("/api/health", "/metrics"),
+    ) -> None:
+        self.app = app
+        self.max_requests = max_requests
+        self.exempt = frozenset(exempt)
+        self.in_flight = 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.exempt:
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.max_requests:
+            body = b'{"detail":"the server is busy; try again in a moment"}'
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 503,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"retry-after", b"1"),
+                    ],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
 def install_guard(
     app,
     *,
@@ -264,8 +305,11 @@ def run(
     port: int,
     sock: socket.socket | None = None,
     on_ready: Callable[[], None] | None = None,
+    limits=None,
+    workers: int = 1,
 ) -> None:
-    """Serve ``app`` with uvicorn until interrupted.
+    """Serve ``app`` with uvicorn until interrupted, with the timeouts and caps of
+    :class:`~dermris.app._limits.ServerLimits` (``limits``; defaults when None).
 
     Parameters
     ----------
@@ -277,6 +321,11 @@ def run(
         A socket from :func:`listen` (bind first, to fail before slow set-up).
     on_ready : callable, optional
         Called once the server accepts requests (e.g. to print its address).
+    limits : ServerLimits, optional
+        Header, body and keep-alive timeouts, connection and request caps.
+    workers : int
+        With more than one, ``app`` must be an import string of an application factory:
+        that many processes answer on the one socket.
 
     Raises
     ------
@@ -289,6 +338,11 @@ def run(
         raise OptionalDependencyError(
             "the web pages need uvicorn: pip install 'dermris[serve]'"
         ) from None
+    from uvicorn.supervisors import Multiprocess
+
+    from ._limits import ServerLimits, connection_cap, protocol_for
+
+    limits = connection_cap(limits or ServerLimits())
 
     class _Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
@@ -297,9 +351,23 @@ def run(
                 on_ready()
 
     sock = sock if sock is not None else listen(host, port)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_keep_alive=5)
-    server = _Server(config)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        http=protocol_for(limits),
+        timeout_keep_alive=max(1, round(limits.keep_alive)),
+        workers=workers if workers > 1 else None,
+        factory=workers > 1,
+    )
     try:
+        if workers > 1:
+            if on_ready is not None:
+                on_ready()  # the socket listens; each worker answers once it has started
+            Multiprocess(config, sockets=[sock]).run()
+            return
+        server = _Server(config)
         server.run(sockets=[sock])
     finally:
         sock.close()

@@ -4,7 +4,14 @@ API (FastAPI, OpenAPI docs at ``/api/docs``) and a search page for clinicians.
 Safety: binds 127.0.0.1 unless told otherwise; requests whose ``Host`` or ``Origin`` is not this
 server are refused (DNS rebinding); a token (``--token`` or ``DERMRIS_TOKEN``), required when
 binding beyond loopback, is checked on every request; uploads are limited in bytes and, through
-PIL's decompression-bomb limit, in pixels; images are served by row, never by path.
+PIL's decompression-bomb limit and a per-request budget, in pixels (decoded before the search
+lock is taken); images are served by row, never by path; messages name no server path.
+
+The server follows the store (:mod:`dermris.app._follow`): deletions are seen by every
+endpoint at once, new rows within about a second, and a compaction by another process is
+followed by reopening the new generation; answers carry ``generation``. Slow and hostile clients
+meet deadlines and caps (:mod:`dermris.app._limits`); ``/metrics`` and the audit log are in
+:mod:`dermris.app._ops`. See docs/operations.md.
 
 Needs the ``serve`` extra: ``pip install 'dermris[serve]'`` (fastapi, uvicorn, python-multipart).
 """
@@ -12,7 +19,11 @@ Needs the ``serve`` extra: ``pip install 'dermris[serve]'`` (fastapi, uvicorn, p
 import base64
 import hashlib
 import io
+import json
 import os
+import socket
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -86,6 +97,7 @@ def create_app(
     poll_seconds: float = 1.0,
     audit_log: str | os.PathLike | None = None,
     metrics_dir: str | os.PathLike | None = None,
+    max_requests: int = 128,
 ):
     """The FastAPI application serving ``store``.
 
@@ -115,6 +127,9 @@ def create_app(
     metrics_dir : path-like, optional
         Folder shared by the workers of one server for ``/metrics`` (default:
         ``$DERMRIS_METRICS_DIR``, else this process alone).
+    max_requests : int
+        Requests in progress beyond which new ones get 503 (``/api/health`` and ``/metrics``
+        are always answered).
     """
     _web.require_fastapi()
     from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
@@ -152,6 +167,7 @@ def create_app(
     app.state.follow = follow
     metrics = _ops.Metrics(metrics_dir or os.environ.get(_ops.METRICS_DIR_ENV) or None)
     audit = _ops.AuditLog(audit_log) if audit_log is not None else None
+    app.add_middleware(_web.InFlightLimit, max_requests=max_requests)
     app.add_middleware(_ops.RequestMetrics, metrics=metrics)
 
     def observe_search(
@@ -377,6 +393,8 @@ def create_app(
                 query = retriever.embed(images[0])
             if exclude and row is None:
                 same_generation(retriever, generation)
+            retriever.sync()
+            deleted = len(retriever.store.deleted_rows)  # as the search starts
             result = retriever.search(
                 query,
                 measures=measures or list(MEASURES),
@@ -389,10 +407,10 @@ def create_app(
                 hidden_columns=_PRIVATE_COLUMNS,  # never filtered on, like never returned
             )
             image_id = retriever.image_ids[row] if row is not None else None
-            return result, image_id, retriever.segmenter_trained
+            return result, image_id, deleted, retriever.segmenter_trained
 
         try:
-            (result, image_id, segmenter_trained), snap = on_store(run_search)
+            (result, image_id, deleted, segmenter_trained), snap = on_store(run_search)
         except HTTPException as exc:
             observe_search(
                 request,
@@ -404,6 +422,7 @@ def create_app(
             raise
         payload = result.to_dict(paths=False)  # no server paths: images are served by row
         payload["generation"] = snap.generation
+        payload["deleted"] = deleted
         if not segmenter_trained:  # the Dice part of these measures is noise
             for measure in set(payload["results"]) & set(DICE_MEASURES):
                 for hit in payload["results"][measure]:
@@ -498,6 +517,18 @@ def create_app(
     return app
 
 
+SERVE_ENV = "DERMRIS_SERVE_APP"
+"""Environment variable carrying the app's settings (JSON) to the workers of ``--workers N``."""
+
+
+def app_from_environment():
+    """The application of one worker of ``dermris serve --workers N`` (an app factory for
+    uvicorn): settings from ``$DERMRIS_SERVE_APP``, the token from ``$DERMRIS_TOKEN``."""
+    settings = json.loads(os.environ[SERVE_ENV])
+    settings["extra_hosts"] = tuple(settings.get("extra_hosts", ()))
+    return create_app(settings.pop("store"), token=os.environ.get(TOKEN_ENV) or None, **settings)
+
+
 def serve(
     store: str | os.PathLike,
     *,
@@ -507,16 +538,60 @@ def serve(
     device: str = "auto",
     judge_session: str | os.PathLike | None = None,
     extra_hosts: tuple[str, ...] = (),
+    workers: int = 1,
+    limits=None,
+    audit_log: str | os.PathLike | None = None,
+    max_upload_pixels: int | None = MAX_UPLOAD_PIXELS,
+    sock: socket.socket | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
-    """Run the server until interrupted (uvicorn); beyond loopback a token is required."""
+    """Run the server until interrupted (uvicorn); beyond loopback a token is required.
+
+    Parameters
+    ----------
+    workers : int
+        Processes answering on one socket; each maps the store (the page cache shares it) and
+        loads the model only when it gets an image query.
+    limits : ServerLimits, optional
+        Timeouts and caps (:class:`dermris.app._limits.ServerLimits`; defaults when None).
+    audit_log : path-like, optional
+        Append a JSON line per search here (fsynced, rotated by size).
+    sock : socket.socket, optional
+        A listening socket (:func:`dermris.app._web.listen`): bind first, so that a port in use
+        fails before the store is opened.
+    on_ready : callable, optional
+        Called once the server accepts requests (e.g. to print its address).
+    """
+    from ._limits import ServerLimits
+
     token = _web.resolve_token(host, token)
-    app = create_app(
-        store,
-        host=host,
-        port=port,
-        token=token,
-        device=device,
-        judge_session=judge_session,
-        extra_hosts=extra_hosts,
-    )
-    _web.run(app, host=host, port=port)
+    limits = limits or ServerLimits()
+    settings: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "device": device,
+        "judge_session": str(judge_session) if judge_session is not None else None,
+        "extra_hosts": list(extra_hosts),
+        "audit_log": str(audit_log) if audit_log is not None else None,
+        "max_upload_pixels": max_upload_pixels,
+        "max_requests": limits.max_requests,
+    }
+    if workers <= 1:
+        app = create_app(store, token=token, **settings)
+        _web.run(app, host=host, port=port, limits=limits, sock=sock, on_ready=on_ready)
+        return
+    Retriever.open(store, device="cpu")  # a store that cannot be opened fails here, once
+    with tempfile.TemporaryDirectory(prefix="dermris-metrics-") as metrics_dir:
+        os.environ[SERVE_ENV] = json.dumps({"store": str(store), **settings})
+        os.environ[_ops.METRICS_DIR_ENV] = metrics_dir
+        if token is not None:
+            os.environ[TOKEN_ENV] = token
+        _web.run(
+            "dermris.app.server:app_from_environment",
+            host=host,
+            port=port,
+            limits=limits,
+            workers=workers,
+            sock=sock,
+            on_ready=on_ready,
+        )

@@ -7,11 +7,15 @@ and image queries (an uploaded JPEG of the photo set, all nine measures, k=5, em
 server). Every answer must be 200 with nine result lists; any error is counted and reported.
 Writes JSON and prints a table. Binds 127.0.0.1 only.
 
+With ``--workers 1,2`` it compares the row-query throughput of ``dermris serve --workers N``
+over a random store of ``--rows`` rows instead (``results/server-workers.json``).
+
 Examples
 --------
 ::
 
     python benchmarks/bench_server.py --rows 3000 --clients 8 --seconds 30
+    python benchmarks/bench_server.py --workers 1,2 --rows 20000 --clients 8 --seconds 30
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start_server(store: Path, port: int) -> subprocess.Popen:
+def _start_server(store: Path, port: int, workers: int = 1) -> subprocess.Popen:
     import httpx
 
     process = subprocess.Popen(
@@ -56,6 +60,8 @@ def _start_server(store: Path, port: int) -> subprocess.Popen:
             str(port),
             "--device",
             "cpu",
+            "--workers",
+            str(workers),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -120,6 +126,59 @@ def _load(base: str, make_request, *, clients: int, seconds: float, seed: int) -
     }
 
 
+def compare_workers(args) -> None:
+    """Row-query throughput of ``dermris serve --workers N`` for each N of ``--workers``, over
+    one store (a random store of ``--rows`` rows: no model, so the figures are the server's
+    and the search's own)."""
+    import httpx
+
+    from stores import random_store
+
+    store = random_store(
+        args.workdir / f"random-{args.rows}", args.rows, seed=args.seed, channels=(16, 24, 32)
+    )
+    results = {}
+    for workers in args.workers:
+        port = _free_port()
+        base = f"http://127.0.0.1:{port}"
+        server = _start_server(store, port, workers=workers)
+        try:
+            rows = httpx.get(base + "/api/info").json()["rows"]
+
+            def row_query(http, rng, rows=rows):
+                return http.post("/api/search", data={"row": rng.randrange(rows), "k": 5})
+
+            for warm in range(4 * workers):
+                row_query(httpx.Client(base_url=base, timeout=120), random.Random(warm))
+            results[str(workers)] = _load(
+                base, row_query, clients=args.clients, seconds=args.seconds, seed=args.seed
+            )
+        finally:
+            server.terminate()
+            server.wait(30)
+    one = results.get("1", {}).get("requests_per_second")
+    run = {
+        "store": {"rows": args.rows, "source": "random rows (benchmarks/stores.py), no model"},
+        "query": "row queries, all nine measures, k=5",
+        "clients": args.clients,
+        "seconds_per_setting": args.seconds,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "results": results,
+        "speedup": {w: r["requests_per_second"] / one for w, r in results.items()} if one else {},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(run, indent=1))
+    print(
+        f"dermris serve --workers N, {args.rows} random rows, row queries (nine measures, k=5), "
+        f"{args.clients} clients x {args.seconds:.0f} s, {os.cpu_count()} CPUs"
+    )
+    print(f"{'workers':<9}{'requests':>9}{'errors':>8}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}")
+    for w, r in results.items():
+        p50 = f"{r['p50_ms']:9.1f}" if r["p50_ms"] is not None else f"{'-':>9}"
+        p95 = f"{r['p95_ms']:9.1f}" if r["p95_ms"] is not None else f"{'-':>9}"
+        print(f"{w:<9}{r['requests']:>9}{r['errors']:>8}{r['requests_per_second']:8.1f}{p50}{p95}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=3000)
@@ -131,8 +190,20 @@ def main() -> None:
         type=Path,
         default=Path(os.environ.get("DERMRIS_BENCH_DIR", "/tmp/dermris-bench")),
     )
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "server.json")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--workers",
+        type=lambda text: [int(w) for w in text.split(",")],
+        default=None,
+        help="Compare row-query throughput of these worker counts, e.g. 1,2 "
+        "(writes results/server-workers.json)",
+    )
     args = parser.parse_args()
+    if args.workers:
+        args.out = args.out or HERE / "results" / "server-workers.json"
+        compare_workers(args)
+        return
+    args.out = args.out or HERE / "results" / "server.json"
 
     store = photo_store(args.workdir / f"photo-lite0-{args.rows}", args.rows, workdir=args.workdir)
     images = sorted((args.workdir / "photos-320-0").glob("*.jpg"))[:50]

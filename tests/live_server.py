@@ -15,15 +15,25 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_server(make_app, *, timeout: float = 20.0):
-    """Run ``make_app(port)`` under uvicorn on 127.0.0.1; yields the base URL."""
+def live_server(make_app, *, timeout: float = 20.0, limits=None):
+    """Run ``make_app(port)`` under uvicorn on 127.0.0.1; yields the base URL.
+
+    With ``limits`` (a :class:`dermris.app._limits.ServerLimits`), under the guarded protocol
+    ``dermris serve`` uses.
+    """
     import uvicorn
 
     port = free_port()
+    extra = {}
+    if limits is not None:
+        from dermris.app._limits import protocol_for
+
+        keep = max(1, round(limits.keep_alive))
+        extra = {"http": protocol_for(limits), "timeout_keep_alive": keep}
+    else:
+        extra = {"timeout_keep_alive": 5}
     server = uvicorn.Server(
-        uvicorn.Config(
-            make_app(port), host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=5
-        )
+        uvicorn.Config(make_app(port), host="127.0.0.1", port=port, log_level="warning", **extra)
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

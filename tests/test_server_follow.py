@@ -178,3 +178,30 @@ def test_store_errors_name_no_server_path(random_store, monkeypatch):
     assert response.status_code == 409
     _no_paths(response.text, store)
     assert "the store was compacted" in response.json()["detail"]
+
+
+def test_reopening_does_not_hold_up_searches(random_store, monkeypatch):
+    import threading
+
+    from dermris.app import _follow
+
+    store = random_store(n=30, seed=5)
+    app = create_app(store, device="cpu", poll_seconds=0)
+    client = TestClient(app, base_url=BASE)
+    opened = _follow._open_snapshot
+
+    def slow_open(*args, **kwargs):
+        time.sleep(3.0)
+        return opened(*args, **kwargs)
+
+    monkeypatch.setattr(_follow, "_open_snapshot", slow_open)
+    _append(store, 2, seed=10)
+    reopening = threading.Thread(target=app.state.follow.poll)
+    reopening.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    response = client.post("/api/search", data={"row": 1, "k": 3, "measures": ["style"]})
+    assert response.status_code == 200 and time.monotonic() - started < 2.0
+    assert response.json()["stats"]["rows"] == 30  # the old snapshot, while the new one opens
+    reopening.join(30)
+    assert client.get("/api/health").json()["rows"] == 32
