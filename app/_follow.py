@@ -172,10 +172,12 @@ class FollowedStore:
         except StoreError:
             return False  # being switched or damaged: the next poll looks again
         snap = self._current
-        self._seen_stamp = stamp
         if manifest.generation == snap.generation and manifest.rows == snap.rows:
+            self._seen_stamp = stamp
             return False  # a deletion or a derived file: requests pick deletions up themselves
-        return self.reopen(snap)
+        swapped = self.reopen(snap)  # raises when it fails: the next poll tries again
+        self._seen_stamp = stamp
+        return swapped
 
     def reopen(self, stale: Snapshot) -> bool:
         """Replace ``stale`` by a fresh snapshot (unless another thread already did).

@@ -104,3 +104,43 @@ def test_audit_log_rotates_by_size(tmp_path):
     assert kept == list(range(20 - len(kept), 20))  # the newest lines, in order
     assert all((tmp_path / n).stat().st_size <= 300 for n in names)
     assert oct((tmp_path / "a.jsonl").stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.slow
+def test_serve_with_two_workers_answers_and_sums_metrics(random_store):
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from live_server import free_port
+
+    store = random_store(n=40, seed=13)
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-c", "from dermris.app.cli import main; main()", "serve", str(store)]
+        + ["--port", str(port), "--device", "cpu", "--workers", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, "the server exited"
+            try:
+                httpx.get(base + "/api/health", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.3)
+        for row in range(12):
+            r = httpx.post(base + "/api/search", data={"row": row, "k": 2}, timeout=60)
+            assert r.status_code == 200 and r.json()["generation"]
+        time.sleep(2.5)  # every worker publishes its figures each second
+        samples = _samples(httpx.get(base + "/metrics").text)
+        assert samples['dermris_searches_total{kind="row"}'] == 12
+    finally:
+        server.terminate()
+        server.wait(30)
