@@ -13,7 +13,8 @@ followed by reopening the new generation; answers carry ``generation``. Slow and
 meet deadlines and caps (:mod:`dermris.app._limits`); ``/metrics`` and the audit log are in
 :mod:`dermris.app._ops`. See docs/operations.md.
 
-Needs the ``serve`` extra: ``pip install 'dermris[serve]'`` (fastapi, uvicorn, python-multipart).
+Needs the ``serve`` extra: ``pip install 'dermris[serve]'`` (fastapi, uvicorn, python-multipart,
+and fastapi-offline, whose Swagger UI files ``/api/docs`` serves itself: no third-party script).
 """
 
 import base64
@@ -58,6 +59,33 @@ __all__ = [
     "TOKEN_ENV",
     "GENERATION_HEADER",
 ]
+
+DOCS_STATIC = "/api/docs/static/"
+"""Where the docs page's Swagger UI files are served from (only the names in ``_DOCS_FILES``)."""
+
+_DOCS_FILES = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+    "favicon.png": "image/png",
+}
+# the docs page loads nothing from elsewhere, and its inline start-up script is the only one
+_DOCS_CSP = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+
+
+def _docs_folder() -> Path | None:
+    """The folder of Swagger UI files that fastapi-offline ships (None when not installed)."""
+    from importlib.util import find_spec
+
+    spec = find_spec("fastapi_offline")
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent / "static"
+    return folder if all((folder / name).is_file() for name in _DOCS_FILES) else None
+
 
 MAX_UPLOAD_BYTES = 32 << 20
 """Largest upload accepted (a full-size ISIC JPEG is a few MB)."""
@@ -134,7 +162,7 @@ def create_app(
     _web.require_fastapi()
     from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
     from fastapi.openapi.docs import get_swagger_ui_html
-    from fastapi.responses import HTMLResponse, Response
+    from fastapi.responses import FileResponse, HTMLResponse, Response
 
     follow = FollowedStore(store, device=device, poll_seconds=poll_seconds)
     root = follow.root
@@ -246,12 +274,44 @@ def create_app(
     def page():
         return HTMLResponse(_PAGE.read_text("utf-8"), headers={"Cache-Control": "no-store"})
 
+    docs_folder = _docs_folder()
+
     @app.get("/api/docs", include_in_schema=False)
     def docs(request: Request):
-        # the page fetches the schema itself: it carries the token the page was opened with
+        # the page fetches the schema and Swagger UI from this server, with the page's token
+        if docs_folder is None:
+            raise HTTPException(
+                503, "the API docs need fastapi-offline: pip install 'dermris[serve]'"
+            )
         given = request.query_params.get("token")
-        schema = "/api/openapi.json" + (f"?token={quote(given, safe='')}" if given else "")
-        return get_swagger_ui_html(openapi_url=schema, title="dermris API")
+        carry = f"?token={quote(given, safe='')}" if given else ""
+        page = get_swagger_ui_html(
+            openapi_url="/api/openapi.json" + carry,
+            title="dermris API",
+            swagger_js_url=f"{DOCS_STATIC}swagger-ui-bundle.js{carry}",
+            swagger_css_url=f"{DOCS_STATIC}swagger-ui.css{carry}",
+            swagger_favicon_url=f"{DOCS_STATIC}favicon.png{carry}",
+            swagger_ui_parameters={"validatorUrl": None},  # no badge from swagger.io
+        )
+        page.headers["Content-Security-Policy"] = _DOCS_CSP
+        page.headers["Referrer-Policy"] = "no-referrer"
+        page.headers["Cache-Control"] = "no-store"
+        return page
+
+    @app.get(DOCS_STATIC + "{name}", include_in_schema=False)
+    def docs_static(name: str):
+        # only the known names: the request never names a path
+        media = _DOCS_FILES.get(name)
+        if media is None or docs_folder is None:
+            raise HTTPException(404, "no such docs file")
+        return FileResponse(
+            docs_folder / name,
+            media_type=media,
+            headers={
+                "Cache-Control": "private, max-age=86400",
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus():
