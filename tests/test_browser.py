@@ -489,3 +489,21 @@ def test_isic_columns_archive_links_export_and_escaping(browser, isic_page_url):
     assert payload["query"]["row"] == 0 and "mask_outline_png" not in payload["query"]
     for measure in MEASURES:
         assert [h["row"] for h in payload["results"][measure]] == [h.row for h in expected[measure]]
+
+
+def test_api_docs_render_from_this_server_only(browser, indexed_store):
+    # a token on loopback: the page must pass it on to Swagger UI's files and the schema
+    with live_server(
+        lambda port: create_app(indexed_store, port=port, device="cpu", token="t&x")
+    ) as base:
+        browser.get(base + "/api/docs?token=t%26x")
+        _wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) >= 5)
+        title = browser.find_element(By.CSS_SELECTOR, ".info .title").text
+        assert title.startswith("dermris")
+        assert "/api/search" in browser.find_element(By.ID, "swagger-ui").text
+        loaded = browser.execute_script(
+            "return performance.getEntriesByType('resource').map(e => e.name)"
+        )
+        assert loaded and all(url.startswith(base + "/") for url in loaded)
+        assert any("swagger-ui-bundle.js" in url for url in loaded)
+        _screenshot(browser, "api_docs.png")
