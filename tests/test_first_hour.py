@@ -304,31 +304,40 @@ def test_commits_by_time_with_a_fake_clock():
     from dermris.indexer.commit import Committer
     from dermris.indexer.report import IndexReport
 
-    now = [0.0]
+    now, calls = [0.0], [0]
+
+    def clock():  # the writer thread reads it once per chunk, and once after each commit
+        calls[0] += 1
+        return now[0]
+
+    def wait_for(n):
+        deadline = time.monotonic() + 60
+        while calls[0] < n and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert calls[0] >= n
+
     writer = _FakeWriter()
-    committer = Committer(
-        writer, None, IndexReport(), 1000, commit_seconds=30.0, clock=lambda: now[0]
-    )
+    committer = Committer(writer, None, IndexReport(), 1000, commit_seconds=30.0, clock=clock)
+    wait_for(1)  # the thread started its clock at 0
 
-    def put_and_settle(chunk):
+    def put(chunk, *, commits: bool):
+        target = calls[0] + (2 if commits else 1)
         committer.put(chunk)
-        deadline = time.monotonic() + 10
-        while committer._queue.qsize() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.05)  # the writer thread handles what it took
+        wait_for(target)
+        time.sleep(0.05)
 
-    put_and_settle(_chunk(4, 0))
+    put(_chunk(4, 0), commits=False)
     now[0] = 10.0
-    put_and_settle(_chunk(4, 4))
+    put(_chunk(4, 4), commits=False)
     assert writer.appended == []  # 8 rows < 1000 and 10 s < 30 s
     now[0] = 31.0
-    put_and_settle(_chunk(4, 8))
+    put(_chunk(4, 8), commits=True)
     assert writer.appended == [12]  # 30 s since the start: everything pending is committed
     now[0] = 40.0
-    put_and_settle(_chunk(2, 12))
+    put(_chunk(2, 12), commits=False)
     assert writer.appended == [12]  # 9 s since that commit
     now[0] = 61.5
-    put_and_settle(_chunk(2, 14))
+    put(_chunk(2, 14), commits=True)
     assert writer.appended == [12, 4]
     committer.close()
     assert writer.appended == [12, 4] and committer.commits == 2
@@ -457,3 +466,41 @@ def test_serve_prints_its_url_once_listening(indexed_store):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+# -- 7. training defaults that converge on small data ---------------------------------------------
+def test_learning_rate_warms_up_then_decays():
+    from dermris.models.training import SEGMENTER_TRAINING, TrainConfig, learning_rate
+
+    cfg = SEGMENTER_TRAINING
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.schedule) == (10, 8, 3e-3, "cosine")
+    from dermris.app.cli.train import SEGMENTER_DEFAULTS
+
+    assert SEGMENTER_DEFAULTS == {"epochs": 10, "batch_size": 8, "lr": 3e-3}  # --help's
+    rates = [learning_rate(cfg, f / 100) for f in range(101)]
+    assert rates[0] == pytest.approx(3e-4) and max(rates) == pytest.approx(3e-3)
+    assert rates.index(max(rates)) == 10 and rates[-1] == pytest.approx(3e-5)
+    assert all(a <= b for a, b in zip(rates[:10], rates[1:11]))  # warm-up
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))  # then down
+    assert learning_rate(TrainConfig(schedule="constant"), 0.7) == 1e-3
+
+
+@pytest.mark.slow
+def test_segmenter_defaults_converge_on_80_lesions(tmp_path, tiny_model):
+    """The defaults, 80 synthetic lesions: held-out Dice well above the 0.72 of the old ones."""
+    import copy
+
+    from dermris.indexer.synthetic import write_synthetic_set
+    from dermris.models.training import read_segmentation_set, train_segmenter
+
+    write_synthetic_set(tmp_path / "data", per_class=20, size=128, seed=0)
+    items = read_segmentation_set(tmp_path / "data" / "images", tmp_path / "data" / "masks")
+    assert len(items) == 80
+    out = tmp_path / "seg.safetensors"
+    from dermris.models.training import SEGMENTER_TRAINING
+
+    cfg = dataclasses.replace(SEGMENTER_TRAINING, device="cpu")
+    model = train_segmenter(copy.deepcopy(tiny_model), items, out, cfg, progress=False)
+    history = json.loads((tmp_path / "seg.safetensors.metrics.json").read_text())
+    assert len(history) == 10 and model.segmenter_trained
+    assert history[-1]["val_dice"] > 0.85, [round(h["val_dice"], 3) for h in history]
