@@ -504,3 +504,10 @@ def test_segmenter_defaults_converge_on_80_lesions(tmp_path, tiny_model):
     history = json.loads((tmp_path / "seg.safetensors.metrics.json").read_text())
     assert len(history) == 10 and model.segmenter_trained
     assert history[-1]["val_dice"] > 0.85, [round(h["val_dice"], 3) for h in history]
+
+
+def test_cli_image_suffixes_are_the_indexers():
+    from dermris.app.cli.index import _SUFFIXES
+    from dermris.indexer.sources import IMAGE_EXTENSIONS
+
+    assert _SUFFIXES == IMAGE_EXTENSIONS
