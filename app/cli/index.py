@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -186,7 +187,10 @@ def index_cmd(
     # the bar comes before the heavy imports: the first line of progress at once
     from dermris.indexer.progress import StageProgress
 
-    stage = StageProgress("model", what="importing torch", enabled=progress())
+    # (none for a folder without images: its one-line error comes alone)
+    stage = StageProgress(
+        "model", what="importing torch", enabled=progress() and _has_images(images)
+    )
     try:
         from dermris.indexer import index_folder
 
@@ -277,3 +281,15 @@ def _committed_rows(store: Path) -> int:
         return Store.open(store).rows
     except DermrisError:
         return 0
+
+
+_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})  # as indexer.sources'
+
+
+def _has_images(folder: Path) -> bool:
+    """Whether ``folder`` holds an image file to index (stops at the first; imports nothing)."""
+    for _, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if any(not n.startswith(".") and Path(n).suffix.lower() in _SUFFIXES for n in names):
+            return True
+    return False

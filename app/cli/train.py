@@ -17,7 +17,14 @@ def train_group() -> None:
     """Train the paper's models (members, ensemble head, segmenter) into a weights file."""
 
 
-def _training_options(func):
+SEGMENTER_DEFAULTS = {"epochs": 10, "batch_size": 8, "lr": 3e-3}
+"""``train segmenter``'s defaults (those of :data:`dermris.models.training.SEGMENTER_TRAINING`;
+kept here so that ``--help`` imports no torch)."""
+
+
+def _training_options(func=None, *, epochs: int = 5, batch_size: int = 16, lr: float = 1e-3):
+    if func is None:
+        return lambda f: _training_options(f, epochs=epochs, batch_size=batch_size, lr=lr)
     options = [
         click.option(
             "--preset",
@@ -36,9 +43,17 @@ def _training_options(func):
             type=click.Path(exists=True, dir_okay=False, path_type=Path),
             help="Local timm checkpoint for the backbones.",
         ),
-        click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True),
-        click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True),
-        click.option("--lr", type=float, default=1e-3, show_default=True),
+        click.option("--epochs", type=click.IntRange(min=1), default=epochs, show_default=True),
+        click.option(
+            "--batch-size", type=click.IntRange(min=1), default=batch_size, show_default=True
+        ),
+        click.option(
+            "--lr",
+            type=float,
+            default=lr,
+            show_default=True,
+            help="Peak learning rate (warm-up over the first tenth, then a cosine decay).",
+        ),
         click.option(
             "--val-fraction",
             type=click.FloatRange(0, 1, min_open=True, max_open=True),
@@ -221,7 +236,7 @@ _classification_command(
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Mask folder, matched by file stem (_segmentation / _lesion suffixes); default: --images.",
 )
-@_training_options
+@_training_options(**SEGMENTER_DEFAULTS)
 def train_segmenter_cmd(
     images,
     masks,

@@ -10,6 +10,8 @@ from dermris.core._lazy import lazy_exports
 
 _EXPORTS = {
     "TrainConfig": ".train",
+    "SEGMENTER_TRAINING": ".train",
+    "learning_rate": ".train",
     "train_classifier": ".train",
     "train_ensemble": ".train",
     "train_segmenter": ".train",
@@ -30,4 +32,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from .augment import AUGMENTATIONS, augment
     from .data import read_classification_set, read_segmentation_set, split_train_val
     from .losses import binary_focal_loss, focal_tversky_loss
-    from .train import TrainConfig, train_classifier, train_ensemble, train_segmenter
+    from .train import (
+        SEGMENTER_TRAINING,
+        TrainConfig,
+        learning_rate,
+        train_classifier,
+        train_ensemble,
+        train_segmenter,
+    )
