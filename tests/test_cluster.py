@@ -150,6 +150,7 @@ def assert_exact(store):
             )
 
 
+@pytest.mark.slow
 def test_two_workers_give_the_store_of_one_process(folder, weights, single, client, tmp_path):
     images, csv = folder
     store = tmp_path / "store"
@@ -197,6 +198,7 @@ class _KillOnce(distributed.WorkerPlugin):
         threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGKILL)).start()
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_block_loses_and_duplicates_nothing(
     folder, weights, single, client, tmp_path
 ):
@@ -262,6 +264,7 @@ def _cli(images, store, csv, weights):
     )
 
 
+@pytest.mark.slow
 def test_client_killed_then_rerun_resumes(folder, weights, single, tmp_path):
     images, csv = folder
     store = tmp_path / "store"
@@ -302,6 +305,7 @@ def test_client_killed_then_rerun_resumes(folder, weights, single, tmp_path):
     assert_same_store(store, single[0], resumed=True)
 
 
+@pytest.mark.slow
 def test_scheduler_file(client, tmp_path):
     from dermris.indexer.cluster import connect
 
@@ -399,6 +403,7 @@ def test_cluster_errors_are_one_line(tmp_path, synthetic_set, monkeypatch):
     assert not (tmp_path / "s").exists()  # nothing was created by a run that could not start
 
 
+@pytest.mark.slow
 def test_blocks_smaller_than_a_batch_fit_the_codec_as_one_process(
     folder, weights, single, client, tmp_path
 ):
