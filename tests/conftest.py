@@ -52,9 +52,11 @@ def _each_model_built_once():
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from dermris.models import build_model, get_preset
+    """The tiny preset's model (the same build ``index --preset tiny`` gets in this session)."""
+    from dermris.indexer import pipeline
+    from dermris.models import get_preset
 
-    return build_model(get_preset("tiny"))
+    return pipeline.build_model(get_preset("tiny"))
 
 
 @pytest.fixture(scope="session")
