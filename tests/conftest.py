@@ -18,11 +18,48 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("DERMRIS_PRESET", "tiny")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _each_model_built_once():
+    """``index`` builds a new store's model from its preset; the same config builds the same
+    weights (seeded initialisation and BatchNorm calibration), so a test session builds each
+    config once and hands every later run a copy. A tiny build costs about 25 CPU seconds on
+    two cores, most of it the calibration; only calls with the usual arguments are cached.
+    """
+    import copy
+
+    from dermris.indexer import pipeline
+
+    original = getattr(pipeline, "build_model", None)
+    if original is None:
+        yield
+        return
+    built: dict = {}
+
+    def build_once(config, *args, **kwargs):
+        if args or set(kwargs) - {"backbone_weights", "pretrained", "device"}:
+            return original(config, *args, **kwargs)
+        key = (
+            repr(config),
+            repr(kwargs.get("backbone_weights")),
+            bool(kwargs.get("pretrained")),
+            str(kwargs.get("device", "cpu")),
+        )
+        if key not in built:
+            built[key] = original(config, **kwargs)
+        return copy.deepcopy(built[key])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "build_model", build_once)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
-    from dermris.models import build_model, get_preset
+    """The tiny preset's model (the same build ``index --preset tiny`` gets in this session)."""
+    from dermris.indexer import pipeline
+    from dermris.models import get_preset
 
-    return build_model(get_preset("tiny"))
+    return pipeline.build_model(get_preset("tiny"))
 
 
 @pytest.fixture(scope="session")

@@ -152,6 +152,7 @@ def test_index_json_reports_rejects(runner, tmp_path, synthetic_set):
     assert report["rejected"][0]["path"].endswith("broken.jpg")
 
 
+@pytest.mark.slow  # builds the lite0 model and runs the demo twice
 def test_demo(runner, tmp_path):
     out = tmp_path / "demo"
     result = runner.invoke(main, ["demo", "--out", str(out), "--per-class", "3", "-k", "3"])

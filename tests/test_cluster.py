@@ -152,6 +152,7 @@ def assert_exact(store):
             )
 
 
+@pytest.mark.slow
 def test_two_workers_give_the_store_of_one_process(folder, weights, single, client, tmp_path):
     images, csv = folder
     store = tmp_path / "store"
@@ -198,6 +199,7 @@ class _KillOnce(distributed.WorkerPlugin):
         threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGKILL)).start()
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_block_loses_and_duplicates_nothing(
     folder, weights, single, client, tmp_path
 ):
@@ -263,6 +265,7 @@ def _cli(images, store, csv, weights):
     )
 
 
+@pytest.mark.slow
 def test_client_killed_then_rerun_resumes(folder, weights, single, tmp_path):
     images, csv = folder
     store = tmp_path / "store"
@@ -303,6 +306,7 @@ def test_client_killed_then_rerun_resumes(folder, weights, single, tmp_path):
     assert_same_store(store, single[0], resumed=True)
 
 
+@pytest.mark.slow
 def test_scheduler_file(client, tmp_path):
     from dermris.indexer.cluster import connect
 
@@ -400,6 +404,7 @@ def test_cluster_errors_are_one_line(tmp_path, synthetic_set, monkeypatch):
     assert not (tmp_path / "s").exists()  # nothing was created by a run that could not start
 
 
+@pytest.mark.slow
 def test_blocks_smaller_than_a_batch_fit_the_codec_as_one_process(
     folder, weights, single, client, tmp_path
 ):

@@ -7,6 +7,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -45,6 +46,7 @@ def _mutate(rng: np.random.Generator, data: bytes) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.slow  # 160 files decoded and 40 indexed
 def test_fuzzed_files_never_stop_a_run(tmp_path):
     rng = np.random.default_rng(20261126)
     folder = tmp_path / "fuzz"

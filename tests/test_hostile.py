@@ -291,6 +291,7 @@ def _index_process(folder: Path, store: Path, preset: str) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow  # two processes, each building a model
 def test_two_runs_creating_the_same_store(tmp_path, synthetic_set):
     images, _ = synthetic_set
     folder = _images(tmp_path / "imgs", images, [f"I{i}" for i in range(6)])

@@ -313,6 +313,7 @@ def _index_subprocess(folder, store, csv):
     )
 
 
+@pytest.mark.slow  # real index runs killed and resumed
 def test_sigkill_at_random_points_then_resume(tmp_path, synthetic_set):
     """A real `dermris index` killed with SIGKILL several times, then resumed to the end."""
     images, csv = synthetic_set

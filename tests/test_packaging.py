@@ -72,6 +72,7 @@ def installed_venv(tmp_path_factory):
     return venv
 
 
+@pytest.mark.slow  # builds a wheel and a venv
 def test_wheel_installs_dermris_namespace_beside_users_own_packages(installed_venv, tmp_path):
     """In a folder with its own ``models/`` and ``retriever/``, dermris still imports and runs."""
     project = tmp_path / "research"

@@ -165,6 +165,7 @@ def segmentation_data(tmp_path_factory):
     return root / "images", root / "masks"
 
 
+@pytest.mark.slow  # trains, resumes, indexes
 def test_segmenter_training_beats_untrained_resumes_and_indexes(
     tmp_path, segmentation_data, tiny_model
 ):
@@ -257,6 +258,7 @@ def _label_csv(images, path):
     return path
 
 
+@pytest.mark.slow  # two training runs through the CLI
 def test_classifier_and_ensemble_training_cli(tmp_path, segmentation_data):
     images, _ = segmentation_data
     csv_path = _label_csv(images, tmp_path / "labels.csv")
