@@ -164,3 +164,10 @@ def test_api_group_by_rows_and_files(client, indexed_store, synthetic_set):
 def test_api_lesion_and_group_errors(client, data, message):
     response = client.post("/api/search", data=data)
     assert response.status_code == 400 and message in response.json()["detail"]
+
+
+def test_page_offers_lesion_queries_and_grouping(client):
+    page = client.get("/").text
+    assert 'id="group-by"' in page and 'id="rows"' in page and "multiple hidden" in page
+    assert 'form.append("group_by"' in page and 'form.append("rows", r)' in page
+    assert 'if (!lesion) form.append("explain"' in page  # explain is refused for lesions

@@ -184,6 +184,20 @@ def evaluate_cmd(
     help="Score the judgments in this session folder instead.",
 )
 @click.option("--rater", default=None, help="With --score: only this rater's judgments.")
+@click.option(
+    "--reader-study",
+    is_flag=True,
+    help="A crossover reader study instead: each case diagnosed with and without the retrieved "
+    "images (order randomised per rater); needs --label-column to prepare.",
+)
+@click.option("--label-column", help="With --reader-study: the diagnosis column (the answers).")
+@click.option(
+    "--measure",
+    type=click.Choice(MEASURES),
+    default="style",
+    show_default=True,
+    help="With --reader-study: the measure that retrieves the images shown.",
+)
 @click.option("--json", "as_json", is_flag=True)
 def judge_cmd(
     store,
@@ -198,11 +212,45 @@ def judge_cmd(
     no_serve,
     score_dir,
     rater,
+    reader_study,
+    label_column,
+    measure,
     as_json,
 ):
-    """Blinded manual judgment (paper 4.1): prepare and serve a session, or --score it."""
-    from dermris.app import judge
+    """Blinded manual judgment (paper 4.1): prepare and serve a session, or --score it.
 
+    With --reader-study: a crossover reader study (diagnosis, confidence and time per case, with
+    and without retrieval); --score then reports accuracy with vs without per rater (McNemar).
+    """
+    from dermris.app import judge
+    from dermris.app import reader_study as study
+
+    if score_dir is not None and (score_dir / study.READER_STUDY_FILE).exists():
+        _print_reader_score(study.score_reader_study(score_dir, rater=rater), as_json)
+        return
+    if reader_study:
+        if out is None:
+            raise click.UsageError("give --out DIR (and STORE to prepare a new reader study)")
+        if not (out / study.READER_KEY_FILE).exists():
+            if store is None or label_column is None:
+                raise click.UsageError("give STORE and --label-column to prepare a reader study")
+            from dermris.retriever import Retriever
+
+            study.prepare_reader_study(
+                Retriever.open(store, device="cpu"),
+                out,
+                label_column=label_column,
+                cases=queries,
+                k=k,
+                measure=measure,
+                seed=seed,
+            )
+            click.echo(f"prepared {out}")
+        if no_serve:
+            return
+        click.echo(f"reader study at http://{host}:{port}/reader/ (Ctrl-C to stop)", err=True)
+        study.serve_reader(out, host=host, port=port, token=token, extra_hosts=extra_hosts)
+        return
     if score_dir is not None:
         score = judge.score_session(score_dir, rater=rater)
         if as_json:
@@ -242,3 +290,28 @@ def judge_cmd(
         f"judge at http://{host}:{port}/judge/ (Ctrl-C to stop; every click is saved)", err=True
     )
     judge.serve(out, host=host, port=port, token=token, extra_hosts=extra_hosts)
+
+
+def _print_reader_score(score, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(score.to_dict(), indent=1))
+        return
+
+    def pct(value):
+        return f"{100 * value:6.1f}%" if value is not None else f"{'-':>7}"
+
+    click.echo(f"reader study: {score.cases} cases, accuracy with vs without retrieval")
+    click.echo(
+        f"{'rater':<16}{'paired':>7}{'with':>9}{'without':>9}{'only w':>8}{'only w/o':>9}"
+        f"{'McNemar p':>11}{'s with':>8}{'s w/o':>8}"
+    )
+    rows = list(score.per_rater.items()) + ([("(pooled)", score.pooled)] if score.pooled else [])
+    for name, o in rows:
+        seconds = "".join(
+            f"{v:8.1f}" if v is not None else f"{'-':>8}"
+            for v in (o.seconds_with, o.seconds_without)
+        )
+        click.echo(
+            f"{name[:15]:<16}{o.paired:>7}{pct(o.accuracy_with):>9}{pct(o.accuracy_without):>9}"
+            f"{o.only_with:>8}{o.only_without:>9}{o.p_value:>11.4f}{seconds}"
+        )
