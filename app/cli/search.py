@@ -132,13 +132,6 @@ def search_cmd(
     if all_measures or not measures:
         measures = MEASURES
     retriever = Retriever.open(store, device=device)
-    dice_based = [m for m in measures if m in DICE_MEASURES]
-    if dice_based and not retriever.segmenter_trained:
-        log.warning(
-            "%s: the Dice part of these scores is noise, the store's masks come from an "
-            "untrained segmenter (train one: dermris train segmenter; see docs/models.md)",
-            ", ".join(dice_based),
-        )
     if lesion_of is not None:
         rows = tuple(retriever.group_rows(column, _typed(retriever, column, value)))
     items: list = [*images, *rows]
@@ -187,6 +180,7 @@ def search_cmd(
         if sheet is not None:
             payload["sheet"] = str(sheet)
         click.echo(json.dumps(payload, indent=1))
+        _warn_untrained(retriever, measures)
         return
     click.echo(
         f"query: {query_name}   store: {store} ({len(retriever)} rows)"
@@ -197,6 +191,19 @@ def search_cmd(
         print_stats(result.stats)
     if sheet is not None:
         click.echo(f"\ncontact sheet: {sheet}")
+    _warn_untrained(retriever, measures)
+
+
+def _warn_untrained(retriever, measures) -> None:
+    """One warning line (after the results: an error stays the only line) when a Dice-based
+    measure was asked of a store whose segmenter is untrained."""
+    dice_based = [m for m in measures if m in DICE_MEASURES]
+    if dice_based and not retriever.segmenter_trained:
+        log.warning(
+            "%s: the Dice part of these scores is noise, the store's masks come from an "
+            "untrained segmenter (train one: dermris train segmenter; see docs/models.md)",
+            ", ".join(dice_based),
+        )
 
 
 def _typed(retriever, column: str, value: str):

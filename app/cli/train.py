@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -17,7 +18,7 @@ def train_group() -> None:
     """Train the paper's models (members, ensemble head, segmenter) into a weights file."""
 
 
-SEGMENTER_DEFAULTS = {"epochs": 10, "batch_size": 8, "lr": 3e-3}
+SEGMENTER_DEFAULTS: dict[str, Any] = {"epochs": 10, "batch_size": 8, "lr": 3e-3}
 """``train segmenter``'s defaults (those of :data:`dermris.models.training.SEGMENTER_TRAINING`;
 kept here so that ``--help`` imports no torch)."""
 
