@@ -160,6 +160,7 @@ def test_weights_file_errors(tmp_path):
         load_model(other)
 
 
+@pytest.mark.slow  # two full builds (calibration included)
 def test_backbone_weights_from_local_checkpoint(tmp_path):
     import timm
     from safetensors.torch import save_file
