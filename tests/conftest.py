@@ -36,8 +36,9 @@ def _each_model_built_once():
     built: dict = {}
 
     def build_once(config, *args, **kwargs):
+        progress = kwargs.pop("progress", None)  # a copy of a cached build is ready at once
         if args or set(kwargs) - {"backbone_weights", "pretrained", "device"}:
-            return original(config, *args, **kwargs)
+            return original(config, *args, progress=progress, **kwargs)
         key = (
             repr(config),
             repr(kwargs.get("backbone_weights")),
@@ -45,7 +46,10 @@ def _each_model_built_once():
             str(kwargs.get("device", "cpu")),
         )
         if key not in built:
-            built[key] = original(config, **kwargs)
+            built[key] = original(config, progress=progress, **kwargs)
+            progress = None
+        if progress is not None:
+            progress(1, 1, "model ready")
         return copy.deepcopy(built[key])
 
     with pytest.MonkeyPatch.context() as patch:
