@@ -263,7 +263,7 @@ def page_url(indexed_store):
 
 
 def test_row_query_shows_the_query_image_and_outlines_toggle_without_a_search(browser, page_url):
-    _open_page(browser, page_url)
+    _open_page(browser, page_url, segmenter_trained=True)  # outlines on by default
     _row_search(browser, 5, measures=9)
     preview = browser.find_element(By.ID, "query-preview")
     assert preview.is_displayed() and "/api/image/5" in preview.get_attribute("src")
@@ -280,7 +280,7 @@ def test_row_query_shows_the_query_image_and_outlines_toggle_without_a_search(br
         )
 
     browser.execute_script("document.querySelector('.measure').dataset.kept = 'yes'")
-    assert browser.find_element(By.ID, "outlines").is_selected()  # no segmenter flag: outlines on
+    assert browser.find_element(By.ID, "outlines").is_selected()  # a trained segmenter: on
     assert all(outlines_shown(browser)) and len(outlines_shown(browser)) == 9 * 5
     browser.find_element(By.ID, "outlines").click()
     assert not any(outlines_shown(browser))
