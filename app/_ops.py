@@ -28,6 +28,8 @@ from typing import Any
 
 from filelock import FileLock
 
+from dermris.core.atomic import append_durably, atomic_write_bytes, rename_durably
+
 __all__ = ["AuditLog", "Metrics", "METRICS_DIR_ENV", "token_id", "CONTENT_TYPE"]
 
 METRICS_DIR_ENV = "DERMRIS_METRICS_DIR"
@@ -133,9 +135,7 @@ class Metrics:
         if self._shared is None or self._mine is None:
             return
         self._dirty = False
-        tmp = self._mine.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._state()), "utf-8")
-        os.replace(tmp, self._mine)
+        atomic_write_bytes(self._mine, json.dumps(self._state()).encode("utf-8"))
 
     def _publish(self) -> list[dict[str, Any]]:
         """Every worker's figures (this one's published first)."""
@@ -230,16 +230,16 @@ class AuditLog:
         for i in range(self.keep - 1, 0, -1):
             older = self.path.with_name(f"{self.path.name}.{i}")
             if older.exists():
-                os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+                rename_durably(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
         if self.keep > 0:
-            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+            rename_durably(self.path, self.path.with_name(f"{self.path.name}.1"))
         else:
             self.path.unlink()
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record (``time`` is added, UTC ISO 8601) and fsync it."""
         entry = {"time": datetime.now(UTC).isoformat(timespec="milliseconds")} | record
-        line = (json.dumps(entry, sort_keys=False, ensure_ascii=True) + "\n").encode()
+        line = json.dumps(entry, sort_keys=False, ensure_ascii=True) + "\n"
         with self._lock, self._file_lock:
             try:
                 size = os.stat(self.path).st_size
@@ -247,12 +247,7 @@ class AuditLog:
                 size = 0
             if size and size + len(line) > self.max_bytes:
                 self._rotate()
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, line)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            append_durably(self.path, line, file_mode=0o600)
 
 
 def now() -> float:

@@ -195,11 +195,12 @@ def record_reading(
     ``rater`` an id (letters, digits, ``_ . @ -``), ``case`` a case name, ``arm`` one of
     :data:`ARMS`, ``diagnosis`` one of the study's choices, ``confidence`` an integer 1-5,
     ``seconds`` the time spent on the case (0 to 86400); anything else raises JudgeError."""
-    from .judge import RATER_PATTERN
+    from .judge import rater_problem
 
     out, study, _ = _load(out)
-    if not isinstance(rater, str) or not RATER_PATTERN.match(rater):
-        raise JudgeError("a rater id (letters, digits, _ . @ -; up to 64 characters) is required")
+    problem = rater_problem(rater)
+    if problem is not None:
+        raise JudgeError(problem)
     if not isinstance(case, str) or case not in {c["case"] for c in study["cases"]}:
         raise JudgeError(f"unknown case {case!r}")
     if not isinstance(arm, str) or arm not in ARMS:
@@ -368,7 +369,7 @@ def reader_router(out: str | os.PathLike):
     from dermris.core.errors import ImageDecodeError
     from dermris.indexer import decode_image
 
-    from .judge import RATER_PATTERN
+    from .judge import rater_problem
 
     out, study, key = _load(out)
     cases = {c["case"]: c for c in study["cases"]}
@@ -377,8 +378,9 @@ def reader_router(out: str | os.PathLike):
 
     @router.get("/api/schedule", summary="One rater's crossover order")
     def rater_schedule(rater: str):
-        if not RATER_PATTERN.match(rater):
-            raise HTTPException(400, "a rater id is required")
+        problem = rater_problem(rater)
+        if problem is not None:
+            raise HTTPException(400, problem)
         done = sorted(
             f"{c}/{a}" for (r, c, a) in _readings(out) if r == rater
         )  # resume where the rater stopped

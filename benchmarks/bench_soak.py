@@ -46,7 +46,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from dermris.core import StyleLayout  # noqa: E402
 from dermris.indexer import StoreWriter  # noqa: E402
-from dermris.indexer.store import compact  # noqa: E402
+from dermris.indexer.store import Store, compact  # noqa: E402
 from dermris.models import get_preset  # noqa: E402
 
 from reference import NAMES, brute_force, load_store, row_query  # noqa: E402
@@ -89,15 +89,13 @@ class Rows:
 
 def _archive(store: Path, archive: Path) -> str:
     """Copy the store's current generation (manifest, arrays, metadata) under ``archive``."""
-    manifest = json.loads((store / "manifest.json").read_text())
-    target = archive / manifest["generation"]
+    generation = Store.open(store).manifest.generation or ""
+    target = archive / generation
     if target.exists():
         shutil.rmtree(target)
-    target.mkdir(parents=True)
-    for name in ("arrays.zarr", "metadata"):
-        shutil.copytree(store / name, target / name)
-    shutil.copy2(store / "manifest.json", target / "manifest.json")
-    return manifest["generation"]
+    # the whole store (the manifest is its commit): the reader's own view of this generation
+    shutil.copytree(store, target, ignore=shutil.ignore_patterns(".writer.lock", ".compact"))
+    return generation
 
 
 def _writer(store: Path, archive: Path, rows: Rows, stop: threading.Event, log: Counter, args):
@@ -210,8 +208,7 @@ def verify(answers: list[dict], archive: Path, limit: int, seed: int) -> dict:
             missing += len(group)
             continue
         data = load_store(folder)
-        manifest = json.loads((folder / "manifest.json").read_text())
-        data["deleted_order"] = [d["row"] for d in manifest.get("deleted", [])]
+        data["deleted_order"] = [d.row for d in Store.open(folder).manifest.deleted]
         # a negative control: an answer with two hits swapped must be caught
         control = json.loads(json.dumps(group[0]))
         hits = control["results"]["style"]

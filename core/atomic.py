@@ -23,6 +23,7 @@ __all__ = [
     "default_file_mode",
     "fsync_dir",
     "fsync_file",
+    "rename_durably",
 ]
 
 
@@ -112,13 +113,27 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         fh.write(data)
 
 
-def append_durably(path: str | os.PathLike, text: str) -> None:
-    """Append ``text`` to a log file and fsync it before returning (a record is never lost)."""
+def append_durably(path: str | os.PathLike, text: str, *, file_mode: int = 0o666) -> None:
+    """Append ``text`` to a log file and fsync it before returning (a record is never lost).
+
+    ``file_mode`` is the permission a new file is created with (less the umask), e.g.
+    ``0o600`` for a log only its owner may read.
+    """
     path = Path(path)
     created = not path.exists()
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, file_mode)
+    try:
+        view = memoryview(text.encode("utf-8"))
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     if created:
         fsync_dir(path.parent)
+
+
+def rename_durably(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename ``source`` to ``target`` (replacing it) and fsync the directory (log rotation)."""
+    os.replace(source, target)
+    fsync_dir(Path(target).parent)
