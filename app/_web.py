@@ -193,6 +193,42 @@ class InFlightLimit:
             self.in_flight -= 1
 
 
+def router_app(
+    router,
+    *,
+    prefix: str,
+    title: str,
+    host: str,
+    port: int,
+    token: str | None,
+    max_body_bytes: int,
+    extra_hosts: tuple[str, ...] = (),
+):
+    """A guarded FastAPI application serving only ``router`` at ``prefix`` (``/`` redirects
+    there, keeping ``?token=``): no API docs, the guard of :func:`install_guard`."""
+    require_fastapi()
+    from fastapi import FastAPI
+    from fastapi.responses import RedirectResponse
+
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
+    install_guard(
+        app,
+        host=host,
+        port=port,
+        token=token,
+        max_body_bytes=max_body_bytes,
+        extra_hosts=tuple(extra_hosts),
+    )
+    app.include_router(router, prefix=prefix)
+
+    async def root(request):  # a plain Starlette endpoint: it is given the request
+        query = request.url.query  # keeps ?token=
+        return RedirectResponse(f"{prefix}/" + (f"?{query}" if query else ""))
+
+    app.router.add_route("/", root, methods=["GET"], include_in_schema=False)
+    return app
+
+
 def install_guard(
     app,
     *,

@@ -297,28 +297,16 @@ def create_judge_app(
     Requests whose Host or Origin is not this server are refused (403: DNS rebinding), bodies are
     limited to 4 KB of JSON, and ``token`` (when given) is required on every request.
     """
-    _web.require_fastapi()
-    from fastapi import FastAPI, Request
-    from fastapi.responses import RedirectResponse
-
-    router = judge_router(out)
-    app = FastAPI(title="dermris judge", docs_url=None, redoc_url=None, openapi_url=None)
-    _web.install_guard(
-        app,
+    return _web.router_app(
+        judge_router(out),
+        prefix="/judge",
+        title="dermris judge",
         host=host,
         port=port,
         token=token,
         max_body_bytes=MAX_JUDGMENT_BYTES,
-        extra_hosts=tuple(extra_hosts),
+        extra_hosts=extra_hosts,
     )
-    app.include_router(router, prefix="/judge")
-
-    @app.get("/", include_in_schema=False)
-    def root(request: Request):
-        query = request.url.query  # keeps ?token=
-        return RedirectResponse("/judge/" + (f"?{query}" if query else ""))
-
-    return app
 
 
 def serve(

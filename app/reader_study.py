@@ -454,8 +454,7 @@ def create_reader_app(
     from . import _web
 
     _web.require_fastapi()
-    from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, RedirectResponse
+    from fastapi.responses import HTMLResponse
 
     router = reader_router(out)
 
@@ -463,18 +462,16 @@ def create_reader_app(
     def page():
         return HTMLResponse(_PAGE.read_text("utf-8"), headers={"Cache-Control": "no-store"})
 
-    app = FastAPI(title="dermris reader study", docs_url=None, redoc_url=None, openapi_url=None)
-    _web.install_guard(
-        app, host=host, port=port, token=token, max_body_bytes=4096, extra_hosts=extra_hosts
+    return _web.router_app(
+        router,
+        prefix="/reader",
+        title="dermris reader study",
+        host=host,
+        port=port,
+        token=token,
+        max_body_bytes=4096,
+        extra_hosts=extra_hosts,
     )
-    app.include_router(router, prefix="/reader")
-
-    @app.get("/", include_in_schema=False)
-    def root(request: Request):
-        query = request.url.query
-        return RedirectResponse("/reader/" + (f"?{query}" if query else ""))
-
-    return app
 
 
 def serve_reader(
