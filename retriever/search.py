@@ -11,7 +11,9 @@ from disk only for rows whose bounds leave them in contention.
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast, overload
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
     from dermris.indexer.embed import Embedder
 
 __all__ = ["Hit", "SearchResult", "Retriever", "QueryVectors", "SearchOptions", "LesionQuery"]
+
+_WHERE_CACHE = 32  # filters whose matching rows are kept (N booleans each)
 
 Query = Any
 """A path (str or os.PathLike), a PIL image, an H x W (x 3) uint8 array, a stored row (int),
@@ -94,6 +98,8 @@ class Retriever:
         self._paths = _TextColumn(meta.column("path"))
         self._metadata: pa.Table | None = None
         self._groupings: dict[str, Grouping] = {}
+        self._where_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._where_lock = threading.Lock()
         self._index = StoreIndex(store, options=self.options)
 
     @classmethod
@@ -357,8 +363,29 @@ class Retriever:
                     "where must be a pyarrow compute expression or a string, "
                     f"not {type(where).__name__}"
                 )
-            allowed &= rows_matching(self.metadata(), where, hidden=hidden)
+            allowed &= self._where_mask(where, hidden)
         return allowed
+
+    def _where_mask(self, where: "pc.Expression | str", hidden: frozenset[str]) -> np.ndarray:
+        """The rows passing ``where`` (evaluated once per filter and kept: the metadata of a
+        retriever's snapshot never change)."""
+        try:
+            text = where if isinstance(where, str) else where.__reduce__()[1][0].to_pybytes()
+        except (AttributeError, IndexError, TypeError):  # pragma: no cover - pyarrow internals
+            return rows_matching(self.metadata(), where, hidden=hidden)
+        key = (isinstance(where, str), text, hidden)
+        with self._where_lock:
+            mask = self._where_cache.get(key)
+            if mask is not None:
+                self._where_cache.move_to_end(key)
+                return mask
+        mask = rows_matching(self.metadata(), where, hidden=hidden)
+        mask.flags.writeable = False
+        with self._where_lock:
+            self._where_cache[key] = mask
+            while len(self._where_cache) > _WHERE_CACHE:
+                self._where_cache.popitem(last=False)
+        return mask
 
     def _check_columns(self, columns: Sequence[str], hidden: frozenset[str]) -> tuple[str, ...]:
         if isinstance(columns, str):

@@ -41,7 +41,14 @@ from .measures import (
     normalised_score,
     rank,
 )
-from .scan import QueryWeights, dot_error, parallel, style_dots
+from .scan import (
+    EXACT_SLAB,
+    QueryWeights,
+    dot_error,
+    parallel,
+    stored_squared_distances,
+    style_dots,
+)
 from .store_index import StoreIndex
 from .types import QueryVectors, SearchStats
 
@@ -49,7 +56,7 @@ __all__ = ["QueryBatch"]
 
 _FLOAT64_SLACK = 1e-9  # relative to ||q - mu||^2 + ||x - mu||^2: float64 rounding of length-D sums
 _EXACT_BLOCK = 64  # style rows read at a time for exact values
-_EXACT_ROWS = 4  # ... and turned into float64 at a time (stays in cache)
+_EXACT_ROWS = 8  # ... and computed at a time (slab by slab, in cache)
 
 
 class _Query:
@@ -221,7 +228,6 @@ class QueryBatch:
             return
         started = time.perf_counter()
         codec = self.index.store.codec
-        width = self.index.store.style_dim
         stage_starts = self._stage_starts
         explain = self.explain
 
@@ -232,20 +238,26 @@ class QueryBatch:
                 for b in range(0, len(part), _EXACT_ROWS):
                     yield part[b : b + _EXACT_ROWS], stored[b : b + _EXACT_ROWS]
 
-        def work(task, squares):
+        scales = codec.column_scales
+        q64 = query.q64
+
+        def work(task, scratch):
             chunk, stored = task
-            x = codec.decode(stored)  # float32, as every path decodes
-            sq = squares[: len(x)]
-            # the one exact arithmetic (squared_distances), in place: float64 differences,
-            # squared, summed pairwise along each row
-            np.subtract(x, query.q64, out=sq)
-            np.multiply(sq, sq, out=sq)
-            query.ls[chunk] = sq.sum(axis=1)
+            # the one exact arithmetic (squared_distances), from the stored values in cache
+            query.ls[chunk] = stored_squared_distances(stored, q64, scales, scratch)
             if explain:
-                stages = np.add.reduceat(sq, stage_starts, axis=1)
+                diff = codec.decode(stored) - q64
+                stages = np.add.reduceat(diff * diff, stage_starts, axis=1)
                 query.stage_losses.update(zip(chunk.tolist(), stages, strict=True))
 
-        parallel(tasks(), work, lambda: np.empty((_EXACT_ROWS, width)))
+        parallel(
+            tasks(),
+            work,
+            lambda: (
+                np.empty((_EXACT_ROWS, EXACT_SLAB), np.int32),
+                np.empty((_EXACT_ROWS, EXACT_SLAB)),
+            ),
+        )
         if query.ls_lo is not None:
             query.ls_lo[rows] = query.ls_hi[rows] = query.ls[rows]
         self._count_reads(query, rows)

@@ -239,3 +239,32 @@ def test_json_safe_covers_numpy_scalars():
         "d": True,
         "e": [None, "x"],
     }
+
+
+def test_filters_are_evaluated_once_and_never_confused(retriever, monkeypatch):
+    """A repeated filter is evaluated once (its rows are kept); filters that print alike but
+    differ (``x == 1`` against ``x == 1.5``), the same text with other hidden columns, and
+    an expression beside its string form are told apart; every answer equals a fresh
+    evaluation."""
+    import dermris.retriever.search as search_module
+
+    calls = []
+    real = search_module.rows_matching
+
+    def counting(table, where, *, hidden=()):
+        calls.append(where)
+        return real(table, where, hidden=hidden)
+
+    monkeypatch.setattr(search_module, "rows_matching", counting)
+    fresh = Retriever.open(retriever.store.root, device="cpu")
+    table = fresh.metadata()
+    for where in ["age >= 30", "age >= 30", pc.field("x") == 1, pc.field("x") == 1.5]:
+        got = fresh.search(0, measures="cosine", k=N, where=where)
+        expected = set(np.flatnonzero(real(table, where))) - {0}
+        assert {h.row for h in got["cosine"]} == expected
+    assert len(calls) == 3  # the repeated string was evaluated once
+    assert str(pc.field("x") == 1) == str(pc.field("x") == 1.0)  # why the key is not str()
+    ones = fresh.search(0, measures="cosine", k=N, where=pc.field("x") == 1.0)
+    assert {h.row for h in ones["cosine"]} == set(np.flatnonzero(real(table, "x == 1"))) - {0}
+    with pytest.raises(QueryError, match="not served"):
+        fresh.search(0, measures="cosine", where="age >= 30", hidden_columns={"age"})
