@@ -21,30 +21,24 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
 __all__ = [
-    "EXACT_SLAB",
     "SLAB",
     "ROWS_PER_BLOCK",
     "QueryWeights",
     "decode_scaled",
     "dot_error",
     "parallel",
-    "stored_squared_distances",
     "style_dots",
 ]
 
 SLAB = 2048
 """Columns converted and multiplied at a time."""
-
-EXACT_SLAB = 4096
-"""Columns of a style row squared and summed at a time by the exact arithmetic
-(:func:`~dermris.retriever.store_index.squared_distances`)."""
 
 ROWS_PER_BLOCK = 64
 """Rows converted at a time (a 64 x 2048 float64 slab is 1 MB: it stays in cache)."""
@@ -74,73 +68,6 @@ def decode_scaled(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
     np.left_shift(target, 13, out=target)
     np.bitwise_and(target, _BITS_MASK, out=target)
     return target.view(np.float32)
-
-
-def _exact_factors(column_scales: np.ndarray) -> np.ndarray | None:
-    """``2**112 / scale`` per column, float64, when every scale is a power of two in a range
-    where multiplying the reinterpreted float16 bits by it equals the codec's ``* 2**112`` and
-    ``/ scale`` exactly (both are the exact product); None otherwise."""
-    scales = np.asarray(column_scales, np.float64)
-    mantissa, exponent = np.frexp(scales)
-    if scales.size and not (
-        (mantissa == 0.5).all() and (exponent >= -14).all() and (exponent <= 100).all()
-    ):
-        return None
-    return 2.0**_SHIFT / scales
-
-
-def stored_squared_distances(
-    stored: np.ndarray,
-    q: np.ndarray,
-    column_scales: np.ndarray,
-    scratch: tuple[np.ndarray, np.ndarray] | None = None,
-) -> np.ndarray:
-    """Exact style losses straight from stored rows, slab by slab (in cache).
-
-    Bit for bit ``squared_distances(codec.decode(stored), q)``: every element is decoded to the
-    codec's own float32 value (the float16 bits reinterpreted and scaled by a power of two:
-    exact, so done once in float64; any other scale by the codec's own two float32 steps), and
-    differences, squares and sums follow the same fixed order.
-
-    Parameters
-    ----------
-    stored : np.ndarray
-        ``(B, D)`` stored rows (float16 or float32; any row stride).
-    q : np.ndarray
-        ``(D,)`` float64, the decoded query.
-    column_scales : np.ndarray
-        ``(D,)`` float32, the codec's scale of every column.
-    scratch : (np.ndarray, np.ndarray), optional
-        ``(>=B, EXACT_SLAB)`` int32 and float64 work space (allocated when absent).
-    """
-    b, width = stored.shape
-    if scratch is None:
-        scratch = (np.empty((b, EXACT_SLAB), np.int32), np.empty((b, EXACT_SLAB)))
-    bits_scratch, wide = scratch
-    half = stored.dtype == np.float16
-    factors = _exact_factors(column_scales) if half else None
-    block = stored.view(np.int16) if half else stored
-    out = np.zeros(b)
-    for c in range(0, width, EXACT_SLAB):
-        part = block[:, c : c + EXACT_SLAB]
-        w = part.shape[1]
-        diff = wide[:b, :w]
-        if factors is not None:
-            np.copyto(diff, decode_scaled(part, bits_scratch))
-            np.multiply(diff, factors[c : c + w], out=diff)
-        else:
-            if half:
-                values = decode_scaled(part, bits_scratch)
-                np.multiply(values, np.float32(2.0**_SHIFT), out=values)
-            else:
-                values = bits_scratch[:b, :w].view(np.float32)
-                np.copyto(values, part, casting="same_kind")
-            np.divide(values, column_scales[c : c + w], out=values)
-            np.copyto(diff, values)
-        np.subtract(diff, q[c : c + w], out=diff)
-        np.multiply(diff, diff, out=diff)
-        out += diff.sum(axis=1)
-    return out
 
 
 class QueryWeights:
@@ -181,7 +108,9 @@ class QueryWeights:
 
 
 def style_dots(
-    blocks: Iterable[tuple[int, np.ndarray]], weights: QueryWeights, rows: int
+    blocks: Iterable[tuple[int, np.ndarray | Callable[[], np.ndarray]]],
+    weights: QueryWeights,
+    rows: int,
 ) -> np.ndarray:
     """``x . z_q`` for every row in ``blocks`` and every query, float64 ``(rows, Q)``.
 
@@ -190,9 +119,11 @@ def style_dots(
 
     Parameters
     ----------
-    blocks : iterable of (int, np.ndarray)
+    blocks : iterable of (int, np.ndarray or callable)
         ``(first_row, stored)``: ``(B, D)`` stored rows, float16 (memory-mapped shards or
-        blocks read from disk; any row stride) or float32, as the weights were made for.
+        blocks read from disk; any row stride) or float32, as the weights were made for; or a
+        function returning them (called on the worker thread, so that gathering rows and
+        verifying their checksums runs in parallel too: at most ``ROWS_PER_BLOCK`` rows).
     weights : QueryWeights
         The queries.
     rows : int
@@ -202,11 +133,16 @@ def style_dots(
 
     def pieces():
         for first, stored in blocks:
+            if callable(stored):
+                yield first, stored
+                continue
             for a in range(0, len(stored), ROWS_PER_BLOCK):
                 yield first + a, stored[a : a + ROWS_PER_BLOCK]
 
     def work(task, scratch):
         first, block = task
+        if callable(block):
+            block = block()
         out[first : first + len(block)] = _block_dots(block, weights, *scratch)
 
     parallel(

@@ -20,7 +20,6 @@ import numpy as np
 from dermris.indexer.store import Store, StyleSketch, mask_block_counts
 
 from .measures import dice_score
-from .scan import EXACT_SLAB
 from .types import CostModel, SearchOptions
 
 __all__ = [
@@ -376,22 +375,9 @@ def cosine_of(dots: np.ndarray, norms: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 
 def squared_distances(block: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """``||x - q||^2`` of each row of ``block`` (the exact style loss), float64.
-
-    The one exact arithmetic of style losses, in an order fixed by the row's length alone:
-    float64 differences, squared, summed pairwise within slabs of :data:`EXACT_SLAB` columns,
-    the slab sums added left to right. (Slabs keep the work in cache;
-    :func:`~dermris.retriever.scan.stored_squared_distances` computes the same values, bit for
-    bit, straight from the stored float16 rows.)
-    """
-    block = np.atleast_2d(block)
-    q = np.asarray(q, np.float64)
-    out = np.zeros(len(block))
-    for c in range(0, block.shape[1], EXACT_SLAB):
-        diff = np.subtract(block[:, c : c + EXACT_SLAB], q[c : c + EXACT_SLAB], dtype=np.float64)
-        np.multiply(diff, diff, out=diff)
-        out += diff.sum(axis=1)
-    return out
+    """``||x - q||^2`` of each float64 row (the exact style loss; fixed per-row order)."""
+    diff = block - q
+    return np.sum(diff * diff, axis=1)
 
 
 def mask_block_counts_of(mask_packed: np.ndarray, size: int, grid: int) -> np.ndarray:

@@ -26,6 +26,7 @@ and every scan. Exactness does not depend on the path taken.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 
@@ -41,22 +42,16 @@ from .measures import (
     normalised_score,
     rank,
 )
-from .scan import (
-    EXACT_SLAB,
-    QueryWeights,
-    dot_error,
-    parallel,
-    stored_squared_distances,
-    style_dots,
-)
+from .scan import ROWS_PER_BLOCK, QueryWeights, dot_error, parallel, style_dots
 from .store_index import StoreIndex
 from .types import QueryVectors, SearchStats
 
 __all__ = ["QueryBatch"]
 
 _FLOAT64_SLACK = 1e-9  # relative to ||q - mu||^2 + ||x - mu||^2: float64 rounding of length-D sums
-_EXACT_BLOCK = 64  # style rows read at a time for exact values
-_EXACT_ROWS = 8  # ... and computed at a time (slab by slab, in cache)
+_EXACT_AT_ONCE = 2  # style rows scored exactly at once, per hit asked for (see _refine)
+_EXACT_BLOCK = 64  # style rows read from disk at a time for exact values
+_EXACT_ROWS = 4  # ... and turned into float64 at a time (stays in cache)
 
 
 class _Query:
@@ -194,7 +189,13 @@ class QueryBatch:
         else:
             rows = np.unique(rows)
             count = len(rows)
-            blocks = iter([(0, index.style.rows_stored(rows))])
+            if index.style.in_memory:  # gathered and verified on the worker threads
+                blocks = (
+                    (a, functools.partial(index.style.rows_stored, rows[a : a + ROWS_PER_BLOCK]))
+                    for a in range(0, count, ROWS_PER_BLOCK)
+                )
+            else:  # read from disk in one call (one request per run of adjacent rows)
+                blocks = iter([(0, index.style.rows_stored(rows))])
         parts = [q.weights for q in queries if q.weights is not None]
         weights = parts[0] if len(parts) == 1 else QueryWeights.stack(parts)
         dots = style_dots(blocks, weights, count)
@@ -228,36 +229,39 @@ class QueryBatch:
             return
         started = time.perf_counter()
         codec = self.index.store.codec
+        width = self.index.store.style_dim
         stage_starts = self._stage_starts
         explain = self.explain
 
+        style = self.index.style
+
         def tasks():
-            for a in range(0, len(rows), _EXACT_BLOCK):
+            if style.in_memory:  # mapped rows are gathered (and verified) on the worker threads
+                for a in range(0, len(rows), _EXACT_ROWS):
+                    yield rows[a : a + _EXACT_ROWS], None
+                return
+            for a in range(0, len(rows), _EXACT_BLOCK):  # read from disk here, in runs
                 part = rows[a : a + _EXACT_BLOCK]
-                stored = self.index.style.rows_stored(part)
+                stored = style.rows_stored(part)
                 for b in range(0, len(part), _EXACT_ROWS):
                     yield part[b : b + _EXACT_ROWS], stored[b : b + _EXACT_ROWS]
 
-        scales = codec.column_scales
-        q64 = query.q64
-
-        def work(task, scratch):
+        def work(task, squares):
             chunk, stored = task
-            # the one exact arithmetic (squared_distances), from the stored values in cache
-            query.ls[chunk] = stored_squared_distances(stored, q64, scales, scratch)
+            if stored is None:
+                stored = style.rows_stored(chunk)
+            x = codec.decode(stored)  # float32, as every path decodes
+            sq = squares[: len(x)]
+            # the one exact arithmetic (squared_distances), in place: float64 differences,
+            # squared, summed pairwise along each row
+            np.subtract(x, query.q64, out=sq)
+            np.multiply(sq, sq, out=sq)
+            query.ls[chunk] = sq.sum(axis=1)
             if explain:
-                diff = codec.decode(stored) - q64
-                stages = np.add.reduceat(diff * diff, stage_starts, axis=1)
+                stages = np.add.reduceat(sq, stage_starts, axis=1)
                 query.stage_losses.update(zip(chunk.tolist(), stages, strict=True))
 
-        parallel(
-            tasks(),
-            work,
-            lambda: (
-                np.empty((_EXACT_ROWS, EXACT_SLAB), np.int32),
-                np.empty((_EXACT_ROWS, EXACT_SLAB)),
-            ),
-        )
+        parallel(tasks(), work, lambda: np.empty((_EXACT_ROWS, width)))
         if query.ls_lo is not None:
             query.ls_lo[rows] = query.ls_hi[rows] = query.ls[rows]
         self._count_reads(query, rows)
@@ -392,8 +396,17 @@ class QueryBatch:
         return out
 
     def _refine(
-        self, query: _Query, names: Sequence[str], rows: np.ndarray, pending_style: np.ndarray
+        self,
+        query: _Query,
+        names: Sequence[str],
+        rows: np.ndarray,
+        pending_style: np.ndarray,
+        hits: int,
     ) -> None:
+        """Narrow the intervals of ``rows`` (the most promising of ``pending_style``) for a top
+        ``hits``: exact features and Dice; style losses exact at once when the rows are few
+        beside the hits (most of them will be hits, and a tight interval costs nearly an exact
+        value), else tight intervals by reading them or by one scan (the cost model)."""
         if "es" in names or "cs" in names:
             self._exact_features(query, rows)
         if "dc" in names:
@@ -404,6 +417,8 @@ class QueryBatch:
                 index = self.index
                 if index.cost.prefer_scan(len(pending_style), index.rows, index.style_row_bytes):
                     self._tighten(None, query)
+                elif len(need) <= _EXACT_AT_ONCE * hits:  # most will be hits: score them now
+                    self._exact_style(query, need)
                 else:
                     self._tighten(need, query)
 
@@ -473,7 +488,7 @@ class QueryBatch:
             pending = candidates[loose]
             order = pending[np.lexsort((pending, -hi[loose]))]
             for state in states:
-                self._refine(state, names, order[:batch], order)
+                self._refine(state, names, order[:batch], order, k)
             batch *= 2
         # the rows that can still be in the top k: their exact scores
         lo, hi = self._mean_bounds(states, measure, candidates)

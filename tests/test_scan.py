@@ -6,22 +6,13 @@ products with ``math.fsum``-grade accuracy, reads by bytes through the shard rea
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
 from dermris.core import StyleLayout
 from dermris.indexer.store import Store, StyleCodec
 from dermris.retriever import CostModel, Retriever, SearchOptions
-from dermris.retriever.scan import (
-    EXACT_SLAB,
-    QueryWeights,
-    dot_error,
-    stored_squared_distances,
-    style_dots,
-)
-from dermris.retriever.store_index import squared_distances
+from dermris.retriever.scan import QueryWeights, dot_error, style_dots
 
 from reference import NAMES, brute_force, load_store, row_query
 
@@ -40,51 +31,6 @@ def test_every_float16_value_decodes_bit_for_bit():
         got = codec.decode(row[None, :])[0]
         expected = row.astype(np.float32) / np.float32(scale)
         np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
-
-
-@pytest.mark.parametrize(
-    ("dtype", "scales"),
-    [
-        ("float16", (2.0**-7, 1.0, 2.0**9)),  # powers of two: decoded in one float64 step
-        ("float16", (3.0, 0.7, 2.0**-20)),  # not powers of two / out of range: two steps
-        ("float32", (4.0, 0.3, 1.0)),
-    ],
-)
-def test_exact_losses_from_stored_rows_equal_the_decoded_arithmetic(dtype, scales):
-    """``stored_squared_distances`` (straight from the stored bits, slab by slab) equals
-    ``squared_distances`` of the codec's decoded rows bit for bit, for every float16 value
-    (subnormals, both zeros, the largest), whatever the rows it is computed with; and the
-    exact arithmetic agrees with a compensated float64 sum."""
-    values = np.arange(65536, dtype=np.uint16).view(np.float16)
-    values = values[np.isfinite(values)]
-    layout = StyleLayout.from_channels((90, 120, 200))  # 4095 + 7260 + 20100 columns
-    codec = StyleCodec(layout, scales, dtype)
-    rng = np.random.default_rng(0)
-    n = 11
-    stored = rng.choice(values, size=(n, layout.dim)).astype(np.float16)
-    stored[3] = 0.0
-    stored[4, : len(values) // 3] = values[: len(values) // 3]
-    if dtype == "float32":
-        stored = stored.astype(np.float32) * np.float32(1.5)
-    decoded = codec.decode(stored)
-    q = codec.decode(stored[5:6])[0].astype(np.float64) + rng.normal(size=layout.dim) * 1e-3
-    expected = squared_distances(decoded, q)
-    for rows in (range(n), [0], [4, 3], [10, 2, 7]):
-        rows = list(rows)
-        got = stored_squared_distances(stored[rows], q, codec.column_scales)
-        np.testing.assert_array_equal(got, expected[rows])
-        alone = [squared_distances(decoded[r : r + 1], q)[0] for r in rows]
-        np.testing.assert_array_equal(got, alone)
-    # a strided view of the stored rows (a memory-mapped shard) and tiny scratch reuse
-    wide = np.zeros((n, layout.dim + 5), stored.dtype)
-    wide[:, : layout.dim] = stored
-    scratch = (np.empty((n, EXACT_SLAB), np.int32), np.empty((n, EXACT_SLAB)))
-    got = stored_squared_distances(wide[:, : layout.dim], q, codec.column_scales, scratch)
-    np.testing.assert_array_equal(got, expected)
-    precise = np.array(
-        [math.fsum(((decoded[i].astype(np.float64) - q) ** 2).tolist()) for i in range(n)]
-    )
-    np.testing.assert_allclose(expected, precise, rtol=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(3))
