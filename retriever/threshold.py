@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -182,6 +182,7 @@ class QueryBatch:
         started = time.perf_counter()
         index = self.index
         n = index.rows
+        blocks: Iterator[tuple[int, np.ndarray | Callable[[], np.ndarray]]]
         if rows is None:
             blocks = index.style.blocks()
             count = n
