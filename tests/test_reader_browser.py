@@ -295,11 +295,14 @@ def test_bad_input_shows_a_message_and_records_nothing(browser, served):
     assert _readings(out) == []  # nothing recorded
     assert _state(browser)["progress"] == f"0 / {len(plan)} read"  # still the first case
 
-    # corrected: saved, the message goes; a double click saves once and skips no case
+    # corrected: saved, the message goes; saving twice at once saves once and skips no case
     browser.execute_script(
         "document.querySelector('#choices input:checked').value = arguments[0]", CHOICES[1]
     )
-    browser.execute_script("const b = document.getElementById('save'); b.click(); b.click();")
+    browser.execute_script(  # a click, Enter and another click before the first save returns
+        "const b = document.getElementById('save'); b.click();"
+        "document.dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter'})); b.click();"
+    )
     s = _wait_step(browser, 1, len(plan))
     time.sleep(0.3)  # a second reading, if any, would be written by now
     assert s["error"] == ""
