@@ -340,3 +340,32 @@ def test_token_is_passed_on_and_a_missing_image_is_reported(browser, study, tmp_
         _message(browser, "image could not be loaded")
         state = _state(browser)
         assert state["shown"] and "token=s%263" in state["query_src"]
+
+
+def test_the_time_of_a_case_starts_when_its_image_is_on_screen(browser, study, tmp_path):
+    import asyncio
+
+    out = tmp_path / "study"
+    shutil.copytree(study[0], out)
+    delay = 1.5
+
+    def slow_images(port):
+        app = rs.create_reader_app(out, port=port)
+
+        @app.middleware("http")
+        async def late(request, call_next):  # a slow network: every image arrives late
+            if "/image/" in request.url.path:
+                await asyncio.sleep(delay)
+            return await call_next(request)
+
+        return app
+
+    with live_server(slow_images) as base:
+        began = time.monotonic()
+        _start(browser, base + "/reader/", RATER_X)
+        _wait_step(browser, 0, 8)
+        _by_keyboard(browser, CHOICES[2], 1)
+        _wait(browser, lambda d: len(_readings(out)) == 1, timeout=30)
+        wall = time.monotonic() - began
+    seconds = _readings(out)[0]["seconds"]
+    assert wall > delay and 0 < seconds < delay / 2, (wall, seconds)  # the wait is not counted
