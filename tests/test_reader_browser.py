@@ -207,6 +207,9 @@ def test_a_rater_reads_the_whole_crossover_through_the_page_and_is_scored(browse
     _wait(browser, lambda d: _state(d)["done"])
     assert _state(browser)["progress"] == f"{total} / {total} read"
     assert not _state(browser)["shown"]
+    _start(browser, url, RATER_X)  # coming back after the last case: nothing left to read
+    _wait(browser, lambda d: _state(d)["done"])
+    assert _state(browser)["progress"] == f"{total} / {total} read"
 
     # the readings follow this rater's crossover: every case once per period, arms swapped
     records = _readings(out)
