@@ -588,10 +588,17 @@ class Retriever:
             names = tuple(
                 c for c in COMPONENTS if any(c in MEASURE_COMPONENTS[m] for m in measures)
             )
-            for measure in measures:
-                rows, scores = batch.top_k(states, measure, k, mask, grouping=grouping)
+            ranked = {
+                measure: batch.top_k(states, measure, k, mask, grouping=grouping)
+                for measure in measures
+            }
+            # every hit's components, computed together (one parallel pass over their rows)
+            every = np.unique(np.concatenate([rows for rows, _ in ranked.values()]))
+            every_comps = batch.hit_components(states, every, names)
+            for measure, (rows, scores) in ranked.items():
                 hit_rows.append(rows)
-                comps = batch.hit_components(states, rows, names)
+                where = np.searchsorted(every, rows)
+                comps = {c: v[where] for c, v in every_comps.items()}
                 meta = (
                     table.take(pa.array(rows, pa.int64())).to_pylist()
                     if table is not None
