@@ -20,6 +20,7 @@ import numpy as np
 from dermris.indexer.store import Store, StyleSketch, mask_block_counts
 
 from .measures import dice_score
+from .scan import parallel
 from .types import CostModel, SearchOptions
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
 ]
 
 _FEATURE_BLOCK = 8192
+_MASK_BLOCK = 1024  # mask rows intersected at a time (6 MB of 224 x 224 masks)
 _U32 = 2.0**-24
 
 
@@ -338,20 +340,27 @@ class StoreIndex:
 
 
 def _intersections(masks: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Pixels each bit-packed row shares with ``mask`` (popcounts of 64-bit words)."""
+    """Pixels each bit-packed row shares with ``mask`` (popcounts of 64-bit words, blocks of
+    rows shared out to every core)."""
     words = masks.shape[1] // 8 * 8
     inter = np.zeros(len(masks), np.int64)
     q64 = np.ascontiguousarray(mask[:words]).view(np.uint64)
-    scratch = np.empty((1024, words // 8), np.uint64)
-    for a in range(0, len(masks), 1024):
-        block = masks[a : a + 1024]
+
+    def work(a: int, scratch: np.ndarray) -> None:
+        block = masks[a : a + _MASK_BLOCK]
         both = scratch[: len(block)]
         np.bitwise_and(np.ascontiguousarray(block[:, :words]).view(np.uint64), q64, out=both)
-        inter[a : a + 1024] = np.bitwise_count(both).sum(axis=1, dtype=np.int64)
+        inter[a : a + _MASK_BLOCK] = np.bitwise_count(both).sum(axis=1, dtype=np.int64)
         if words < masks.shape[1]:
-            inter[a : a + 1024] += np.bitwise_count(block[:, words:] & mask[words:]).sum(
+            inter[a : a + _MASK_BLOCK] += np.bitwise_count(block[:, words:] & mask[words:]).sum(
                 axis=1, dtype=np.int64
             )
+
+    parallel(
+        range(0, len(masks), _MASK_BLOCK),
+        work,
+        lambda: np.empty((_MASK_BLOCK, words // 8), np.uint64),
+    )
     return inter
 
 

@@ -128,3 +128,19 @@ def test_a_cheap_measure_alone_reads_no_style_row(random_store):
     result = retriever.search(3, measures="cosine", k=5)
     assert result.stats.style_rows_read == 0 and "bounds" not in result.stats.stage_seconds
     assert set(result["cosine"][0].components) == {"cs"}
+
+
+@pytest.mark.parametrize("width", [13, 6272])
+def test_mask_intersections_in_parallel_blocks_equal_unpacked_counts(width):
+    """The popcount pass over every row (blocks of rows on every core, 64-bit words and a tail
+    of bytes) equals the intersections counted on unpacked bits, across block boundaries."""
+    from dermris.retriever.store_index import _MASK_BLOCK, _intersections
+
+    rng = np.random.default_rng(width)
+    n = 2 * _MASK_BLOCK + 37
+    masks = rng.integers(0, 256, size=(n, width), dtype=np.uint8)
+    masks[5] = 0
+    masks[_MASK_BLOCK] = 255
+    query = rng.integers(0, 256, size=width, dtype=np.uint8)
+    expected = (np.unpackbits(masks, axis=1) & np.unpackbits(query)[None, :]).sum(axis=1)
+    np.testing.assert_array_equal(_intersections(masks, query), expected)
