@@ -46,20 +46,21 @@ GROUP = "lesion_id"
 
 
 def components(store: Store, row: int, cache: dict) -> dict[str, np.ndarray]:
-    """The four component scores of every row for the query ``row``, float64, full scans."""
+    """The four component scores of every row for the query ``row``, float64, full scans (the
+    style rows streamed block by block: a float64 copy of them would not fit in memory)."""
     if "features" not in cache:
         cache["features"] = store.features().astype(np.float64)
-        cache["style"] = np.concatenate(
-            [b.astype(np.float64) for _, b in store.iter_style_blocks()]
-        )
         cache["masks"] = store.masks()
         cache["areas"] = np.bitwise_count(cache["masks"]).sum(axis=1)
-    feats, style, masks, areas = (cache[k] for k in ("features", "style", "masks", "areas"))
+    feats, masks, areas = (cache[k] for k in ("features", "masks", "areas"))
     q = feats[row]
     ed = np.sqrt(((feats - q) ** 2).sum(axis=1))
     norms = np.linalg.norm(feats, axis=1) * np.linalg.norm(q)
     cos = np.where(norms > 0, feats @ q / np.where(norms > 0, norms, 1), 0.0)
-    ls = ((style - style[row]) ** 2).sum(axis=1)
+    q_style = store.style_rows([row])[0].astype(np.float64)
+    ls = np.empty(len(feats))
+    for start, block in store.iter_style_blocks():
+        ls[start : start + len(block)] = ((block.astype(np.float64) - q_style) ** 2).sum(axis=1)
     inter = np.bitwise_count(masks & masks[row]).sum(axis=1)
     total = areas + areas[row]
     dc = np.where(total > 0, 2.0 * inter / np.where(total > 0, total, 1), 1.0)

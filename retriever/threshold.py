@@ -175,10 +175,15 @@ class QueryBatch:
             query.ls_lo[known] = query.ls_hi[known] = query.ls[known]
             query.stats.add_time("bounds", started)
 
-    def _tighten(self, rows: np.ndarray | None, asking: _Query) -> None:
-        """Tight style-loss intervals for ``rows`` for ``asking``, or for every row (None: a
-        sequential scan) for every query of the batch that has style bounds (they share it)."""
-        queries = [q for q in self.queries if q.ls_lo is not None] if rows is None else [asking]
+    def _tighten(
+        self, rows: np.ndarray | None, asking: _Query, sharing: Sequence[_Query] = ()
+    ) -> None:
+        """Tight style-loss intervals for ``rows`` for ``asking`` (and the queries ``sharing``
+        the read: a lesion query's other images), or for every row (None: a sequential scan)
+        for every query of the batch that has style bounds (they share it)."""
+        queries = (
+            [q for q in self.queries if q.ls_lo is not None] if rows is None else [asking, *sharing]
+        )
         started = time.perf_counter()
         index = self.index
         n = index.rows
@@ -398,30 +403,37 @@ class QueryBatch:
 
     def _refine(
         self,
-        query: _Query,
+        states: Sequence[_Query],
         names: Sequence[str],
         rows: np.ndarray,
         pending_style: np.ndarray,
         hits: int,
     ) -> None:
         """Narrow the intervals of ``rows`` (the most promising of ``pending_style``) for a top
-        ``hits``: exact features and Dice; style losses exact at once when the rows are few
-        beside the hits (most of them will be hits, and a tight interval costs nearly an exact
-        value), else tight intervals by reading them or by one scan (the cost model)."""
-        if "es" in names or "cs" in names:
-            self._exact_features(query, rows)
-        if "dc" in names:
-            self._exact_dice(query, rows)
-        if "ss" in names:
-            need = rows[~query.tight[rows] & np.isnan(query.ls[rows])]
-            if len(need):
-                index = self.index
-                if index.cost.prefer_scan(len(pending_style), index.rows, index.style_row_bytes):
-                    self._tighten(None, query)
-                elif len(need) <= _EXACT_AT_ONCE * hits:  # most will be hits: score them now
-                    self._exact_style(query, need)
-                else:
-                    self._tighten(need, query)
+        ``hits``, for every query of ``states`` (one, or a lesion query's images): exact
+        features and Dice; style losses exact at once when the rows are few beside the hits
+        (most of them will be hits, and a tight interval costs nearly an exact value), else
+        tight intervals by reading the rows once for all the states or by one scan (the cost
+        model)."""
+        for query in states:
+            if "es" in names or "cs" in names:
+                self._exact_features(query, rows)
+            if "dc" in names:
+                self._exact_dice(query, rows)
+        if "ss" not in names:
+            return
+        needs = [rows[~q.tight[rows] & np.isnan(q.ls[rows])] for q in states]
+        need = np.unique(np.concatenate(needs))
+        if not len(need):
+            return
+        index = self.index
+        if index.cost.prefer_scan(len(pending_style), index.rows, index.style_row_bytes):
+            self._tighten(None, states[0])  # one scan serves every query of the batch
+        elif len(need) <= _EXACT_AT_ONCE * hits:  # most will be hits: score them now
+            for query, own in zip(states, needs):
+                self._exact_style(query, own)
+        else:
+            self._tighten(need, states[0], states[1:])
 
     def exact_components(
         self, query: _Query, rows: np.ndarray, names: Sequence[str]
@@ -488,8 +500,7 @@ class QueryBatch:
                 break
             pending = candidates[loose]
             order = pending[np.lexsort((pending, -hi[loose]))]
-            for state in states:
-                self._refine(state, names, order[:batch], order, k)
+            self._refine(states, names, order[:batch], order, k)
             batch *= 2
         # the rows that can still be in the top k: their exact scores
         lo, hi = self._mean_bounds(states, measure, candidates)
