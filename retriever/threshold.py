@@ -49,6 +49,7 @@ from .types import QueryVectors, SearchStats
 __all__ = ["QueryBatch"]
 
 _FLOAT64_SLACK = 1e-9  # relative to ||q - mu||^2 + ||x - mu||^2: float64 rounding of length-D sums
+_FIRST_EXTRA = 32  # rows refined first beyond the k asked for
 _EXACT_AT_ONCE = 2  # style rows scored exactly at once, per hit asked for (see _refine)
 _EXACT_BLOCK = 64  # style rows read from disk at a time for exact values
 _EXACT_ROWS = 4  # ... and turned into float64 at a time (stays in cache)
@@ -489,7 +490,7 @@ class QueryBatch:
         for state in states:
             self._prepare(state, names)
         candidates = np.flatnonzero(allowed)
-        batch = k + 32
+        batch = k + _FIRST_EXTRA
         while len(candidates):
             lo, hi = self._mean_bounds(states, measure, candidates)
             candidates, hi = _prune(candidates, lo, hi, k, grouping)
