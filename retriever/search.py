@@ -376,7 +376,7 @@ class Retriever:
         key = (isinstance(where, str), text, hidden)
         with self._where_lock:
             mask = self._where_cache.get(key)
-            if mask is not None:
+            if mask is not None and len(mask) == self.store.rows:
                 self._where_cache.move_to_end(key)
                 return mask
         mask = rows_matching(self.metadata(), where, hidden=hidden)

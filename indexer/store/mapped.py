@@ -52,6 +52,7 @@ class MappedRows:
         self._raw: dict[int, tuple[np.ndarray, int]] = {}  # shard -> (file bytes, first offset)
         self._verified: dict[int, np.ndarray] = {}  # shard -> rows whose checksum was checked
         self._lock = threading.Lock()
+        self._map_lock = threading.Lock()
         self.mapped_bytes = 0
 
     def shard(self, shard: int) -> np.ndarray:
@@ -61,10 +62,14 @@ class MappedRows:
             view = self._views.get(shard)
         if view is not None:
             return view
-        view = self._map(shard)
-        with self._lock:
-            self._views.setdefault(shard, view)
-            return self._views[shard]
+        with self._map_lock:  # one shard mapped at a time: its file descriptor stays its own
+            with self._lock:
+                view = self._views.get(shard)
+            if view is None:
+                view = self._map(shard)
+                with self._lock:
+                    self._views[shard] = view
+        return view
 
     def verify(self, shard: int, local: np.ndarray | None = None) -> None:
         """Check the crc32c of rows ``local`` of ``shard`` (default: all of them) unless they
