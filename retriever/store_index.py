@@ -12,8 +12,9 @@ depends on the path that computed it. NumPy only (no torch).
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -77,6 +78,27 @@ class StyleAccess:
             self.mapped.verify(int(shard), local)
             out[pick] = self.mapped.shard(int(shard))[local]
         return out
+
+    def row_chunks(
+        self, rows: np.ndarray, chunk: int, *, read_rows: int | None = None
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray | Callable[[], np.ndarray]]]:
+        """``(position, rows, stored values)`` for ``rows`` in chunks of ``chunk`` rows.
+
+        Mapped rows come as a function that gathers (and verifies) them, to be called on a
+        worker thread; rows on disk are read here, ``read_rows`` at a time (default: all in
+        one call, one request per run of adjacent rows), so the reader stays single-threaded.
+        """
+        rows = np.asarray(rows, np.int64)
+        if self.mapped is not None:
+            for a in range(0, len(rows), chunk):
+                part = rows[a : a + chunk]
+                yield a, part, functools.partial(self.rows_stored, part)
+            return
+        step = max(1, len(rows) if read_rows is None else read_rows)
+        for a in range(0, len(rows), step):
+            stored = self.store.stored_style_rows(rows[a : a + step])
+            for b in range(0, len(stored), chunk):
+                yield a + b, rows[a + b : a + b + chunk], stored[b : b + chunk]
 
     def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
         """``(first_row, stored values)`` over every committed row, in order."""

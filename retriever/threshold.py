@@ -26,7 +26,6 @@ and every scan. Exactness does not depend on the path taken.
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -196,13 +195,9 @@ class QueryBatch:
         else:
             rows = np.unique(rows)
             count = len(rows)
-            if index.style.in_memory:  # gathered and verified on the worker threads
-                blocks = (
-                    (a, functools.partial(index.style.rows_stored, rows[a : a + ROWS_PER_BLOCK]))
-                    for a in range(0, count, ROWS_PER_BLOCK)
-                )
-            else:  # read from disk in one call (one request per run of adjacent rows)
-                blocks = iter([(0, index.style.rows_stored(rows))])
+            blocks = (
+                (at, stored) for at, _, stored in index.style.row_chunks(rows, ROWS_PER_BLOCK)
+            )
         parts = [q.weights for q in queries if q.weights is not None]
         weights = parts[0] if len(parts) == 1 else QueryWeights.stack(parts)
         dots = style_dots(blocks, weights, count)
@@ -242,21 +237,10 @@ class QueryBatch:
 
         style = self.index.style
 
-        def tasks():
-            if style.in_memory:  # mapped rows are gathered (and verified) on the worker threads
-                for a in range(0, len(rows), _EXACT_ROWS):
-                    yield rows[a : a + _EXACT_ROWS], None
-                return
-            for a in range(0, len(rows), _EXACT_BLOCK):  # read from disk here, in runs
-                part = rows[a : a + _EXACT_BLOCK]
-                stored = style.rows_stored(part)
-                for b in range(0, len(part), _EXACT_ROWS):
-                    yield part[b : b + _EXACT_ROWS], stored[b : b + _EXACT_ROWS]
-
         def work(task, squares):
-            chunk, stored = task
-            if stored is None:
-                stored = style.rows_stored(chunk)
+            _, chunk, stored = task
+            if callable(stored):  # a mapped chunk, gathered on this worker thread
+                stored = stored()
             x = codec.decode(stored)  # float32, as every path decodes
             sq = squares[: len(x)]
             # the one exact arithmetic (squared_distances), in place: float64 differences,
@@ -268,7 +252,8 @@ class QueryBatch:
                 stages = np.add.reduceat(sq, stage_starts, axis=1)
                 query.stage_losses.update(zip(chunk.tolist(), stages, strict=True))
 
-        parallel(tasks(), work, lambda: np.empty((_EXACT_ROWS, width)))
+        tasks = style.row_chunks(rows, _EXACT_ROWS, read_rows=_EXACT_BLOCK)
+        parallel(tasks, work, lambda: np.empty((_EXACT_ROWS, width)))
         if query.ls_lo is not None:
             query.ls_lo[rows] = query.ls_hi[rows] = query.ls[rows]
         self._count_reads(query, rows)
