@@ -10,6 +10,7 @@ from disk only for rows whose bounds leave them in contention.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -373,7 +374,9 @@ class Retriever:
             text = where if isinstance(where, str) else where.__reduce__()[1][0].to_pybytes()
         except (AttributeError, IndexError, TypeError):  # pragma: no cover - pyarrow internals
             return rows_matching(self.metadata(), where, hidden=hidden)
-        key = (isinstance(where, str), text, hidden)
+        data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+        # a digest, not the text: an ``isin`` over many values would be kept 32 times over
+        key = (isinstance(where, str), hashlib.sha256(data).digest(), hidden)
         with self._where_lock:
             mask = self._where_cache.get(key)
             if mask is not None and len(mask) == self.store.rows:
