@@ -96,9 +96,10 @@ class StyleAccess:
             return
         step = max(1, len(rows) if read_rows is None else read_rows)
         for a in range(0, len(rows), step):
-            stored = self.store.stored_style_rows(rows[a : a + step])
-            for b in range(0, len(stored), chunk):
-                yield a + b, rows[a + b : a + b + chunk], stored[b : b + chunk]
+            part = rows[a : a + step]
+            stored = self.store.stored_style_rows(part)
+            for b in range(0, len(part), chunk):
+                yield a + b, part[b : b + chunk], stored[b : b + chunk]
 
     def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
         """``(first_row, stored values)`` over every committed row, in order."""

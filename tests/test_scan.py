@@ -76,6 +76,30 @@ def test_mapped_rows_equal_reads_by_bytes(random_store):
     assert not any(b.flags.writeable for _, b in blocks) and not mapped.shard(0).flags.writeable
 
 
+@pytest.mark.parametrize("budget", [None, 0])  # mapped shards; rows read from disk by bytes
+def test_row_chunks_give_every_row_once_in_order(random_store, budget):
+    from dermris.retriever.store_index import StyleAccess
+
+    path = random_store(n=70, seed=6, channels=(20, 30), commit_sizes=[30, 40])
+    store = Store.open(path)
+    access = StyleAccess(store, 1 << 40 if budget is None else budget)
+    assert access.in_memory == (budget is None)
+    rows = np.array([69, 3, 4, 5, 40, 41, 0, 68])  # several shards, unsorted, adjacent runs
+    chunks = list(access.row_chunks(rows, 3, read_rows=5))
+    # mapped: chunks of 3; on disk: reads of 5 rows, each cut in chunks of 3
+    expected = [0, 3, 6] if budget is None else [0, 3, 5]
+    assert [at for at, _, _ in chunks] == expected
+    got_rows = np.concatenate([part for _, part, _ in chunks])
+    np.testing.assert_array_equal(got_rows, rows)
+    values = np.concatenate([v() if callable(v) else v for _, _, v in chunks])
+    assert all(callable(v) == (budget is None) for _, _, v in chunks)
+    for at, part, _ in chunks:
+        np.testing.assert_array_equal(got_rows[at : at + len(part)], part)
+    np.testing.assert_array_equal(
+        values.view(np.uint16), store.stored_style_rows(rows).view(np.uint16)
+    )
+
+
 @pytest.mark.parametrize(
     "options",
     [
