@@ -85,8 +85,10 @@ class StyleAccess:
         """``(position, rows, stored values)`` for ``rows`` in chunks of ``chunk`` rows.
 
         Mapped rows come as a function that gathers (and verifies) them, to be called on a
-        worker thread; rows on disk are read here, ``read_rows`` at a time (default: all in
-        one call, one request per run of adjacent rows), so the reader stays single-threaded.
+        worker thread; rows on disk are read as the iterator advances, ``read_rows`` at a time
+        (default: all in one call, one request per run of adjacent rows), so whoever advances
+        it reads them (:func:`~dermris.retriever.scan.parallel` advances its tasks under one
+        lock: the shard reader stays single-threaded).
         """
         rows = np.asarray(rows, np.int64)
         if self.mapped is not None:
